@@ -1,0 +1,75 @@
+/**
+ * The one interface between unisync and object storage. Every backend (local
+ * directory, S3) implements it and passes test/store.contract.test.ts.
+ *
+ * Keys are '/'-separated, never start with '/', and sort bytewise; a listing is
+ * always returned in ascending key order so that the listing itself is the
+ * segment index.
+ */
+import type { Readable } from "node:stream";
+
+export interface ObjectInfo {
+  key: string;
+  size: number;
+}
+
+export interface ListPage {
+  objects: ObjectInfo[];
+  /** Common prefixes ("directories") when a delimiter was given, ascending. */
+  prefixes: string[];
+  /** Pass as `startAfter` to get the next page; undefined when this was the last page. */
+  next?: string;
+}
+
+export interface ListOptions {
+  /** Only keys strictly greater than this one (bytewise). */
+  startAfter?: string;
+  /** Roll up keys at the first delimiter after the prefix into `prefixes`. */
+  delimiter?: string;
+  /** Upper bound on objects + prefixes in one page (backends may return fewer). */
+  limit?: number;
+}
+
+export interface ObjectStore {
+  /** Human-readable location for logs, never containing credentials. */
+  readonly description: string;
+  /** Writes the whole object atomically: readers see either nothing or all of it. */
+  put(key: string, body: Buffer | Readable, size?: number): Promise<void>;
+  /** The whole object, or null when it does not exist. */
+  get(key: string): Promise<Buffer | null>;
+  /** A stream of the object's bytes, or null when it does not exist. */
+  getStream(key: string): Promise<Readable | null>;
+  /** Size of the object, or null when it does not exist. */
+  head(key: string): Promise<ObjectInfo | null>;
+  /** One page of keys under `prefix`, ascending. */
+  list(prefix: string, options?: ListOptions): Promise<ListPage>;
+  /** Removes the object; deleting a missing key is not an error. */
+  delete(key: string): Promise<void>;
+}
+
+/** Raised for failures a caller may retry (network, 5xx, timeouts). */
+export class StoreUnavailableError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "StoreUnavailableError";
+  }
+}
+
+/** Raised for store configuration that can never work (bad URL, missing bucket, denied). */
+export class StoreConfigError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "StoreConfigError";
+  }
+}
+
+/** Every key of a prefix, page by page, without holding the whole listing. */
+export async function* listAll(store: ObjectStore, prefix: string, startAfter?: string): AsyncGenerator<ObjectInfo> {
+  let after = startAfter;
+  for (;;) {
+    const page = await store.list(prefix, { startAfter: after, limit: 1000 });
+    yield* page.objects;
+    if (!page.next) return;
+    after = page.next;
+  }
+}
