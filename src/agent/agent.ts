@@ -1,0 +1,263 @@
+/**
+ * The agent: one per node. It finds the app's databases, keeps a DbSync per
+ * database, and runs three loops: capture (seal local changes), upload, and
+ * pull (apply other origins). The store being down never stops capture: sealed
+ * segments wait in each database's outbox until it is back.
+ */
+import { mkdirSync } from "node:fs";
+import type { Logger } from "pino";
+import { HybridClock } from "../log/hlc.js";
+import { decodeName } from "../log/keys.js";
+import type { ObjectStore } from "../store/store.js";
+import { stateDir, type Config } from "./config.js";
+import { findDatabases } from "./databases.js";
+import { DbSync, NodeIdentityError } from "./dbsync.js";
+import { Metrics } from "./metrics.js";
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+export interface AgentStatus {
+  node: string;
+  store: string;
+  startedMs: number;
+  origins: string[];
+  databases: {
+    stream: string;
+    path: string;
+    nextSeq: number;
+    pendingChanges: number;
+    outboxSegments: number;
+    parked: number;
+    cursors: Record<string, number>;
+    problems: Record<string, string>;
+  }[];
+  storeError?: string;
+}
+
+export class Agent {
+  readonly metrics = new Metrics();
+  readonly clock = new HybridClock();
+  private readonly dbs = new Map<string, DbSync>();
+  /** Databases that failed to open, with why (reported, retried on rescan). */
+  private readonly failed = new Map<string, string>();
+  private origins: string[] = [];
+  private stopping = false;
+  private storeError: string | undefined;
+  private readonly startedMs = Date.now();
+  private readonly loops: Promise<void>[] = [];
+  private wake: (() => void) | null = null;
+
+  constructor(
+    readonly config: Config,
+    readonly store: ObjectStore,
+    private readonly log: Logger,
+  ) {}
+
+  async start(): Promise<void> {
+    mkdirSync(stateDir(this.config.instanceDir), { recursive: true });
+    this.rescanDatabases();
+    await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
+    for (const db of this.dbs.values()) await db.outbox.checkStoreAgrees(this.store).catch((err) => this.checkFailed(db, err));
+    this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop());
+  }
+
+  private checkFailed(db: DbSync, err: unknown): void {
+    if ((err as Error).name === "StoreUnavailableError") return this.storeFailed(err, "checking the log");
+    this.log.error({ db: db.stream, err: (err as Error).message }, "this database will not be synced");
+    this.failed.set(db.stream, (err as Error).message);
+    db.close();
+    this.dbs.delete(db.stream);
+  }
+
+  /** Opens DbSyncs for databases that appeared (new bind, new file). */
+  rescanDatabases(): void {
+    const open = new Set([...this.dbs.values()].map((d) => d.db.name));
+    const found = findDatabases(this.config.instanceDir, this.config.databases, false, open);
+    for (const { path, stream } of found.synced) {
+      if (this.dbs.has(stream) || this.failed.has(stream)) continue;
+      try {
+        const db = new DbSync({
+          path,
+          stream,
+          node: this.config.node,
+          store: this.store,
+          clock: this.clock,
+          log: this.log,
+          metrics: this.metrics,
+          excludeTables: this.config.excludeTables,
+          maxRecords: this.config.batchMaxRecords,
+          maxBytes: this.config.batchMaxBytes,
+          busyTimeoutMs: this.config.busyTimeoutMs,
+          walMode: this.config.walMode,
+        });
+        db.refreshSchema();
+        this.dbs.set(stream, db);
+        this.log.info({ db: stream, path }, "syncing database");
+      } catch (err) {
+        const message = (err as Error).message;
+        if (err instanceof NodeIdentityError) this.failed.set(stream, message);
+        this.log.error({ db: stream, path, err: message }, "cannot sync this database");
+      }
+    }
+  }
+
+  private storeFailed(err: unknown, doing: string): void {
+    const message = (err as Error).message;
+    if (this.storeError !== message) this.log.warn({ err: message, doing }, "store unreachable; local changes wait in the outbox and will be sent when it is back");
+    this.storeError = message;
+    this.metrics.set("unisync_store_up", 0);
+  }
+
+  private storeOk(): void {
+    if (this.storeError) this.log.info("store reachable again");
+    this.storeError = undefined;
+    this.metrics.set("unisync_store_up", 1);
+  }
+
+  /** Origins are the folders under log/ in the store, except our own. */
+  private async refreshOrigins(): Promise<void> {
+    const origins: string[] = [];
+    let after: string | undefined;
+    for (;;) {
+      const page = await this.store.list("log/", { delimiter: "/", startAfter: after, limit: 1000 });
+      for (const p of page.prefixes) origins.push(decodeName(p.slice("log/".length, -1)));
+      if (!page.next) break;
+      after = page.next;
+    }
+    this.origins = origins.filter((o) => o !== this.config.node);
+    this.storeOk();
+  }
+
+  private async captureLoop(): Promise<void> {
+    while (!this.stopping) {
+      let sealed = 0;
+      for (const db of this.dbs.values()) {
+        try {
+          if (db.appCommitted() || db.pendingChanges() > 0) sealed += db.sealPending();
+        } catch (err) {
+          this.log.error({ db: db.stream, err: (err as Error).message }, "capture failed; retrying");
+        }
+      }
+      if (sealed > 0) this.wake?.();
+      await sleep(this.config.captureIntervalMs);
+    }
+  }
+
+  private async uploadLoop(): Promise<void> {
+    let backoff = 0;
+    while (!this.stopping) {
+      let failed = false;
+      for (const db of this.dbs.values()) {
+        try {
+          await db.upload();
+          this.storeOk();
+        } catch (err) {
+          failed = true;
+          this.storeFailed(err, `uploading ${db.stream}`);
+        }
+      }
+      backoff = failed ? Math.min(Math.max(backoff * 2, 250), 10000) : 0;
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, backoff || 1000);
+        this.wake = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
+      this.wake = null;
+    }
+  }
+
+  private async pullLoop(): Promise<void> {
+    let interval = this.config.pollMinMs;
+    let lastOriginScan = 0;
+    while (!this.stopping) {
+      let applied = 0;
+      let failed = false;
+      try {
+        if (Date.now() - lastOriginScan > 2000) {
+          await this.refreshOrigins();
+          lastOriginScan = Date.now();
+        }
+        for (const db of this.dbs.values()) {
+          for (const origin of this.origins) {
+            if (this.stopping) break;
+            applied += await db.pull(origin);
+          }
+        }
+        this.storeOk();
+      } catch (err) {
+        if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
+        else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");
+        failed = true;
+      }
+      if (failed) interval = Math.min(interval * 2, 10000);
+      else interval = applied > 0 ? this.config.pollMinMs : Math.min(interval * 2, this.config.pollMaxMs);
+      await sleep(interval);
+    }
+  }
+
+  private async housekeepingLoop(): Promise<void> {
+    let lastHeartbeat = 0;
+    while (!this.stopping) {
+      await sleep(Math.min(this.config.rescanMs, 1000));
+      if (this.stopping) break;
+      this.rescanDatabases();
+      this.updateGauges();
+      if (Date.now() - lastHeartbeat >= this.config.heartbeatMs) {
+        lastHeartbeat = Date.now();
+        await this.store
+          .put(`nodes/${encodeURIComponent(this.config.node)}.json`, Buffer.from(JSON.stringify(this.status())))
+          .catch((err) => this.storeFailed(err, "writing heartbeat"));
+      }
+    }
+  }
+
+  private updateGauges(): void {
+    for (const db of this.dbs.values()) {
+      const labels = { db: db.stream };
+      this.metrics.set("unisync_pending_changes", db.pendingChanges(), labels);
+      this.metrics.set("unisync_outbox_segments", db.outbox.size().segments, labels);
+      this.metrics.set("unisync_parked_records", db.parkedCount(), labels);
+    }
+  }
+
+  status(): AgentStatus {
+    return {
+      node: this.config.node,
+      store: this.store.description,
+      startedMs: this.startedMs,
+      origins: this.origins,
+      databases: [...this.dbs.values()].map((db) => ({
+        stream: db.stream,
+        path: db.db.name,
+        nextSeq: db.outbox.nextSeq(),
+        pendingChanges: db.pendingChanges(),
+        outboxSegments: db.outbox.size().segments,
+        parked: db.parkedCount(),
+        cursors: Object.fromEntries([...db.cursors()].map(([o, c]) => [o, c.seq])),
+        problems: Object.fromEntries([...db.problems].map(([o, p]) => [o, p.message])),
+      })),
+      storeError: this.storeError,
+    };
+  }
+
+  /** Finishes the work in hand, seals and tries once more to upload, then closes. */
+  async stop(): Promise<void> {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.wake?.();
+    await Promise.allSettled(this.loops);
+    for (const db of this.dbs.values()) {
+      try {
+        db.sealPending();
+        const upload = db.upload().catch((err: Error) => this.log.warn({ db: db.stream, err: err.message }, "upload interrupted by stop"));
+        await Promise.race([upload, sleep(5000)]);
+      } catch (err) {
+        this.log.warn({ db: db.stream, err: (err as Error).message }, "could not upload everything before stopping; it stays in the outbox");
+      }
+      db.close();
+    }
+    this.log.info("stopped");
+  }
+}

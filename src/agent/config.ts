@@ -1,0 +1,209 @@
+/**
+ * Agent settings: defaults < config file < UNISYNC_* environment < command line.
+ * Every value is validated at start with a message that names the bad key.
+ */
+import { existsSync, readFileSync } from "node:fs";
+import { hostname } from "node:os";
+import { join, resolve } from "node:path";
+import { DEFAULT_EXCLUDED_TABLES } from "../capture/schema.js";
+
+export interface Config {
+  instanceDir: string;
+  store: string;
+  node: string;
+  /** Extra databases (paths relative to the instance folder) besides the ones found in it. */
+  databases: string[];
+  excludeTables: string[];
+  captureIntervalMs: number;
+  pollMinMs: number;
+  pollMaxMs: number;
+  batchMaxRecords: number;
+  batchMaxBytes: number;
+  busyTimeoutMs: number;
+  walMode: boolean;
+  httpHost: string;
+  /** 0 picks a free port; -1 turns the status server off. */
+  httpPort: number;
+  heartbeatMs: number;
+  rescanMs: number;
+  logLevel: string;
+}
+
+export class ConfigError extends Error {}
+
+export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
+  databases: [],
+  excludeTables: DEFAULT_EXCLUDED_TABLES,
+  captureIntervalMs: 50,
+  pollMinMs: 100,
+  pollMaxMs: 500,
+  batchMaxRecords: 5000,
+  batchMaxBytes: 4 * 1024 * 1024,
+  busyTimeoutMs: 5000,
+  walMode: true,
+  httpHost: "127.0.0.1",
+  httpPort: 7717,
+  heartbeatMs: 10000,
+  rescanMs: 5000,
+  logLevel: "info",
+};
+
+type Kind = "string" | "number" | "boolean" | "string[]";
+const KINDS: Record<keyof Config, Kind> = {
+  instanceDir: "string",
+  store: "string",
+  node: "string",
+  databases: "string[]",
+  excludeTables: "string[]",
+  captureIntervalMs: "number",
+  pollMinMs: "number",
+  pollMaxMs: "number",
+  batchMaxRecords: "number",
+  batchMaxBytes: "number",
+  busyTimeoutMs: "number",
+  walMode: "boolean",
+  httpHost: "string",
+  httpPort: "number",
+  heartbeatMs: "number",
+  rescanMs: "number",
+  logLevel: "string",
+};
+
+export function stateDir(instanceDir: string): string {
+  return join(instanceDir, ".unisync");
+}
+
+export function defaultConfigPath(instanceDir: string): string {
+  return join(stateDir(instanceDir), "config.jsonc");
+}
+
+/** JSON with // comment lines, as `unisync init` writes it. */
+export function parseJsonc(text: string, source: string): Record<string, unknown> {
+  const stripped = text
+    .split("\n")
+    .map((line) => (/^\s*\/\//.test(line) ? "" : line))
+    .join("\n");
+  try {
+    const v = JSON.parse(stripped) as unknown;
+    if (typeof v !== "object" || v === null || Array.isArray(v)) throw new Error("the top level must be an object");
+    return v as Record<string, unknown>;
+  } catch (err) {
+    throw new ConfigError(`${source}: not valid JSON: ${(err as Error).message}`);
+  }
+}
+
+function envName(key: string): string {
+  return "UNISYNC_" + key.replace(/[A-Z]/g, (c) => "_" + c).toUpperCase();
+}
+
+function coerce(key: keyof Config, raw: unknown, source: string): unknown {
+  const kind = KINDS[key];
+  const bad = (want: string) => new ConfigError(`${source}: "${key}" must be ${want}, got ${JSON.stringify(raw)}`);
+  if (kind === "number") {
+    const n = typeof raw === "string" && raw.trim() !== "" ? Number(raw) : raw;
+    if (typeof n !== "number" || !Number.isFinite(n) || !Number.isInteger(n)) throw bad("a whole number");
+    return n;
+  }
+  if (kind === "boolean") {
+    if (typeof raw === "boolean") return raw;
+    if (raw === "true" || raw === "1") return true;
+    if (raw === "false" || raw === "0") return false;
+    throw bad("true or false");
+  }
+  if (kind === "string[]") {
+    if (typeof raw === "string") return raw.split(",").map((s) => s.trim()).filter(Boolean);
+    if (!Array.isArray(raw) || raw.some((s) => typeof s !== "string")) throw bad("a list of strings");
+    return raw;
+  }
+  if (typeof raw !== "string") throw bad("a string");
+  return raw;
+}
+
+function validate(c: Config): void {
+  const need = (cond: boolean, key: keyof Config, what: string) => {
+    if (!cond) throw new ConfigError(`"${key}" ${what} (got ${JSON.stringify(c[key])})`);
+  };
+  need(c.store.length > 0, "store", "is required: give STORE_URL, e.g. file:///var/lib/unisync or s3://bucket/prefix");
+  need(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(c.node), "node", "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit");
+  need(c.captureIntervalMs >= 5 && c.captureIntervalMs <= 60000, "captureIntervalMs", "must be between 5 and 60000");
+  need(c.pollMinMs >= 10, "pollMinMs", "must be at least 10");
+  need(c.pollMaxMs >= c.pollMinMs, "pollMaxMs", "must be at least pollMinMs");
+  need(c.batchMaxRecords >= 1 && c.batchMaxRecords <= 1_000_000, "batchMaxRecords", "must be between 1 and 1000000");
+  need(c.batchMaxBytes >= 1024 && c.batchMaxBytes <= 64 * 1024 * 1024, "batchMaxBytes", "must be between 1024 and 67108864");
+  need(c.busyTimeoutMs >= 0, "busyTimeoutMs", "must not be negative");
+  need(c.httpPort >= -1 && c.httpPort <= 65535, "httpPort", "must be a port number, 0 for any free port, or -1 for off");
+  need(c.heartbeatMs >= 100, "heartbeatMs", "must be at least 100");
+  need(c.rescanMs >= 100, "rescanMs", "must be at least 100");
+  need(["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(c.logLevel), "logLevel", "must be one of fatal, error, warn, info, debug, trace, silent");
+  for (const d of c.databases) {
+    if (d.startsWith("/") || d.split(/[\\/]/).includes("..")) throw new ConfigError(`"databases": ${JSON.stringify(d)} must be a path inside the instance folder`);
+  }
+}
+
+/**
+ * Builds the configuration. `cli` holds what the command line gave (already
+ * named by config key); `configPath` overrides the default config file location.
+ */
+export function loadConfig(cli: Partial<Config> & { instanceDir: string }, configPath?: string, env: NodeJS.ProcessEnv = process.env): Config {
+  const instanceDir = resolve(cli.instanceDir);
+  if (!existsSync(instanceDir)) throw new ConfigError(`instance folder ${instanceDir} does not exist`);
+  const merged: Record<string, unknown> = { ...DEFAULTS, instanceDir, store: "", node: hostname().split(".")[0] };
+  const file = configPath ?? env.UNISYNC_CONFIG ?? defaultConfigPath(instanceDir);
+  if (existsSync(file)) {
+    const fromFile = parseJsonc(readFileSync(file, "utf8"), file);
+    for (const [k, v] of Object.entries(fromFile)) {
+      if (!(k in KINDS) || k === "instanceDir") throw new ConfigError(`${file}: unknown setting "${k}" (known: ${Object.keys(KINDS).filter((x) => x !== "instanceDir").join(", ")})`);
+      merged[k] = coerce(k as keyof Config, v, file);
+    }
+  } else if (configPath) {
+    throw new ConfigError(`config file ${configPath} does not exist (create one with: unisync init)`);
+  }
+  for (const k of Object.keys(KINDS) as (keyof Config)[]) {
+    const v = env[envName(k)];
+    if (v !== undefined && k !== "instanceDir") merged[k] = coerce(k, v, `environment ${envName(k)}`);
+  }
+  for (const [k, v] of Object.entries(cli)) if (v !== undefined) merged[k] = coerce(k as keyof Config, v, "command line");
+  const config = merged as unknown as Config;
+  validate(config);
+  return config;
+}
+
+/** The commented config file `unisync init` writes. */
+export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
+  const d = DEFAULTS;
+  return `// unisync agent settings (JSON; lines starting with // are comments).
+// Precedence: this file < UNISYNC_* environment variables < command-line flags.
+// Credentials never go here: S3 keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.
+{
+  // Where the shared log lives: file:///path (local or shared mount) or
+  // s3://bucket/prefix?endpoint=http://host:9000 (MinIO, AWS S3).
+  "store": ${JSON.stringify(c.store)},
+  // This node's name: unique in the cluster, stable for the life of the node.
+  "node": ${JSON.stringify(c.node)},
+  // Extra SQLite files to sync, relative to the instance folder. Files directly in
+  // the folder whose header says SQLite are found by themselves.
+  "databases": ${JSON.stringify(d.databases)},
+  // Tables never synced (they describe the local schema, not data).
+  "excludeTables": ${JSON.stringify(d.excludeTables)},
+  // How often (ms) to look for new local changes.
+  "captureIntervalMs": ${d.captureIntervalMs},
+  // How often (ms) to poll the store for other nodes' changes: fast while busy, slower when idle.
+  "pollMinMs": ${d.pollMinMs},
+  "pollMaxMs": ${d.pollMaxMs},
+  // Upper bounds of one segment.
+  "batchMaxRecords": ${d.batchMaxRecords},
+  "batchMaxBytes": ${d.batchMaxBytes},
+  // How long (ms) to wait for the app's write lock before retrying.
+  "busyTimeoutMs": ${d.busyTimeoutMs},
+  // Put databases in WAL mode so the app and unisync do not block each other.
+  "walMode": ${d.walMode},
+  // Status page and Prometheus /metrics (loopback only by default; -1 turns it off).
+  "httpHost": ${JSON.stringify(d.httpHost)},
+  "httpPort": ${d.httpPort},
+  "heartbeatMs": ${d.heartbeatMs},
+  // How often (ms) to look for new database files in the instance folder.
+  "rescanMs": ${d.rescanMs},
+  "logLevel": ${JSON.stringify(d.logLevel)}
+}
+`;
+}

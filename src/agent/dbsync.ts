@@ -1,0 +1,209 @@
+/**
+ * Everything unisync does for one database file: capture (triggers, baseline),
+ * sealing local changes into the outbox, uploading, and applying other origins'
+ * segments. Each database has its own stream and its own cursors.
+ */
+import Database from "better-sqlite3";
+import type { Logger } from "pino";
+import { baselineTable } from "../capture/baseline.js";
+import { ChangeDrain } from "../capture/drain.js";
+import { ensureInternalTables, getMeta, setMeta } from "../capture/internal.js";
+import { discoverTables, schemaVersion } from "../capture/schema.js";
+import { installTriggers } from "../capture/triggers.js";
+import type { HybridClock } from "../log/hlc.js";
+import { Outbox } from "../log/outbox.js";
+import { decodeSegment } from "../log/segment.js";
+import { readAfter, type TailProblem } from "../log/tail.js";
+import { Applier, retryParked } from "../replay/apply.js";
+import { RowStateStore } from "../replay/state.js";
+import { TableAccess } from "../replay/table.js";
+import type { ObjectStore } from "../store/store.js";
+import type { Metrics } from "./metrics.js";
+
+export interface DbSyncOptions {
+  path: string;
+  /** Name of this database's stream: its path relative to the instance folder. */
+  stream: string;
+  node: string;
+  store: ObjectStore;
+  clock: HybridClock;
+  log: Logger;
+  metrics: Metrics;
+  excludeTables: string[];
+  maxRecords: number;
+  maxBytes: number;
+  busyTimeoutMs: number;
+  walMode: boolean;
+}
+
+export class NodeIdentityError extends Error {}
+
+export class DbSync {
+  readonly db: Database.Database;
+  private readonly states: RowStateStore;
+  private readonly drain: ChangeDrain;
+  readonly outbox: Outbox;
+  private readonly applier: Applier;
+  private tables = new Map<string, TableAccess>();
+  private lastSchemaVersion = -1;
+  private lastDataVersion = -1;
+  /** Per origin: why its stream is stopped (gap, corrupt segment), for status. */
+  readonly problems = new Map<string, TailProblem>();
+  private readonly log: Logger;
+
+  constructor(private readonly o: DbSyncOptions) {
+    this.log = o.log.child({ db: o.stream });
+    this.db = new Database(o.path, { fileMustExist: true, timeout: o.busyTimeoutMs });
+    this.db.pragma(`busy_timeout = ${o.busyTimeoutMs}`);
+    if (o.walMode) {
+      const mode = String(this.db.pragma("journal_mode", { simple: true }));
+      if (mode !== "wal") {
+        const now = String(this.db.pragma("journal_mode = WAL", { simple: true }));
+        this.log.info({ from: mode, to: now }, "switched the database to WAL so the app and unisync do not block each other");
+      }
+    }
+    // Children can arrive before their parents from another origin, and a
+    // cascade already happened at the origin (its effects are records too).
+    this.db.pragma("foreign_keys = OFF");
+    this.db.pragma("recursive_triggers = OFF");
+    ensureInternalTables(this.db);
+    const enrolledAs = getMeta(this.db, "node");
+    if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
+    else if (enrolledAs !== o.node) {
+      this.db.close();
+      throw new NodeIdentityError(
+        `${o.path} belongs to node "${String(enrolledAs)}" but this agent runs as "${o.node}". ` +
+          `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
+      );
+    }
+    const lastHlc = Number(getMeta(this.db, "hlc") ?? 0);
+    o.clock.observe(lastHlc);
+    this.states = new RowStateStore(this.db);
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states);
+    this.outbox = new Outbox(this.db, o.node, o.stream);
+    this.applier = new Applier(this.db, o.clock, this.states, () => this.tables, (p) => {
+      o.metrics.inc("unisync_records_parked_total");
+      this.log.warn(p, "record parked: cannot apply it yet");
+    });
+  }
+
+  get stream(): string {
+    return this.o.stream;
+  }
+
+  /** Installs or refreshes triggers when the schema changed; returns true if it did. */
+  refreshSchema(): boolean {
+    const version = schemaVersion(this.db);
+    if (version === this.lastSchemaVersion) return false;
+    const defs = this.db
+      .transaction(() => installTriggers(this.db, discoverTables(this.db, this.o.excludeTables), Date.now()))
+      .immediate();
+    this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
+    for (const def of defs.filter((d) => d.needsBaseline)) {
+      const n = baselineTable(this.db, def, this.states, (rows) => {
+        if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
+      });
+      if (n > 0) this.log.info({ table: def.shape.name, rows: n }, "recorded rows that no trigger had seen (baseline)");
+    }
+    this.lastSchemaVersion = schemaVersion(this.db);
+    this.log.info({ tables: defs.length, schemaVersion: this.lastSchemaVersion }, "capture triggers in place");
+    if (this.db.prepare("SELECT 1 FROM _unisync_parked LIMIT 1").get()) {
+      const n = retryParked(this.db, this.applier, decodeSegment);
+      if (n > 0) this.log.info({ records: n }, "applied parked records after a schema change");
+    }
+    return true;
+  }
+
+  /** Cheap check whether another connection (the app) committed since the last look. */
+  appCommitted(): boolean {
+    const v = this.db.pragma("data_version", { simple: true }) as number;
+    const changed = v !== this.lastDataVersion;
+    this.lastDataVersion = v;
+    return changed;
+  }
+
+  /** Seals one batch of captured changes into the outbox; returns the records sealed. */
+  private sealBatch(): number {
+    const batch = this.drain.drain(this.o.maxRecords, this.o.maxBytes);
+    if (batch.records.length === 0) {
+      if (batch.lastId > 0) this.drain.removeThrough(batch.lastId); // no-op updates only
+      return 0;
+    }
+    const entry = this.outbox.seal(batch.records, Date.now());
+    this.drain.removeThrough(batch.lastId);
+    setMeta(this.db, "hlc", this.o.clock.current);
+    this.o.metrics.inc("unisync_records_captured_total", batch.records.length);
+    this.log.debug({ seq: entry.seq, records: entry.records, bytes: entry.bytes.length }, "sealed segment");
+    return batch.records.length;
+  }
+
+  /** Seals everything captured so far, one transaction per segment. */
+  sealPending(): number {
+    this.refreshSchema();
+    let total = 0;
+    for (;;) {
+      const n = this.db.transaction(() => this.sealBatch()).immediate();
+      if (n === 0 && !this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get()) return total;
+      total += n;
+    }
+  }
+
+  /** Uploads sealed segments in seq order; returns how many went up. */
+  async upload(): Promise<number> {
+    let n = 0;
+    for (;;) {
+      const entry = await this.outbox.uploadOne(this.o.store);
+      if (!entry) return n;
+      n++;
+      this.o.metrics.inc("unisync_segments_uploaded_total");
+      this.o.metrics.inc("unisync_bytes_uploaded_total", entry.bytes.length);
+    }
+  }
+
+  /** Applies what the store holds from `origin` after our cursor; returns records applied. */
+  async pull(origin: string, maxSegments = 16): Promise<number> {
+    const cursor = this.applier.cursor(origin);
+    const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
+    let applied = 0;
+    for (const s of segments) {
+      this.refreshSchema();
+      const outcome = this.db
+        .transaction(() => {
+          // Local captures first: the merge must see this node's newest writes.
+          while (this.sealBatch() > 0 || this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get());
+          const r = this.applier.applySegment(s.segment, s.key);
+          setMeta(this.db, "hlc", this.o.clock.current);
+          return r;
+        })
+        .immediate();
+      applied += outcome.applied;
+      this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
+      this.o.metrics.inc("unisync_segments_applied_total");
+    }
+    const previous = this.problems.get(origin);
+    if (problem) {
+      if (previous?.message !== problem.message) this.log.error({ origin, ...problem }, "replay of this origin is waiting");
+      this.problems.set(origin, problem);
+    } else if (previous) {
+      this.log.info({ origin }, "replay of this origin resumed");
+      this.problems.delete(origin);
+    }
+    return applied;
+  }
+
+  cursors() {
+    return this.applier.cursors();
+  }
+
+  pendingChanges(): number {
+    return this.drain.pendingCount();
+  }
+
+  parkedCount(): number {
+    return Number((this.db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number }).n);
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+}

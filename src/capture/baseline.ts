@@ -1,0 +1,53 @@
+/**
+ * Rows that exist in a table but that no trigger has recorded: everything when
+ * a database is enrolled, and whatever was written while a rebuilt table had no
+ * triggers yet. They are recorded as inserts so that other nodes receive them.
+ * Runs in small transactions after the triggers are in place, so the app keeps
+ * writing meanwhile: a row it changes during the scan is recorded twice, with
+ * the same values, which the merge makes harmless.
+ */
+import type { Database } from "better-sqlite3";
+import { encodeKey, type SqlValue } from "../log/value.js";
+import type { RowStateStore } from "../replay/state.js";
+import { quoteIdent } from "./schema.js";
+import { CHANGE_INSERT, type CaptureDef } from "./triggers.js";
+
+const CHUNK = 2000;
+
+export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, progress?: (rows: number) => void): number {
+  const { shape, capId } = def;
+  const t = quoteIdent(shape.name);
+  const cols = shape.columns.map(quoteIdent).join(", ");
+  // Rowid order for rowid tables, key order for WITHOUT ROWID ones, so each chunk resumes after the last.
+  const order = shape.withoutRowid ? shape.key.map(quoteIdent) : ["rowid"];
+  const orderSql = order.join(", ");
+  const after = order.length === 1 ? `${order[0]} > ?` : `(${orderSql}) > (${order.map(() => "?").join(", ")})`;
+  const first = db.prepare(`SELECT ${orderSql}, ${cols} FROM ${t} ORDER BY ${orderSql} LIMIT ${CHUNK}`).raw(true).safeIntegers(true);
+  const next = db.prepare(`SELECT ${orderSql}, ${cols} FROM ${t} WHERE ${after} ORDER BY ${orderSql} LIMIT ${CHUNK}`).raw(true).safeIntegers(true);
+  const slots = shape.columns.map((_, i) => `v${i}`).join(", ");
+  const record = db.prepare(
+    `INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots}) VALUES (?, ?, ?, NULL, ${shape.columns.map(() => "?").join(", ")})`,
+  );
+  const keyIdx = shape.key.map((k) => shape.columns.indexOf(k));
+  let position: SqlValue[] | null = null;
+  let recorded = 0;
+  for (;;) {
+    const chunk = db.transaction(() => {
+      const rows = (position ? next.all(...position) : first.all()) as SqlValue[][];
+      for (const row of rows) {
+        const values = row.slice(order.length);
+        const state = states.get(shape.name, encodeKey(keyIdx.map((i) => values[i])));
+        if (state?.alive) continue;
+        record.run(capId, CHANGE_INSERT, Date.now(), ...values);
+        recorded++;
+      }
+      if (rows.length > 0) position = rows[rows.length - 1].slice(0, order.length);
+      return rows.length;
+    });
+    const n = chunk.immediate();
+    progress?.(recorded);
+    if (n < CHUNK) break;
+  }
+  db.prepare("UPDATE _unisync_capture SET baseline_done = 1 WHERE id = ?").run(capId);
+  return recorded;
+}

@@ -1,0 +1,63 @@
+/**
+ * unisync's own tables inside each synced database. They live in the app's file
+ * so that capture, stamping, sealing and replay commit atomically with the app's
+ * data. All are named _unisync_* and are never synced.
+ */
+import type { Database } from "better-sqlite3";
+
+export const INTERNAL_DDL = `
+CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
+-- Holds one row while the agent applies remote changes: the triggers see it and
+-- stay silent, so a replayed change is never captured again (no loops).
+CREATE TABLE IF NOT EXISTS _unisync_applying(x);
+-- One row per generation of a table's triggers: the column list its changes use.
+CREATE TABLE IF NOT EXISTS _unisync_capture(
+  id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, columns TEXT NOT NULL, key TEXT NOT NULL,
+  baseline_done INTEGER NOT NULL DEFAULT 0, created_ms INTEGER);
+-- Changes written by the triggers in the app's own transaction. Value columns
+-- v0..vN are declared without a type so values keep their storage class and bits.
+CREATE TABLE IF NOT EXISTS _unisync_changes(
+  id INTEGER PRIMARY KEY, cap INTEGER NOT NULL, op INTEGER NOT NULL, ms INTEGER, mask);
+-- Merge state per row: existence clock, clocks of columns written since the
+-- last full write, and the values of a deleted row (so a newer update can revive it).
+CREATE TABLE IF NOT EXISTS _unisync_rows(
+  tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, origin TEXT NOT NULL,
+  alive INTEGER NOT NULL, base_hlc INTEGER NOT NULL, base_origin TEXT NOT NULL,
+  cols TEXT, dead BLOB, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
+-- Sealed segments waiting for upload. A retry uploads exactly these bytes.
+CREATE TABLE IF NOT EXISTS _unisync_outbox(
+  seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);
+-- Last segment applied from each origin; advanced in the transaction that applies it.
+CREATE TABLE IF NOT EXISTS _unisync_cursors(
+  origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER);
+-- Records that could not be applied yet (unknown table or column, constraint
+-- failure); retried after every schema change.
+CREATE TABLE IF NOT EXISTS _unisync_parked(
+  id INTEGER PRIMARY KEY, origin TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
+  tbl TEXT, reason TEXT NOT NULL, hlc INTEGER NOT NULL, record BLOB NOT NULL, parked_ms INTEGER,
+  UNIQUE(origin, seq, idx));
+`;
+
+export function ensureInternalTables(db: Database): void {
+  db.exec(INTERNAL_DDL);
+}
+
+export function getMeta(db: Database, key: string): unknown {
+  const row = db.prepare("SELECT v FROM _unisync_meta WHERE k = ?").get(key) as { v: unknown } | undefined;
+  return row?.v;
+}
+
+export function setMeta(db: Database, key: string, value: unknown): void {
+  db.prepare("INSERT INTO _unisync_meta(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v").run(key, value);
+}
+
+/** Number of value columns (v0..vN-1) the changes table has now. */
+export function changeWidth(db: Database): number {
+  const cols = db.prepare("PRAGMA main.table_info(_unisync_changes)").all() as { name: string }[];
+  return cols.filter((c) => /^v\d+$/.test(c.name)).length;
+}
+
+/** Widens the changes table so a trigger can write `needed` values. */
+export function ensureChangeWidth(db: Database, needed: number): void {
+  for (let i = changeWidth(db); i < needed; i++) db.exec(`ALTER TABLE _unisync_changes ADD COLUMN v${i}`);
+}

@@ -1,0 +1,78 @@
+/**
+ * Reads the shape of an app's database at run time: which tables to sync, their
+ * columns and the columns that identify a row. No table or column name of any
+ * app appears in unisync's code.
+ */
+import type { Database } from "better-sqlite3";
+
+export interface TableShape {
+  name: string;
+  /** Stored (non-generated) columns in declaration order. */
+  columns: string[];
+  /** Columns that identify a row: the declared primary key, or every column when none is declared. */
+  key: string[];
+  /** False for tables without a declared primary key (rows are identified by all their values). */
+  hasDeclaredKey: boolean;
+  withoutRowid: boolean;
+}
+
+/** Tables never synced whatever the config says: SQLite's and our own. */
+export function isInternalTable(name: string): boolean {
+  const lower = name.toLowerCase();
+  return lower.startsWith("sqlite_") || lower.startsWith("_unisync_");
+}
+
+/**
+ * Tables that look like data but describe the local schema: syncing them would
+ * tell a node it was migrated when it was not (Alembic's version table).
+ */
+export const DEFAULT_EXCLUDED_TABLES = ["alembic_version"];
+
+export function quoteIdent(name: string): string {
+  return `"${name.replace(/"/g, '""')}"`;
+}
+
+interface TableListRow {
+  schema: string;
+  name: string;
+  type: string;
+  wr: number;
+}
+
+interface ColumnRow {
+  name: string;
+  pk: number;
+  hidden: number;
+}
+
+export function readTableShape(db: Database, name: string, withoutRowid: boolean): TableShape {
+  // table_xinfo also lists generated columns (hidden 2 and 3), which cannot be written.
+  const cols = db.prepare(`PRAGMA main.table_xinfo(${quoteIdent(name)})`).all() as ColumnRow[];
+  const stored = cols.filter((c) => c.hidden === 0);
+  const keyCols = stored.filter((c) => c.pk > 0).sort((a, b) => a.pk - b.pk);
+  const columns = stored.map((c) => c.name);
+  return {
+    name,
+    columns,
+    key: keyCols.length > 0 ? keyCols.map((c) => c.name) : columns,
+    hasDeclaredKey: keyCols.length > 0,
+    withoutRowid,
+  };
+}
+
+/** Every ordinary table of the main schema that unisync should sync, sorted by name. */
+export function discoverTables(db: Database, excluded: readonly string[]): TableShape[] {
+  const excludedLower = new Set(excluded.map((t) => t.toLowerCase()));
+  // table_list (SQLite 3.37+, our own library) tells real tables from virtual and shadow ones.
+  const rows = db.prepare("PRAGMA main.table_list").all() as TableListRow[];
+  return rows
+    .filter((r) => r.schema === "main" && r.type === "table")
+    .filter((r) => !isInternalTable(r.name) && !excludedLower.has(r.name.toLowerCase()))
+    .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+    .map((r) => readTableShape(db, r.name, r.wr === 1))
+    .filter((t) => t.columns.length > 0);
+}
+
+export function schemaVersion(db: Database): number {
+  return db.pragma("schema_version", { simple: true }) as number;
+}

@@ -1,0 +1,136 @@
+/**
+ * Generated capture triggers. They run inside the app's own SQLite library
+ * (often older than ours), so they use only SQL that SQLite 3.31 has: no JSON
+ * functions (they round REAL and refuse BLOB), no RETURNING, no UPSERT.
+ * Values are copied as-is into untyped columns, which keeps their exact class.
+ */
+import type { Database } from "better-sqlite3";
+import { ensureChangeWidth } from "./internal.js";
+import { quoteIdent, type TableShape } from "./schema.js";
+
+export const CHANGE_INSERT = 1;
+export const CHANGE_UPDATE = 2;
+export const CHANGE_DELETE = 3;
+
+/** Above this many columns the changed-column mask is a text of 0/1 instead of an integer. */
+const MAX_INT_MASK_COLUMNS = 62;
+
+/** Wall-clock milliseconds, computed by the app's SQLite at the time of its write. */
+const NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
+
+/** The changes table layout per operation: INSERT/DELETE: all columns; UPDATE: new columns then old key. */
+export function changeSlots(shape: TableShape, op: number): number {
+  return op === CHANGE_UPDATE ? shape.columns.length + shape.key.length : shape.columns.length;
+}
+
+function changedMaskSql(columns: string[]): string {
+  // "IS NOT" alone treats 1 and 1.0 as equal; the typeof test keeps a class change visible.
+  const differs = (c: string) => `(OLD.${quoteIdent(c)} IS NOT NEW.${quoteIdent(c)} OR typeof(OLD.${quoteIdent(c)}) <> typeof(NEW.${quoteIdent(c)}))`;
+  if (columns.length <= MAX_INT_MASK_COLUMNS) {
+    return columns.map((c, i) => `(CASE WHEN ${differs(c)} THEN ${(1n << BigInt(i)).toString()} ELSE 0 END)`).join(" + ");
+  }
+  return columns.map((c) => `(CASE WHEN ${differs(c)} THEN '1' ELSE '0' END)`).join(" || ");
+}
+
+export function maskHasColumn(mask: unknown, index: number): boolean {
+  if (typeof mask === "string") return mask[index] === "1";
+  if (typeof mask === "bigint") return ((mask >> BigInt(index)) & 1n) === 1n;
+  if (typeof mask === "number") return Math.floor(mask / 2 ** index) % 2 === 1;
+  return true;
+}
+
+export function triggerNames(table: string): { insert: string; update: string; delete: string } {
+  return { insert: `_unisync_ins_${table}`, update: `_unisync_upd_${table}`, delete: `_unisync_del_${table}` };
+}
+
+/** The three CREATE TRIGGER statements for one generation (capId) of a table's shape. */
+export function triggerSql(shape: TableShape, capId: number): { name: string; sql: string }[] {
+  const t = quoteIdent(shape.name);
+  const names = triggerNames(shape.name);
+  const guard = "WHEN NOT EXISTS (SELECT 1 FROM _unisync_applying)";
+  const slots = (n: number) => Array.from({ length: n }, (_, i) => `v${i}`).join(", ");
+  const refs = (prefix: string, cols: string[]) => cols.map((c) => `${prefix}.${quoteIdent(c)}`).join(", ");
+  const n = shape.columns.length;
+  const make = (name: string, event: string, op: number, mask: string, values: string, width: number) => ({
+    name,
+    sql:
+      `CREATE TRIGGER ${quoteIdent(name)} AFTER ${event} ON ${t} ${guard} BEGIN ` +
+      `INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots(width)}) ` +
+      `VALUES (${capId}, ${op}, ${NOW_MS}, ${mask}, ${values}); END`,
+  });
+  return [
+    make(names.insert, "INSERT", CHANGE_INSERT, "NULL", refs("NEW", shape.columns), n),
+    make(
+      names.update,
+      "UPDATE",
+      CHANGE_UPDATE,
+      changedMaskSql(shape.columns),
+      `${refs("NEW", shape.columns)}, ${refs("OLD", shape.key)}`,
+      n + shape.key.length,
+    ),
+    make(names.delete, "DELETE", CHANGE_DELETE, "NULL", refs("OLD", shape.columns), n),
+  ];
+}
+
+export interface CaptureDef {
+  capId: number;
+  shape: TableShape;
+  /** True when the triggers were missing (new table, rebuilt table, first run): rows need a baseline. */
+  needsBaseline: boolean;
+}
+
+interface CaptureRow {
+  id: number;
+  columns: string;
+  key: string;
+  baseline_done: number;
+}
+
+/**
+ * Makes the triggers of every table match its current shape. Must run inside a
+ * write transaction. Returns the capture generation of every table.
+ */
+export function installTriggers(db: Database, shapes: TableShape[], nowMs: number): CaptureDef[] {
+  const defs: CaptureDef[] = [];
+  const existing = new Map(
+    (db.prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_unisync\\_%' ESCAPE '\\'").all() as { name: string; sql: string }[]).map(
+      (r) => [r.name, r.sql],
+    ),
+  );
+  for (const shape of shapes) {
+    const columns = JSON.stringify(shape.columns);
+    const key = JSON.stringify(shape.key);
+    let cap = db
+      .prepare("SELECT id, columns, key, baseline_done FROM _unisync_capture WHERE tbl = ? ORDER BY id DESC LIMIT 1")
+      .get(shape.name) as CaptureRow | undefined;
+    if (!cap || cap.columns !== columns || cap.key !== key) {
+      const id = Number(
+        db.prepare("INSERT INTO _unisync_capture(tbl, columns, key, baseline_done, created_ms) VALUES (?, ?, ?, 0, ?)").run(shape.name, columns, key, nowMs)
+          .lastInsertRowid,
+      );
+      cap = { id, columns, key, baseline_done: 0 };
+    }
+    const wanted = triggerSql(shape, cap.id);
+    const anyMissing = wanted.some((w) => !existing.has(w.name));
+    if (anyMissing && cap.baseline_done) {
+      // The triggers vanished under an unchanged shape: the table was rebuilt or
+      // recreated, so writes may have happened that no trigger saw.
+      db.prepare("UPDATE _unisync_capture SET baseline_done = 0 WHERE id = ?").run(cap.id);
+      cap.baseline_done = 0;
+    }
+    ensureChangeWidth(db, shape.columns.length + shape.key.length);
+    for (const w of wanted) {
+      if (existing.get(w.name) === w.sql) continue;
+      db.exec(`DROP TRIGGER IF EXISTS ${quoteIdent(w.name)}`);
+      db.exec(w.sql);
+    }
+    defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0 });
+  }
+  return defs;
+}
+
+/** Drops every unisync trigger (used by `unisync uninstall` and tests). */
+export function dropTriggers(db: Database): void {
+  const names = db.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_unisync\\_%' ESCAPE '\\'").all() as { name: string }[];
+  for (const { name } of names) db.exec(`DROP TRIGGER IF EXISTS ${quoteIdent(name)}`);
+}

@@ -1,0 +1,159 @@
+/**
+ * The one command line: unisync init | run | status. Every command has --help;
+ * bad input ends with one clear line on stderr and exit code 2, never a bare stack.
+ */
+import { existsSync, mkdirSync, writeFileSync } from "node:fs";
+import { dirname } from "node:path";
+import { parseArgs } from "node:util";
+import pino from "pino";
+import { Agent } from "../agent/agent.js";
+import { ConfigError, defaultConfigPath, loadConfig, renderConfigFile, type Config } from "../agent/config.js";
+import { StoreConfigError } from "../store/store.js";
+import { openStore, redactUrl } from "../store/url.js";
+import { startStatusServer } from "../web/server.js";
+import { statusCommand } from "./status.js";
+
+const HELP: Record<string, string> = {
+  main: `unisync — keep an app's SQLite databases identical on several servers.
+
+Usage: unisync <command> [options]
+
+Commands:
+  init INSTANCE_DIR STORE_URL   write a commented config file for this node
+  run INSTANCE_DIR [STORE_URL]  run the agent beside the app (Ctrl-C / SIGTERM stops it cleanly)
+  status INSTANCE_DIR           databases, origins, cursors, lag, pending and parked changes
+
+STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
+S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
+Run "unisync <command> --help" for the options of a command.`,
+  init: `Usage: unisync init INSTANCE_DIR STORE_URL [--node NAME] [--config FILE] [--force]
+
+Writes a commented config file (default INSTANCE_DIR/.unisync/config.jsonc) that
+"unisync run INSTANCE_DIR" then reads by itself.
+  --node NAME     this node's name, unique in the cluster (default: host name)
+  --config FILE   where to write the file
+  --force         overwrite an existing file`,
+  run: `Usage: unisync run INSTANCE_DIR [STORE_URL] [options]
+
+Runs the agent: syncs every SQLite database directly in INSTANCE_DIR (found by
+their header) plus those listed in the config. Needs no config file: STORE_URL
+and --node are enough. Node-local state lives in INSTANCE_DIR/.unisync/.
+  --node NAME         this node's name (default: host name; UNISYNC_NODE)
+  --config FILE       config file (default INSTANCE_DIR/.unisync/config.jsonc if present)
+  --http-port N       status page and /metrics port on 127.0.0.1 (0 = any free port, off = none; default 7717)
+  --log-level LEVEL   fatal|error|warn|info|debug|trace (default info)
+Every config key can also be set as UNISYNC_<KEY> (e.g. UNISYNC_POLL_MAX_MS=1000).
+Logs are JSON lines (pino) on stdout.`,
+  status: `Usage: unisync status INSTANCE_DIR [--store URL] [--json]
+
+Shows, per synced database: the node it belongs to, segments written, changes
+pending upload, parked records and why, and for every other origin the last
+segment applied and how many are waiting in the store (lag). Also lists SQLite
+files deeper in the folder that are not synced.
+  --store URL   the store to measure lag against (default: from the config)
+  --json        machine-readable output`,
+};
+
+class UsageError extends Error {}
+
+type Values = Record<string, string | boolean | undefined>;
+
+function parse(command: string, args: string[], options: Record<string, { type: "string" | "boolean" }>): { values: Values; positionals: string[] } {
+  try {
+    const r = parseArgs({ args, options: { ...options, help: { type: "boolean", short: "h" } }, allowPositionals: true, strict: true });
+    return { values: r.values as Values, positionals: r.positionals };
+  } catch (err) {
+    throw new UsageError(`${(err as Error).message}\n\n${HELP[command]}`);
+  }
+}
+
+const str = (v: string | boolean | undefined): string | undefined => (typeof v === "string" ? v : undefined);
+
+function intOption(name: string, v: string | boolean | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  if (v === "off") return -1;
+  const n = Number(v);
+  if (typeof v !== "string" || !Number.isInteger(n)) throw new UsageError(`--${name} must be a whole number, got ${JSON.stringify(v)}`);
+  return n;
+}
+
+async function init(args: string[]): Promise<void> {
+  const { values, positionals } = parse("init", args, { node: { type: "string" }, config: { type: "string" }, force: { type: "boolean" } });
+  if (values.help) return console.log(HELP.init);
+  if (positionals.length !== 2) throw new UsageError(`init needs INSTANCE_DIR and STORE_URL\n\n${HELP.init}`);
+  const [instanceDir, store] = positionals;
+  openStore(store); // validates the URL now rather than at the first run
+  const config = loadConfig({ instanceDir, store, node: str(values.node) }, undefined, {});
+  const path = str(values.config) ?? defaultConfigPath(config.instanceDir);
+  if (existsSync(path) && !values.force) throw new UsageError(`${path} already exists (use --force to overwrite)`);
+  mkdirSync(dirname(path), { recursive: true });
+  writeFileSync(path, renderConfigFile(config));
+  console.log(`wrote ${path}\nstart the agent with: unisync run ${instanceDir}`);
+}
+
+async function run(args: string[]): Promise<void> {
+  const { values, positionals } = parse("run", args, {
+    node: { type: "string" },
+    config: { type: "string" },
+    "http-port": { type: "string" },
+    "log-level": { type: "string" },
+  });
+  if (values.help) return console.log(HELP.run);
+  if (positionals.length < 1 || positionals.length > 2) throw new UsageError(`run needs INSTANCE_DIR and optionally STORE_URL\n\n${HELP.run}`);
+  const cli: Partial<Config> & { instanceDir: string } = {
+    instanceDir: positionals[0],
+    store: positionals[1],
+    node: str(values.node),
+    httpPort: intOption("http-port", values["http-port"]),
+    logLevel: str(values["log-level"]),
+  };
+  const config = loadConfig(cli, str(values.config));
+  const log = pino({ level: config.logLevel, base: { node: config.node } });
+  const store = openStore(config.store);
+  const agent = new Agent(config, store, log);
+  log.info({ instanceDir: config.instanceDir, store: redactUrl(config.store) }, "starting unisync agent");
+  await agent.start();
+  let server: Awaited<ReturnType<typeof startStatusServer>>["server"] | undefined;
+  if (config.httpPort >= 0) {
+    try {
+      const started = await startStatusServer(config.httpHost, config.httpPort, () => agent.status(), agent.metrics);
+      server = started.server;
+      log.info({ url: started.url }, "status page and /metrics");
+    } catch (err) {
+      log.warn({ err: (err as Error).message }, "status page not started (port in use?); syncing goes on without it");
+    }
+  }
+  await new Promise<void>((resolve) => {
+    const stop = (signal: string) => {
+      log.info({ signal }, "stopping: finishing the batch in hand");
+      resolve();
+    };
+    process.once("SIGTERM", () => stop("SIGTERM"));
+    process.once("SIGINT", () => stop("SIGINT"));
+  });
+  server?.close();
+  await agent.stop();
+}
+
+export async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  try {
+    if (!command || command === "--help" || command === "-h" || command === "help") {
+      console.log(HELP.main);
+      return command ? 0 : 2;
+    }
+    if (command === "init") await init(rest);
+    else if (command === "run") await run(rest);
+    else if (command === "status") await statusCommand(rest, (a, o) => parse("status", a, o), HELP.status);
+    else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
+    return 0;
+  } catch (err) {
+    if (err instanceof UsageError || err instanceof ConfigError || err instanceof StoreConfigError) {
+      console.error(`unisync: ${err.message}`);
+      return 2;
+    }
+    console.error(`unisync: ${(err as Error).message}`);
+    if (process.env.UNISYNC_DEBUG) console.error((err as Error).stack);
+    return 1;
+  }
+}

@@ -1,0 +1,104 @@
+/** `unisync status`: what this node holds, what it waits for, and how far behind it is. */
+import Database from "better-sqlite3";
+import { existsSync } from "node:fs";
+import { loadConfig } from "../agent/config.js";
+import { findDatabases } from "../agent/databases.js";
+import { decodeName, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
+import { listAll, type ObjectStore } from "../store/store.js";
+import { openStore } from "../store/url.js";
+
+type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
+
+interface DbReport {
+  stream: string;
+  path: string;
+  enrolled: boolean;
+  node?: string;
+  segmentsWritten?: number;
+  pendingChanges?: number;
+  outboxSegments?: number;
+  parked?: { origin: string; seq: number; table: string | null; reason: string }[];
+  origins?: { origin: string; appliedSeq: number; appliedAt: string | null; waitingInStore?: number }[];
+}
+
+async function originsInStore(store: ObjectStore): Promise<string[]> {
+  const page = await store.list("log/", { delimiter: "/", limit: 1000 });
+  return page.prefixes.map((p) => decodeName(p.slice(4, -1)));
+}
+
+async function countAfter(store: ObjectStore, origin: string, stream: string, seq: number): Promise<number> {
+  let n = 0;
+  for await (const o of listAll(store, streamPrefix(origin, stream), `${seqFloorKey(origin, stream, seq)}~`)) if (parseSegmentKey(o.key)) n++;
+  return n;
+}
+
+export async function statusCommand(args: string[], parse: Parse, help: string): Promise<void> {
+  const { values, positionals } = parse(args, { store: { type: "string" }, json: { type: "boolean" } });
+  if (values.help) return console.log(help);
+  if (positionals.length !== 1) throw new Error(`status needs INSTANCE_DIR\n\n${help}`);
+  const config = loadConfig({ instanceDir: positionals[0], store: values.store as string | undefined }, undefined);
+  const store = config.store ? openStore(config.store) : null;
+  let storeOrigins: string[] = [];
+  let storeError: string | undefined;
+  if (store) storeOrigins = await originsInStore(store).catch((err: Error) => ((storeError = err.message), []));
+  const found = findDatabases(config.instanceDir, config.databases, true);
+  const reports: DbReport[] = [];
+  for (const { path, stream } of found.synced) {
+    if (!existsSync(path)) continue;
+    const db = new Database(path, { readonly: true, fileMustExist: true });
+    try {
+      const enrolled = !!db.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_meta'").get();
+      if (!enrolled) {
+        reports.push({ stream, path, enrolled });
+        continue;
+      }
+      const one = <T>(sql: string) => db.prepare(sql).get() as T;
+      const node = (one<{ v: string } | undefined>("SELECT v FROM _unisync_meta WHERE k = 'node'"))?.v;
+      const nextSeq = Number(one<{ v: number } | undefined>("SELECT v FROM _unisync_meta WHERE k = 'next_seq'")?.v ?? 1);
+      const cursors = db.prepare("SELECT origin, seq, applied_ms FROM _unisync_cursors ORDER BY origin").all() as { origin: string; seq: number; applied_ms: number | null }[];
+      const known = new Map(cursors.map((c) => [c.origin, c]));
+      const origins = [...new Set([...cursors.map((c) => c.origin), ...storeOrigins.filter((o) => o !== node)])].sort();
+      const originReports = [];
+      for (const origin of origins) {
+        const c = known.get(origin);
+        const appliedSeq = Number(c?.seq ?? 0);
+        const waitingInStore = store && !storeError ? await countAfter(store, origin, stream, appliedSeq).catch(() => undefined) : undefined;
+        originReports.push({ origin, appliedSeq, appliedAt: c?.applied_ms ? new Date(Number(c.applied_ms)).toISOString() : null, waitingInStore });
+      }
+      reports.push({
+        stream,
+        path,
+        enrolled,
+        node,
+        segmentsWritten: nextSeq - 1,
+        pendingChanges: one<{ n: number }>("SELECT count(*) AS n FROM _unisync_changes").n,
+        outboxSegments: one<{ n: number }>("SELECT count(*) AS n FROM _unisync_outbox").n,
+        parked: db.prepare("SELECT origin, seq, tbl AS 'table', reason FROM _unisync_parked ORDER BY id LIMIT 50").all() as DbReport["parked"],
+        origins: originReports,
+      });
+    } finally {
+      db.close();
+    }
+  }
+  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced };
+  if (values.json) return console.log(JSON.stringify(result, null, 2));
+  console.log(`instance folder: ${config.instanceDir}`);
+  console.log(`store: ${store ? store.description : "(none given: pass --store or set it in the config)"}${storeError ? `  UNREACHABLE: ${storeError}` : ""}`);
+  for (const r of reports) {
+    console.log(`\ndatabase ${r.stream}${r.enrolled ? ` (node ${r.node})` : " — not enrolled yet (start the agent)"}`);
+    if (!r.enrolled) continue;
+    console.log(`  segments written: ${r.segmentsWritten}   pending changes: ${r.pendingChanges}   outbox (sealed, not uploaded): ${r.outboxSegments}`);
+    for (const o of r.origins ?? []) {
+      const lag = o.waitingInStore === undefined ? "" : o.waitingInStore === 0 ? "  up to date" : `  ${o.waitingInStore} segment(s) waiting`;
+      console.log(`  from ${o.origin}: applied through seq ${o.appliedSeq}${o.appliedAt ? ` at ${o.appliedAt}` : ""}${lag}`);
+    }
+    if (r.parked?.length) {
+      console.log(`  parked records (${r.parked.length}${r.parked.length === 50 ? "+" : ""}): kept and retried after each schema change`);
+      for (const p of r.parked.slice(0, 10)) console.log(`    ${p.origin}#${p.seq} ${p.table ?? ""}: ${p.reason}`);
+    }
+  }
+  if (found.notSynced.length) {
+    console.log("\nSQLite files not synced:");
+    for (const n of found.notSynced) console.log(`  ${n.path}: ${n.reason}`);
+  }
+}

@@ -1,0 +1,43 @@
+/**
+ * Store key layout. Each origin writes only under log/<origin>/, so no two
+ * writers race for a key, and the zero-padded seq makes the listing sorted.
+ *   log/<origin>/<stream>/<seq:20>-<sha256>.seg
+ */
+const SEQ_DIGITS = 20;
+
+/** Stream and origin names become one key segment each: no '/', nothing unsafe. */
+export function encodeName(name: string): string {
+  return encodeURIComponent(name).replace(/\*/g, "%2A").replace(/^\./, "%2E");
+}
+
+export function decodeName(encoded: string): string {
+  return decodeURIComponent(encoded);
+}
+
+export function streamPrefix(origin: string, stream: string): string {
+  return `log/${encodeName(origin)}/${encodeName(stream)}/`;
+}
+
+export function segmentKey(origin: string, stream: string, seq: number, sha256: string): string {
+  return `${streamPrefix(origin, stream)}${String(seq).padStart(SEQ_DIGITS, "0")}-${sha256}.seg`;
+}
+
+/** The listing position just before segment `seq` (use as startAfter to list seq and later). */
+export function seqFloorKey(origin: string, stream: string, seq: number): string {
+  return `${streamPrefix(origin, stream)}${String(seq).padStart(SEQ_DIGITS, "0")}`;
+}
+
+export interface SegmentName {
+  seq: number;
+  sha256: string;
+}
+
+const SEGMENT_FILE = /^(\d{20})-([0-9a-f]{64})\.seg$/;
+
+/** Parses the last path part of a segment key; null for anything else (temp files, junk). */
+export function parseSegmentKey(key: string): SegmentName | null {
+  const name = key.slice(key.lastIndexOf("/") + 1);
+  const m = SEGMENT_FILE.exec(name);
+  if (!m) return null;
+  return { seq: Number(m[1]), sha256: m[2] };
+}

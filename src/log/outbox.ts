@@ -1,0 +1,90 @@
+/**
+ * Sealed segments wait in _unisync_outbox until the store has them. Sealing
+ * fixes the seq, the clocks and the bytes in the same transaction that removes
+ * the captured changes, so a crash before or during upload retries the very same
+ * object under the very same key: readers never see two different segment Ns.
+ */
+import type { Database, Statement } from "better-sqlite3";
+import type { ObjectStore } from "../store/store.js";
+import { getMeta, setMeta } from "../capture/internal.js";
+import { segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
+import { sealSegment, type LogRecord } from "./segment.js";
+
+export interface OutboxEntry {
+  seq: number;
+  key: string;
+  bytes: Buffer;
+  records: number;
+}
+
+export class Outbox {
+  private readonly insertStmt: Statement;
+  private readonly firstStmt: Statement;
+  private readonly removeStmt: Statement;
+
+  constructor(
+    private readonly db: Database,
+    readonly origin: string,
+    readonly stream: string,
+  ) {
+    this.insertStmt = db.prepare("INSERT INTO _unisync_outbox(seq, key, bytes, records, sealed_ms) VALUES (?, ?, ?, ?, ?)");
+    this.firstStmt = db.prepare("SELECT seq, key, bytes, records FROM _unisync_outbox ORDER BY seq LIMIT 1");
+    this.removeStmt = db.prepare("DELETE FROM _unisync_outbox WHERE seq = ?");
+  }
+
+  /** The seq the next sealed segment will get (dense, starting at 1). */
+  nextSeq(): number {
+    return Number(getMeta(this.db, "next_seq") ?? 1);
+  }
+
+  /** Seals records into a segment; must run inside the transaction that drained them. */
+  seal(records: LogRecord[], nowMs: number): OutboxEntry {
+    const seq = this.nextSeq();
+    const { bytes, sha256 } = sealSegment({ origin: this.origin, stream: this.stream, seq, createdMs: nowMs, records });
+    const key = segmentKey(this.origin, this.stream, seq, sha256);
+    this.insertStmt.run(seq, key, bytes, records.length, nowMs);
+    setMeta(this.db, "next_seq", seq + 1);
+    return { seq, key, bytes, records: records.length };
+  }
+
+  oldest(): OutboxEntry | null {
+    const r = this.firstStmt.get() as { seq: number; key: string; bytes: Buffer; records: number } | undefined;
+    return r ? { seq: Number(r.seq), key: r.key, bytes: r.bytes, records: Number(r.records) } : null;
+  }
+
+  size(): { segments: number; records: number } {
+    const r = this.db.prepare("SELECT count(*) AS n, coalesce(sum(records), 0) AS r FROM _unisync_outbox").get() as { n: number; r: number };
+    return { segments: Number(r.n), records: Number(r.r) };
+  }
+
+  /** Uploads the oldest sealed segment; returns it, or null when the outbox is empty. */
+  async uploadOne(store: ObjectStore): Promise<OutboxEntry | null> {
+    const entry = this.oldest();
+    if (!entry) return null;
+    await store.put(entry.key, entry.bytes);
+    this.removeStmt.run(entry.seq);
+    return entry;
+  }
+
+  /**
+   * Refuses to write when the store already holds segments of this origin and
+   * stream that this database did not seal: two nodes with one name, or a
+   * database restored from an older copy. Writing on would fork the log.
+   */
+  async checkStoreAgrees(store: ObjectStore): Promise<void> {
+    const next = this.oldest()?.seq ?? this.nextSeq();
+    const page = await store.list(streamPrefix(this.origin, this.stream), {
+      startAfter: seqFloorKey(this.origin, this.stream, next - 1) + "~",
+      limit: 1,
+    });
+    const foreign = page.objects[0];
+    if (!foreign) return;
+    const pending = this.db.prepare("SELECT 1 FROM _unisync_outbox WHERE key = ?").get(foreign.key);
+    if (pending) return;
+    throw new Error(
+      `the store already holds ${foreign.key}, a segment of origin "${this.origin}" that this database did not write ` +
+        `(its next segment is ${next}). Either two nodes use the name "${this.origin}" (give each its own --node), ` +
+        `or this database was restored from an older copy. Refusing to write so that the log does not fork.`,
+    );
+  }
+}

@@ -1,0 +1,219 @@
+/**
+ * Segments: a batch of records encoded as protobuf (proto/unisync.proto),
+ * compressed as one standard zstd frame and named by the sha256 of the stored
+ * bytes, so a reader can verify what it fetched before using any of it.
+ */
+import { createHash } from "node:crypto";
+import { join } from "node:path";
+import Long from "long";
+import protobuf from "protobufjs";
+import { compress, decompress } from "zstd-napi";
+import { packageRoot } from "./paths.js";
+import type { SqlValue } from "./value.js";
+
+export const FORMAT_VERSION = 1;
+
+export type RowOp = 1 | 2 | 3;
+export const OP_INSERT: RowOp = 1;
+export const OP_UPDATE: RowOp = 2;
+export const OP_DELETE: RowOp = 3;
+
+export interface RowChange {
+  table: string;
+  op: RowOp;
+  columns: string[];
+  values: SqlValue[];
+  key: string[];
+  /** UPDATE: indexes into columns that the change wrote. */
+  changed: number[];
+}
+
+export interface FileChange {
+  path: string;
+  kind: 1 | 2;
+  size: number;
+  mode: number;
+  mtimeMs: number;
+  sha256: string;
+}
+
+export interface LogRecord {
+  hlc: number;
+  row?: RowChange;
+  file?: FileChange;
+}
+
+export interface Segment {
+  origin: string;
+  stream: string;
+  seq: number;
+  createdMs: number;
+  records: LogRecord[];
+}
+
+/** Raised when stored bytes are not a valid segment; the message says why. */
+export class CorruptSegmentError extends Error {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "CorruptSegmentError";
+  }
+}
+
+const root = protobuf.loadSync(join(packageRoot(), "proto", "unisync.proto"));
+const SegmentType = root.lookupType("unisync.v1.Segment");
+
+
+type LongLike = { low: number; high: number; unsigned?: boolean } | number;
+
+interface WireValue {
+  null?: boolean;
+  integer?: LongLike;
+  real?: number;
+  text?: string;
+  blob?: Uint8Array;
+}
+
+function toWire(v: SqlValue): WireValue {
+  if (v === null) return { null: true };
+  if (typeof v === "bigint") {
+    return { integer: Long.fromBits(Number(BigInt.asIntN(32, v)), Number(BigInt.asIntN(32, v >> 32n)), false) };
+  }
+  if (typeof v === "number") return { real: v };
+  if (typeof v === "string") return { text: v };
+  return { blob: v };
+}
+
+function longToBigInt(v: LongLike): bigint {
+  if (typeof v === "number") return BigInt(v);
+  return (BigInt(v.high) << 32n) | BigInt(v.low >>> 0);
+}
+
+function longToNumber(v: LongLike | undefined): number {
+  if (v === undefined) return 0;
+  if (typeof v === "number") return v;
+  return Number(longToBigInt(v));
+}
+
+// Decoded messages carry proto3 defaults on their prototype: only own
+// properties tell which member of the oneof was actually on the wire.
+const has = (o: object, k: string) => Object.prototype.hasOwnProperty.call(o, k);
+
+function fromWire(w: WireValue): SqlValue {
+  if (has(w, "integer")) return longToBigInt(w.integer as LongLike);
+  if (has(w, "real")) return w.real as number;
+  if (has(w, "text")) return w.text as string;
+  if (has(w, "blob")) return Buffer.from((w.blob as Uint8Array).buffer, (w.blob as Uint8Array).byteOffset, (w.blob as Uint8Array).byteLength);
+  if (has(w, "null")) return null;
+  throw new CorruptSegmentError("value with no storage class");
+}
+
+export function encodeSegment(seg: Segment): Buffer {
+  const message = SegmentType.fromObject({
+    formatVersion: FORMAT_VERSION,
+    origin: seg.origin,
+    stream: seg.stream,
+    seq: seg.seq,
+    createdMs: seg.createdMs,
+    records: seg.records.map((r) => ({
+      hlc: r.hlc,
+      row: r.row && { ...r.row, values: r.row.values.map(toWire) },
+      file: r.file,
+    })),
+  });
+  return Buffer.from(SegmentType.encode(message).finish());
+}
+
+interface WireRecord {
+  hlc?: LongLike;
+  row?: {
+    table?: string;
+    op?: number;
+    columns?: string[];
+    values?: WireValue[];
+    key?: string[];
+    changed?: number[];
+  };
+  file?: {
+    path?: string;
+    kind?: number;
+    size?: LongLike;
+    mode?: number;
+    mtimeMs?: LongLike;
+    sha256?: string;
+  };
+}
+
+interface WireSegment {
+  formatVersion?: number;
+  origin?: string;
+  stream?: string;
+  seq?: LongLike;
+  createdMs?: LongLike;
+  records?: WireRecord[];
+}
+
+export function decodeSegment(bytes: Buffer): Segment {
+  let wire: WireSegment;
+  try {
+    wire = SegmentType.decode(bytes) as unknown as WireSegment;
+  } catch (err) {
+    throw new CorruptSegmentError(`malformed protobuf: ${(err as Error).message}`, { cause: err });
+  }
+  if (wire.formatVersion !== FORMAT_VERSION) {
+    throw new CorruptSegmentError(`unsupported segment format version ${wire.formatVersion ?? "(none)"}; this unisync reads version ${FORMAT_VERSION}`);
+  }
+  return {
+    origin: wire.origin ?? "",
+    stream: wire.stream ?? "",
+    seq: longToNumber(wire.seq),
+    createdMs: longToNumber(wire.createdMs),
+    records: (wire.records ?? []).map((r) => ({
+      hlc: longToNumber(r.hlc),
+      row: r.row ? {
+        table: r.row.table ?? "",
+        op: (r.row.op ?? 0) as RowOp,
+        columns: r.row.columns ?? [],
+        values: (r.row.values ?? []).map(fromWire),
+        key: r.row.key ?? [],
+        changed: r.row.changed ?? [],
+      } : undefined,
+      file: r.file ? {
+        path: r.file.path ?? "",
+        kind: (r.file.kind ?? 0) as 1 | 2,
+        size: longToNumber(r.file.size),
+        mode: r.file.mode ?? 0,
+        mtimeMs: longToNumber(r.file.mtimeMs),
+        sha256: r.file.sha256 ?? "",
+      } : undefined,
+    })),
+  };
+}
+
+export function sha256Hex(bytes: Buffer): string {
+  return createHash("sha256").update(bytes).digest("hex");
+}
+
+/** The bytes to store for a segment and the hash that names them. */
+export function sealSegment(seg: Segment): { bytes: Buffer; sha256: string } {
+  const bytes = compress(encodeSegment(seg), { compressionLevel: 3 });
+  return { bytes, sha256: sha256Hex(bytes) };
+}
+
+/** Maximum decompressed size accepted, so a hostile frame cannot exhaust memory. */
+export const MAX_SEGMENT_BYTES = 256 * 1024 * 1024;
+
+/** Verifies, decompresses and decodes stored bytes; throws CorruptSegmentError on any mismatch. */
+export function openSegment(bytes: Buffer, expectedSha256: string): Segment {
+  const actual = sha256Hex(bytes);
+  if (actual !== expectedSha256) {
+    throw new CorruptSegmentError(`hash mismatch: key says ${expectedSha256}, bytes hash to ${actual}`);
+  }
+  let raw: Buffer;
+  try {
+    raw = decompress(bytes);
+  } catch (err) {
+    throw new CorruptSegmentError(`not a valid zstd frame: ${(err as Error).message}`, { cause: err });
+  }
+  if (raw.length > MAX_SEGMENT_BYTES) throw new CorruptSegmentError(`segment decompresses to ${raw.length} bytes, over the limit`);
+  return decodeSegment(raw);
+}

@@ -1,0 +1,88 @@
+/**
+ * Follows one origin's stream in the store: lists the segments after a cursor,
+ * fetches a bounded number ahead, verifies each against the hash in its key and
+ * hands them over strictly in seq order. A missing seq is a gap: the tail stops
+ * there and waits, because skipping it would be a silent, permanent loss.
+ */
+import type { ObjectStore } from "../store/store.js";
+import { parseSegmentKey, seqFloorKey, streamPrefix } from "./keys.js";
+import { CorruptSegmentError, openSegment, type Segment } from "./segment.js";
+
+export interface FetchedSegment {
+  key: string;
+  seq: number;
+  segment: Segment;
+}
+
+export interface TailProblem {
+  kind: "gap" | "corrupt" | "fork";
+  seq: number;
+  key?: string;
+  message: string;
+}
+
+export interface TailResult {
+  segments: FetchedSegment[];
+  /** Why the tail stopped before the end of the listing, if it did. */
+  problem?: TailProblem;
+}
+
+/**
+ * Lists and fetches up to `maxSegments` segments after `afterSeq`, in order.
+ * `prefetch` bounds how many downloads run at once.
+ */
+export async function readAfter(
+  store: ObjectStore,
+  origin: string,
+  stream: string,
+  afterSeq: number,
+  maxSegments: number,
+  prefetch = 4,
+): Promise<TailResult> {
+  const page = await store.list(streamPrefix(origin, stream), {
+    startAfter: `${seqFloorKey(origin, stream, afterSeq)}~`,
+    limit: maxSegments + 1,
+  });
+  const wanted: { key: string; seq: number; sha256: string }[] = [];
+  let problem: TailProblem | undefined;
+  let expect = afterSeq + 1;
+  for (const obj of page.objects) {
+    const name = parseSegmentKey(obj.key);
+    if (!name) continue;
+    if (name.seq < expect) {
+      // Same seq twice under different hashes: the origin's log forked.
+      problem = { kind: "fork", seq: name.seq, key: obj.key, message: `two different segments claim seq ${name.seq} of origin "${origin}" (${obj.key})` };
+      wanted.length = wanted.findIndex((w) => w.seq === name.seq);
+      break;
+    }
+    if (name.seq > expect) {
+      problem = { kind: "gap", seq: expect, message: `segment ${expect} of origin "${origin}" is missing; waiting for it before applying ${name.seq}` };
+      break;
+    }
+    if (wanted.length >= maxSegments) break;
+    wanted.push({ key: obj.key, seq: name.seq, sha256: name.sha256 });
+    expect++;
+  }
+
+  const segments: FetchedSegment[] = [];
+  for (let i = 0; i < wanted.length; i += prefetch) {
+    const batch = wanted.slice(i, i + prefetch);
+    const bodies = await Promise.all(batch.map((w) => store.get(w.key)));
+    for (let j = 0; j < batch.length; j++) {
+      const w = batch[j];
+      const body = bodies[j];
+      try {
+        if (!body) throw new CorruptSegmentError("listed but no longer readable");
+        const segment = openSegment(body, w.sha256);
+        if (segment.seq !== w.seq || segment.origin !== origin || segment.stream !== stream) {
+          throw new CorruptSegmentError(`header says ${segment.origin}/${segment.stream}#${segment.seq}, key says ${origin}/${stream}#${w.seq}`);
+        }
+        segments.push({ key: w.key, seq: w.seq, segment });
+      } catch (err) {
+        if (!(err instanceof CorruptSegmentError)) throw err;
+        return { segments, problem: { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` } };
+      }
+    }
+  }
+  return { segments, problem };
+}

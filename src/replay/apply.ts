@@ -1,0 +1,169 @@
+/**
+ * Applies remote segments to one database. One segment is one transaction that
+ * also moves the origin's cursor, so a crash applies it entirely or not at all,
+ * and a segment seen again (cursor already past it) is skipped: idempotent.
+ * While applying, _unisync_applying holds a row, which silences our triggers.
+ */
+import type { Database, Statement } from "better-sqlite3";
+import type { HybridClock } from "../log/hlc.js";
+import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type Segment } from "../log/segment.js";
+import { encodeKey } from "../log/value.js";
+import { mergeChange } from "./merge.js";
+import type { RowStateStore } from "./state.js";
+import type { TableAccess } from "./table.js";
+
+export interface Cursor {
+  seq: number;
+  key: string;
+}
+
+export interface ApplyOutcome {
+  applied: number;
+  parked: number;
+  skipped: boolean;
+}
+
+export interface ParkedRecord {
+  origin: string;
+  seq: number;
+  idx: number;
+  table: string;
+  reason: string;
+}
+
+/** Why a record cannot apply now; null when it can. */
+function unfit(rec: LogRecord, tables: Map<string, TableAccess>): string | null {
+  const row = rec.row;
+  if (!row) return null; // file records belong to the folder sync
+  if (![OP_INSERT, OP_UPDATE, OP_DELETE].includes(row.op)) return `unknown operation ${row.op}`;
+  if (row.columns.length !== row.values.length) return "column and value counts differ";
+  if (row.key.length === 0 || row.key.some((k) => !row.columns.includes(k))) return "row key is not among the columns";
+  const access = tables.get(row.table);
+  if (!access) return `table "${row.table}" does not exist here (yet)`;
+  const missing = row.columns.filter((c) => !access.shape.columns.includes(c));
+  if (missing.length) return `column(s) ${missing.map((c) => `"${c}"`).join(", ")} of "${row.table}" do not exist here (yet)`;
+  return null;
+}
+
+export class Applier {
+  private readonly getCursor: Statement;
+  private readonly putCursor: Statement;
+  private readonly park: Statement;
+
+  constructor(
+    private readonly db: Database,
+    private readonly clock: HybridClock,
+    private readonly states: RowStateStore,
+    /** Current local tables by name; replaced by the owner when the schema changes. */
+    private readonly tables: () => Map<string, TableAccess>,
+    private readonly onParked: (p: ParkedRecord) => void,
+  ) {
+    this.getCursor = db.prepare("SELECT seq, key FROM _unisync_cursors WHERE origin = ?");
+    this.putCursor = db.prepare(
+      "INSERT INTO _unisync_cursors(origin, seq, key, applied_ms, last_hlc) VALUES (?, ?, ?, ?, ?) " +
+        "ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq, key = excluded.key, applied_ms = excluded.applied_ms, last_hlc = excluded.last_hlc",
+    );
+    this.park = db.prepare(
+      "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    );
+  }
+
+  cursor(origin: string): Cursor {
+    const r = this.getCursor.get(origin) as { seq: number; key: string } | undefined;
+    return r ? { seq: Number(r.seq), key: r.key } : { seq: 0, key: "" };
+  }
+
+  cursors(): Map<string, Cursor> {
+    const rows = this.db.prepare("SELECT origin, seq, key FROM _unisync_cursors").all() as { origin: string; seq: number; key: string }[];
+    return new Map(rows.map((r) => [r.origin, { seq: Number(r.seq), key: r.key }]));
+  }
+
+  /**
+   * Applies one segment. Must be called inside a write transaction (the caller
+   * folds pending local captures into the merge state first, in the same one).
+   */
+  applySegment(segment: Segment, key: string): ApplyOutcome {
+    const cur = this.cursor(segment.origin);
+    if (segment.seq <= cur.seq) return { applied: 0, parked: 0, skipped: true };
+    if (segment.seq !== cur.seq + 1) throw new Error(`segment ${segment.seq} of "${segment.origin}" is not next (cursor at ${cur.seq})`);
+    this.db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
+    let applied = 0;
+    let parked = 0;
+    let lastHlc = 0;
+    try {
+      segment.records.forEach((rec, idx) => {
+        lastHlc = Math.max(lastHlc, rec.hlc);
+        this.clock.observe(rec.hlc);
+        const reason = this.applyRecord(segment.origin, rec);
+        if (reason === null) applied++;
+        else {
+          parked++;
+          this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
+        }
+      });
+      this.putCursor.run(segment.origin, segment.seq, key, Date.now(), lastHlc);
+    } finally {
+      this.db.prepare("DELETE FROM _unisync_applying").run();
+    }
+    return { applied, parked, skipped: false };
+  }
+
+  /** Applies one record; returns null on success or the reason it must wait. */
+  applyRecord(origin: string, rec: LogRecord): string | null {
+    const reason = unfit(rec, this.tables());
+    if (reason) return reason;
+    const row = rec.row;
+    if (!row) return null;
+    const access = this.tables().get(row.table) as TableAccess;
+    const keyValues = row.key.map((k) => row.values[row.columns.indexOf(k)]);
+    const pk = encodeKey(keyValues);
+    const current = access.find(row.key, keyValues);
+    const prior = this.states.get(row.table, pk);
+    const { state, write } = mergeChange(prior, current, {
+      op: row.op,
+      stamp: { hlc: rec.hlc, origin },
+      columns: row.columns,
+      values: row.values,
+      changed: row.changed,
+    });
+    try {
+      if (write.kind === "insert") access.insert(write.values);
+      else if (write.kind === "update") access.update(row.key, keyValues, write.values);
+      else if (write.kind === "delete") access.delete(row.key, keyValues);
+    } catch (err) {
+      // A failed statement changes nothing, so the state is not written either.
+      return `${(err as Error).message}`;
+    }
+    this.states.put(row.table, pk, state);
+    return null;
+  }
+
+  private parkRecord(origin: string, seq: number, idx: number, rec: LogRecord, reason: string): void {
+    const bytes = encodeSegment({ origin, stream: "", seq, createdMs: 0, records: [rec] });
+    this.park.run(origin, seq, idx, rec.row?.table ?? null, reason, rec.hlc, bytes, Date.now());
+    this.onParked({ origin, seq, idx, table: rec.row?.table ?? "", reason });
+  }
+}
+
+/** Retries parked records (after a schema change); returns how many applied now. */
+export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment): number {
+  const rows = db.prepare("SELECT id, origin, record FROM _unisync_parked ORDER BY id").all() as { id: number; origin: string; record: Buffer }[];
+  let done = 0;
+  for (const r of rows) {
+    const rec = decode(r.record).records[0];
+    const run = db.transaction(() => {
+      db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
+      try {
+        const reason = rec ? applier.applyRecord(r.origin, rec) : null;
+        if (reason === null) {
+          db.prepare("DELETE FROM _unisync_parked WHERE id = ?").run(r.id);
+          done++;
+        } else db.prepare("UPDATE _unisync_parked SET reason = ? WHERE id = ?").run(reason, r.id);
+      } finally {
+        db.prepare("DELETE FROM _unisync_applying").run();
+      }
+    });
+    run.immediate();
+  }
+  return done;
+}

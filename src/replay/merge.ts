@@ -1,0 +1,136 @@
+/**
+ * The merge rule, as a pure function so that every node computes the same result
+ * whatever order records arrive in (a state-based CRDT):
+ *  - a row's existence is a last-writer-wins register over its inserts, updates
+ *    (alive) and deletes (dead), ordered by (HLC, origin);
+ *  - each column is a last-writer-wins register over the writes to it (an insert
+ *    writes every column, an update the columns it changed);
+ *  - values a record carries but did not write (an update's unchanged columns, a
+ *    delete's old row) fill columns this node has never seen written, with the
+ *    weakest clock, so that any real write overrides them.
+ * Applying a record twice changes nothing the second time: equal stamps never win.
+ */
+import { compareStamp } from "../log/hlc.js";
+import { OP_DELETE, OP_INSERT, type RowOp } from "../log/segment.js";
+import { sameValue, type SqlValue } from "../log/value.js";
+
+export interface Stamp {
+  hlc: number;
+  origin: string;
+}
+
+export interface RowState {
+  /** Clock of the operation that decided existence. */
+  exists: Stamp;
+  alive: boolean;
+  /** Clock of every column not listed in `cols`. */
+  base: Stamp;
+  cols: Record<string, Stamp>;
+  /** Values of a row while it is deleted (so a newer write can revive it). */
+  dead: Map<string, SqlValue> | null;
+}
+
+export interface IncomingChange {
+  op: RowOp;
+  stamp: Stamp;
+  columns: string[];
+  values: SqlValue[];
+  /** Indexes into columns written by an UPDATE. */
+  changed: number[];
+}
+
+export type TableWrite =
+  | { kind: "none" }
+  | { kind: "insert"; values: Map<string, SqlValue> }
+  | { kind: "update"; values: Map<string, SqlValue> }
+  | { kind: "delete" };
+
+const NEVER: Stamp = { hlc: 0, origin: "" };
+
+function newer(a: Stamp, b: Stamp): boolean {
+  return compareStamp(a.hlc, a.origin, b.hlc, b.origin) > 0;
+}
+
+export function clockOf(state: RowState, column: string): Stamp {
+  return state.cols[column] ?? state.base;
+}
+
+/** Stores per-column clocks compactly: the most common clock becomes the base. */
+function compact(state: RowState, columns: Iterable<string>): void {
+  const counts = new Map<string, { stamp: Stamp; n: number }>();
+  const all = new Set([...columns, ...Object.keys(state.cols)]);
+  for (const c of all) {
+    const s = clockOf(state, c);
+    const k = `${s.hlc}|${s.origin}`;
+    const e = counts.get(k);
+    if (e) e.n++;
+    else counts.set(k, { stamp: s, n: 1 });
+  }
+  let best: Stamp = state.base;
+  let bestN = -1;
+  for (const { stamp, n } of counts.values()) {
+    if (n > bestN) {
+      best = stamp;
+      bestN = n;
+    }
+  }
+  const cols: Record<string, Stamp> = {};
+  for (const c of all) {
+    const s = clockOf(state, c);
+    if (s.hlc !== best.hlc || s.origin !== best.origin) cols[c] = s;
+  }
+  state.base = best;
+  state.cols = cols;
+}
+
+/**
+ * Merges one change into a row's state. `current` holds the row's values when it
+ * exists in the table now. Returns the new state and what to do to the table.
+ */
+export function mergeChange(
+  prior: RowState | null,
+  current: Map<string, SqlValue> | null,
+  change: IncomingChange,
+): { state: RowState; write: TableWrite } {
+  const state: RowState = prior
+    ? { ...prior, cols: { ...prior.cols }, dead: prior.dead }
+    : { exists: NEVER, alive: false, base: NEVER, cols: {}, dead: null };
+  // The table is the truth about whether the row is there now (a row the state
+  // has not seen yet, such as one awaiting its baseline, is still updated in place).
+  const wasAlive = current !== null;
+  const values = new Map<string, SqlValue>(current ?? prior?.dead ?? []);
+  const written = new Map<string, SqlValue>();
+  const weak: Stamp = { hlc: 0, origin: change.stamp.origin };
+
+  const offer = (column: string, value: SqlValue, stamp: Stamp) => {
+    if (!newer(stamp, clockOf(state, column))) return;
+    state.cols[column] = stamp;
+    if (!values.has(column) || !sameValue(values.get(column) as SqlValue, value)) written.set(column, value);
+    values.set(column, value);
+  };
+
+  const changed = new Set(change.changed);
+  change.columns.forEach((column, i) => {
+    const value = change.values[i];
+    const writes = change.op === OP_INSERT || (change.op !== OP_DELETE && changed.has(i));
+    if (writes) offer(column, value, change.stamp);
+    else if (!values.has(column)) offer(column, value, weak);
+  });
+
+  if (newer(change.stamp, state.exists)) {
+    state.exists = change.stamp;
+    state.alive = change.op !== OP_DELETE;
+  }
+  compact(state, change.columns);
+
+  let write: TableWrite;
+  if (state.alive) {
+    state.dead = null;
+    if (!wasAlive) write = { kind: "insert", values };
+    else write = written.size > 0 ? { kind: "update", values: written } : { kind: "none" };
+  } else {
+    state.dead = values;
+    write = wasAlive ? { kind: "delete" } : { kind: "none" };
+  }
+  return { state, write };
+}

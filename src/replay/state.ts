@@ -1,0 +1,61 @@
+/** Reads and writes the per-row merge state kept in _unisync_rows. */
+import type { Database, Statement } from "better-sqlite3";
+import { decodeKey, encodeKey, type SqlValue } from "../log/value.js";
+import type { RowState, Stamp } from "./merge.js";
+
+interface StateRow {
+  hlc: number | bigint;
+  origin: string;
+  alive: number | bigint;
+  base_hlc: number | bigint;
+  base_origin: string;
+  cols: string | null;
+  dead: Buffer | null;
+}
+
+function encodeDead(values: Map<string, SqlValue>): Buffer {
+  const flat: SqlValue[] = [];
+  for (const [k, v] of values) flat.push(k, v);
+  return encodeKey(flat);
+}
+
+function decodeDead(bytes: Buffer): Map<string, SqlValue> {
+  const flat = decodeKey(bytes);
+  const out = new Map<string, SqlValue>();
+  for (let i = 0; i + 1 < flat.length; i += 2) out.set(flat[i] as string, flat[i + 1]);
+  return out;
+}
+
+export class RowStateStore {
+  private readonly getStmt: Statement;
+  private readonly putStmt: Statement;
+
+  constructor(db: Database) {
+    this.getStmt = db.prepare("SELECT hlc, origin, alive, base_hlc, base_origin, cols, dead FROM _unisync_rows WHERE tbl = ? AND pk = ?");
+    this.putStmt = db.prepare(
+      "INSERT OR REPLACE INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    );
+  }
+
+  get(table: string, pk: Buffer): RowState | null {
+    const r = this.getStmt.get(table, pk) as StateRow | undefined;
+    if (!r) return null;
+    const cols: Record<string, Stamp> = {};
+    if (r.cols) {
+      for (const [c, [hlc, origin]] of Object.entries(JSON.parse(r.cols) as Record<string, [number, string]>)) cols[c] = { hlc, origin };
+    }
+    return {
+      exists: { hlc: Number(r.hlc), origin: r.origin },
+      alive: Number(r.alive) === 1,
+      base: { hlc: Number(r.base_hlc), origin: r.base_origin },
+      cols,
+      dead: r.dead ? decodeDead(r.dead) : null,
+    };
+  }
+
+  put(table: string, pk: Buffer, s: RowState): void {
+    const entries = Object.entries(s.cols);
+    const cols = entries.length ? JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, [st.hlc, st.origin]]))) : null;
+    this.putStmt.run(table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols, s.dead ? encodeDead(s.dead) : null);
+  }
+}

@@ -1,0 +1,60 @@
+/** Row-level access to one user table, by column name, with cached statements. */
+import type { Database, Statement } from "better-sqlite3";
+import { quoteIdent, type TableShape } from "../capture/schema.js";
+import type { SqlValue } from "../log/value.js";
+
+export class TableAccess {
+  private readonly statements = new Map<string, Statement>();
+  private readonly t: string;
+
+  constructor(
+    private readonly db: Database,
+    readonly shape: TableShape,
+  ) {
+    this.t = quoteIdent(shape.name);
+  }
+
+  private stmt(sql: string, reader = false): Statement {
+    let s = this.statements.get(sql);
+    if (!s) {
+      s = this.db.prepare(sql);
+      if (reader) s.safeIntegers(true);
+      this.statements.set(sql, s);
+    }
+    return s;
+  }
+
+  /** A WHERE clause matching one row by its key; IS also matches NULL key parts. */
+  private where(key: string[]): string {
+    return key.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+  }
+
+  /** Rowid tables without a declared key can hold duplicates: touch exactly one of them. */
+  private oneRow(key: string[]): string {
+    return this.shape.hasDeclaredKey ? this.where(key) : `rowid = (SELECT rowid FROM ${this.t} WHERE ${this.where(key)} LIMIT 1)`;
+  }
+
+  find(key: string[], keyValues: SqlValue[]): Map<string, SqlValue> | null {
+    const cols = this.shape.columns.map(quoteIdent).join(", ");
+    const row = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${this.where(key)} LIMIT 1`, true).raw(true).get(...keyValues) as SqlValue[] | undefined;
+    if (!row) return null;
+    return new Map(this.shape.columns.map((c, i) => [c, row[i]]));
+  }
+
+  insert(values: Map<string, SqlValue>): void {
+    const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));
+    const sql = `INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;
+    this.stmt(sql).run(...cols.map((c) => values.get(c) as SqlValue));
+  }
+
+  update(key: string[], keyValues: SqlValue[], values: Map<string, SqlValue>): void {
+    const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));
+    if (cols.length === 0) return;
+    const sql = `UPDATE ${this.t} SET ${cols.map((c) => `${quoteIdent(c)} = ?`).join(", ")} WHERE ${this.oneRow(key)}`;
+    this.stmt(sql).run(...cols.map((c) => values.get(c) as SqlValue), ...keyValues);
+  }
+
+  delete(key: string[], keyValues: SqlValue[]): void {
+    this.stmt(`DELETE FROM ${this.t} WHERE ${this.oneRow(key)}`).run(...keyValues);
+  }
+}
