@@ -8,13 +8,13 @@
  */
 import type { Database } from "better-sqlite3";
 import { encodeKey, type SqlValue } from "../log/value.js";
-import type { RowStateStore } from "../replay/state.js";
+import { visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
 import { quoteIdent } from "./schema.js";
 import { CHANGE_INSERT, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;
 
-export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, progress?: (rows: number) => void): number {
+export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, counted: CountedStateStore, progress?: (rows: number) => void): number {
   const { shape, capId } = def;
   const t = quoteIdent(shape.name);
   const cols = shape.columns.map(quoteIdent).join(", ");
@@ -29,6 +29,17 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
     `INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots}) VALUES (?, ?, ?, NULL, ${shape.columns.map(() => "?").join(", ")})`,
   );
   const keyIdx = shape.key.map((k) => shape.columns.indexOf(k));
+  // Tables without a key may hold equal rows: record the copies beyond the counted ones.
+  // (Held per scan; such tables are usually small.)
+  const copiesSeen = new Map<string, number>();
+  const unrecorded = (values: SqlValue[]): boolean => {
+    const pk = encodeKey(keyIdx.map((i) => values[i]));
+    if (shape.hasDeclaredKey) return !states.get(shape.name, pk)?.alive;
+    const id = pk.toString("base64");
+    const nth = (copiesSeen.get(id) ?? 0) + 1;
+    copiesSeen.set(id, nth);
+    return nth > visibleCopies(counted.get(shape.name, pk)).length;
+  };
   let position: SqlValue[] | null = null;
   let recorded = 0;
   for (;;) {
@@ -36,8 +47,7 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
       const rows = (position ? next.all(...position) : first.all()) as SqlValue[][];
       for (const row of rows) {
         const values = row.slice(order.length);
-        const state = states.get(shape.name, encodeKey(keyIdx.map((i) => values[i])));
-        if (state?.alive) continue;
+        if (!unrecorded(values)) continue;
         record.run(capId, CHANGE_INSERT, Date.now(), ...values);
         recorded++;
       }

@@ -8,7 +8,7 @@ import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { encodeKey, type SqlValue } from "../log/value.js";
 import { mergeChange } from "../replay/merge.js";
-import type { RowStateStore } from "../replay/state.js";
+import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
 import { CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {
@@ -44,6 +44,9 @@ export class ChangeDrain {
     private readonly origin: string,
     private readonly clock: HybridClock,
     private readonly states: RowStateStore,
+    private readonly counted: CountedStateStore,
+    /** True for tables without a declared key, whose rows are counted, not merged. */
+    private readonly keyless: (table: string) => boolean,
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
@@ -119,6 +122,19 @@ export class ChangeDrain {
   private fold(change: RowChange, hlc: number): void {
     const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     const pk = encodeKey(keyValues);
+    if (this.keyless(change.table)) {
+      const state = this.counted.get(change.table, pk);
+      if (change.op === OP_DELETE) {
+        // The app removed one of the equal copies: name the oldest one we know.
+        const victim = visibleCopies(state)[0];
+        if (victim) {
+          removeInstance(state, victim);
+          change.removes = { hlc: victim[0], origin: victim[1] };
+        }
+      } else addInstance(state, [hlc, this.origin]);
+      this.counted.put(change.table, pk, state, hlc, this.origin);
+      return;
+    }
     const prior = this.states.get(change.table, pk);
     const asRow = new Map(change.columns.map((c, i) => [c, change.values[i]]));
     const { state } = mergeChange(prior, asRow, {

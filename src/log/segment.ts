@@ -26,6 +26,8 @@ export interface RowChange {
   key: string[];
   /** UPDATE: indexes into columns that the change wrote. */
   changed: number[];
+  /** DELETE in a table without a key: the copy (insert clock and origin) it removed. */
+  removes?: { hlc: number; origin: string };
 }
 
 export interface FileChange {
@@ -116,7 +118,16 @@ export function encodeSegment(seg: Segment): Buffer {
     createdMs: seg.createdMs,
     records: seg.records.map((r) => ({
       hlc: r.hlc,
-      row: r.row && { ...r.row, values: r.row.values.map(toWire) },
+      row: r.row && {
+        table: r.row.table,
+        op: r.row.op,
+        columns: r.row.columns,
+        values: r.row.values.map(toWire),
+        key: r.row.key,
+        changed: r.row.changed,
+        removesHlc: r.row.removes?.hlc,
+        removesOrigin: r.row.removes?.origin,
+      },
       file: r.file,
     })),
   });
@@ -132,6 +143,8 @@ interface WireRecord {
     values?: WireValue[];
     key?: string[];
     changed?: number[];
+    removesHlc?: LongLike;
+    removesOrigin?: string;
   };
   file?: {
     path?: string;
@@ -176,6 +189,7 @@ export function decodeSegment(bytes: Buffer): Segment {
         values: (r.row.values ?? []).map(fromWire),
         key: r.row.key ?? [],
         changed: r.row.changed ?? [],
+        removes: r.row.removesOrigin ? { hlc: longToNumber(r.row.removesHlc), origin: r.row.removesOrigin } : undefined,
       } : undefined,
       file: r.file ? {
         path: r.file.path ?? "",

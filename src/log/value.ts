@@ -39,7 +39,8 @@ export function encodeKey(values: readonly SqlValue[]): Buffer {
         break;
       case TypeTag.Real:
         body = Buffer.alloc(8);
-        body.writeDoubleBE(v as number);
+        // SQLite compares -0.0 equal to 0.0 (in keys, IS and =), so identity does too.
+        body.writeDoubleBE((v as number) === 0 ? 0 : (v as number));
         break;
       case TypeTag.Text:
         body = Buffer.from(v as string, "utf8");

@@ -6,10 +6,10 @@
  */
 import type { Database, Statement } from "better-sqlite3";
 import type { HybridClock } from "../log/hlc.js";
-import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type Segment } from "../log/segment.js";
-import { encodeKey } from "../log/value.js";
+import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
+import { encodeKey, type SqlValue } from "../log/value.js";
 import { mergeChange } from "./merge.js";
-import type { RowStateStore } from "./state.js";
+import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 
 export interface Cursor {
@@ -54,6 +54,7 @@ export class Applier {
     private readonly db: Database,
     private readonly clock: HybridClock,
     private readonly states: RowStateStore,
+    private readonly counted: CountedStateStore,
     /** Current local tables by name; replaced by the owner when the schema changes. */
     private readonly tables: () => Map<string, TableAccess>,
     private readonly onParked: (p: ParkedRecord) => void,
@@ -117,6 +118,7 @@ export class Applier {
     const access = this.tables().get(row.table) as TableAccess;
     const keyValues = row.key.map((k) => row.values[row.columns.indexOf(k)]);
     const pk = encodeKey(keyValues);
+    if (!access.shape.hasDeclaredKey) return this.applyCounted(origin, rec, access, row.key, keyValues, pk);
     const current = access.find(row.key, keyValues);
     const prior = this.states.get(row.table, pk);
     const { state, write } = mergeChange(prior, current, {
@@ -135,6 +137,28 @@ export class Applier {
       return `${(err as Error).message}`;
     }
     this.states.put(row.table, pk, state);
+    return null;
+  }
+
+  /** Bag semantics for tables without a key: merge the instance sets, then match the copies to them. */
+  private applyCounted(origin: string, rec: LogRecord, access: TableAccess, key: string[], keyValues: SqlValue[], pk: Buffer): string | null {
+    const row = rec.row as RowChange;
+    const state = this.counted.get(access.shape.name, pk);
+    if (row.op === OP_DELETE) {
+      // A delete that names no copy removed a row the origin never recorded: nothing to undo here.
+      if (!row.removes) return null;
+      removeInstance(state, [row.removes.hlc, row.removes.origin]);
+    } else addInstance(state, [rec.hlc, origin]);
+    try {
+      const want = visibleCopies(state).length;
+      let have = access.copies(key, keyValues);
+      const values = new Map(key.map((k, i) => [k, keyValues[i]]));
+      for (; have < want; have++) access.insert(values);
+      for (; have > want; have--) access.delete(key, keyValues);
+    } catch (err) {
+      return (err as Error).message;
+    }
+    this.counted.put(access.shape.name, pk, state, rec.hlc, origin);
     return null;
   }
 

@@ -41,6 +41,11 @@ export class TableAccess {
     return new Map(this.shape.columns.map((c, i) => [c, row[i]]));
   }
 
+  /** How many rows hold exactly these values in these columns (for tables without a key). */
+  copies(key: string[], keyValues: SqlValue[]): number {
+    return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...keyValues));
+  }
+
   insert(values: Map<string, SqlValue>): void {
     const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));
     const sql = `INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;

@@ -17,8 +17,17 @@ const EDGES: SqlValue[] = [
   "", "😀", "a\u0000b", "e\u0301", "中文", "line\nbreak 'quote\"", Buffer.alloc(0),
 ];
 
-/** A random value of any storage class, edges included. */
-export function randomValue(rand: () => number): SqlValue {
+/**
+ * A random value of any storage class, edges included. Tests of capture pass
+ * `signedZero: false`: SQL cannot tell -0.0 from 0.0 (=, IS, printf, quote all
+ * agree), so a trigger cannot see an update that only flips the sign of a zero.
+ */
+export function randomValue(rand: () => number, signedZero = true): SqlValue {
+  const v = anyValue(rand);
+  return !signedZero && typeof v === "number" && v === 0 ? 0 : v;
+}
+
+function anyValue(rand: () => number): SqlValue {
   const k = Math.floor(rand() * 6);
   if (k === 0) return EDGES[Math.floor(rand() * EDGES.length)];
   if (k === 1) return BigInt.asIntN(64, (BigInt(Math.floor(rand() * 2 ** 32)) << 32n) | BigInt(Math.floor(rand() * 2 ** 32)));

@@ -18,6 +18,8 @@ export const S3RVER_ENV = { AWS_ACCESS_KEY_ID: "S3RVER", AWS_SECRET_ACCESS_KEY: 
 interface S3rverInstance {
   run(): Promise<AddressInfo>;
   close(): Promise<void>;
+  /** Set by run(); used to drop keep-alive connections so that stop() is a real outage. */
+  httpServer?: { closeAllConnections?(): void };
 }
 type S3rverClass = new (options: {
   address: string;
@@ -82,12 +84,33 @@ function patchDesForContinuationTokens(): void {
   }
 }
 
-export async function startS3rver(bucket = "unisync-test"): Promise<{ endpoint: string; bucket: string; stop(): Promise<void> }> {
+export interface S3rverOptions {
+  /** Listen on this port (default: any free port). Pass the port of a stopped server to restart it. */
+  port?: number;
+  /**
+   * Keep objects in this directory (default: a fresh temp directory). A directory
+   * passed in is never removed by stop(), so a server can be stopped and started
+   * again on the same port and data, like a store that was down for a while.
+   */
+  directory?: string;
+}
+
+export interface S3rverHandle {
+  endpoint: string;
+  bucket: string;
+  port: number;
+  directory: string;
+  /** Stops the server (dropping open connections); removes the data unless it was passed in or keepData is set. */
+  stop(options?: { keepData?: boolean }): Promise<void>;
+}
+
+export async function startS3rver(bucket = "unisync-test", options: S3rverOptions = {}): Promise<S3rverHandle> {
   const S3rver = loadS3rver();
-  const directory = await mkdtemp(path.join(tmpdir(), "s3rver-"));
+  const ownDirectory = options.directory === undefined;
+  const directory = options.directory ?? (await mkdtemp(path.join(tmpdir(), "s3rver-")));
   const server = new S3rver({
     address: "127.0.0.1",
-    port: 0,
+    port: options.port ?? 0,
     silent: true,
     directory,
     configureBuckets: [{ name: bucket, configs: [] }],
@@ -96,9 +119,14 @@ export async function startS3rver(bucket = "unisync-test"): Promise<{ endpoint: 
   return {
     endpoint: `http://127.0.0.1:${address.port}`,
     bucket,
-    async stop() {
-      await server.close();
-      await rm(directory, { recursive: true, force: true });
+    port: address.port,
+    directory,
+    async stop({ keepData = false } = {}) {
+      const closed = server.close();
+      // close() waits for keep-alive connections of clients (agents) to end by themselves.
+      server.httpServer?.closeAllConnections?.();
+      await closed;
+      if (ownDirectory && !keepData) await rm(directory, { recursive: true, force: true });
     },
   };
 }

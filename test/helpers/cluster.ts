@@ -1,0 +1,454 @@
+/**
+ * Multi-process test cluster: N unisync agents (`node bin/unisync.js run ...`),
+ * each beside its own instance folder under one temp root, sharing one store.
+ * Every child process (agents and the Python apps) is tracked in one registry
+ * so that killAllChildren() in afterAll — and, as a last resort, this process's
+ * 'exit' handler — SIGKILLs whatever is still running, even after a failure.
+ *
+ * Agents log JSON lines (pino) straight into ROOT/<node>/agent.log: the child
+ * writes to the file itself, so the log is complete even if it is killed -9.
+ */
+import { spawn, type ChildProcess } from "node:child_process";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import Database from "better-sqlite3";
+import { compareDatabases } from "./checker.js";
+import { S3RVER_ENV } from "./s3rver.js";
+
+export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+export const CLI = join(REPO, "bin", "unisync.js");
+export const APPS = join(REPO, "test", "apps");
+/** Debian's interpreter: the one with python3-flask-sqlalchemy. */
+export const PYTHON = "/usr/bin/python3";
+
+/** Fast polling so tests do not wait on production intervals. */
+export const FAST_ENV: Record<string, string> = {
+  UNISYNC_CAPTURE_INTERVAL_MS: "20",
+  UNISYNC_POLL_MIN_MS: "50",
+  UNISYNC_POLL_MAX_MS: "300",
+  UNISYNC_RESCAN_MS: "200",
+  UNISYNC_HEARTBEAT_MS: "2000",
+};
+
+export function ensureBuilt(): void {
+  const main = join(REPO, "dist", "src", "cli", "main.js");
+  if (!existsSync(main)) {
+    throw new Error(`${main} is missing: the cluster tests run the built agent. Run "npm run build" first (npm test does it).`);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Child registry
+
+const children = new Set<ChildProcess>();
+
+function track(proc: ChildProcess): void {
+  children.add(proc);
+  proc.once("exit", () => children.delete(proc));
+}
+
+/** SIGKILLs every child this module started that is still running (for afterAll). */
+export async function killAllChildren(): Promise<void> {
+  const running = [...children];
+  await Promise.all(
+    running.map(
+      (p) =>
+        new Promise<void>((resolve) => {
+          if (p.exitCode !== null || p.signalCode !== null) return resolve();
+          p.once("exit", () => resolve());
+          try {
+            p.kill("SIGKILL");
+          } catch {
+            resolve();
+          }
+        }),
+    ),
+  );
+}
+
+process.on("exit", () => {
+  for (const p of children) {
+    try {
+      p.kill("SIGKILL");
+    } catch {
+      // already gone
+    }
+  }
+});
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Polls `condition` (sync or async) until it returns true; throws after `timeoutMs`. */
+export async function waitFor(
+  condition: () => boolean | Promise<boolean>,
+  timeoutMs: number,
+  what = "condition",
+  intervalMs = 100,
+): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  let lastError: unknown;
+  for (;;) {
+    try {
+      if (await condition()) return;
+      lastError = undefined;
+    } catch (err) {
+      lastError = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${lastError ? `: ${(lastError as Error).message}` : ""}`);
+    }
+    await sleep(intervalMs);
+  }
+}
+
+function tail(path: string, lines: number): string {
+  if (!existsSync(path)) return "(no log)";
+  const all = readFileSync(path, "utf8").split("\n");
+  return all.slice(-lines - 1).join("\n");
+}
+
+// ---------------------------------------------------------------------------
+// Python apps
+
+export interface AppRun {
+  proc: ChildProcess;
+  /** Resolves when it exits (never rejects): exit code/signal and stderr. */
+  done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>;
+}
+
+/** Starts test/apps/<script> with /usr/bin/python3; stdout+stderr also go to logFile if given. */
+export function runApp(script: string, args: string[], logFile?: string): AppRun {
+  const proc = spawn(PYTHON, [join(APPS, script), ...args], { stdio: ["ignore", "pipe", "pipe"] });
+  track(proc);
+  let stderr = "";
+  let out = "";
+  proc.stdout!.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+  const done = new Promise<{ code: number | null; signal: NodeJS.Signals | null; stderr: string }>((resolve) => {
+    proc.once("close", (code, signal) => {
+      if (logFile) {
+        const fd = openSync(logFile, "a");
+        writeSync(fd, `### ${script} ${args.join(" ")} exited code=${code} signal=${signal}\n${out}${stderr}\n`);
+        closeSync(fd);
+      }
+      resolve({ code, signal, stderr });
+    });
+  });
+  return { proc, done };
+}
+
+/** Waits for an app and throws (with its stderr) unless it exited 0. */
+export async function appSucceeded(run: AppRun, name: string): Promise<string> {
+  const r = await run.done;
+  if (r.code !== 0) throw new Error(`${name} exited with code ${r.code} signal ${r.signal}:\n${r.stderr.slice(-3000)}`);
+  return r.stderr;
+}
+
+// ---------------------------------------------------------------------------
+// Agents
+
+export interface AgentStatus {
+  node: string;
+  origins: string[];
+  storeError?: string;
+  databases: {
+    stream: string;
+    path: string;
+    nextSeq: number;
+    pendingChanges: number;
+    outboxSegments: number;
+    parked: number;
+    cursors: Record<string, number>;
+    problems: Record<string, string>;
+  }[];
+}
+
+export interface AgentNode {
+  name: string;
+  dir: string;
+  instanceDir: string;
+  logFile: string;
+  proc: ChildProcess | null;
+  /** Byte offset of the log where the current run started (to find its status URL). */
+  logStart: number;
+  statusUrl: string | null;
+  starts: number;
+}
+
+export interface ClusterOptions {
+  nodes: string[];
+  store: string;
+  /** Extra environment for the agents (on top of process.env, S3RVER_ENV, FAST_ENV). */
+  env?: Record<string, string>;
+  logLevel?: string;
+}
+
+export class Cluster {
+  readonly root: string;
+  readonly nodes = new Map<string, AgentNode>();
+
+  private constructor(readonly options: ClusterOptions) {
+    ensureBuilt();
+    this.root = mkdtempSync(join(tmpdir(), "unisync-cluster-"));
+    for (const name of options.nodes) {
+      const dir = join(this.root, name);
+      const instanceDir = join(dir, "instance");
+      mkdirSync(instanceDir, { recursive: true });
+      this.nodes.set(name, { name, dir, instanceDir, logFile: join(dir, "agent.log"), proc: null, logStart: 0, statusUrl: null, starts: 0 });
+    }
+  }
+
+  /** Creates the folders and starts every agent, waiting until each serves its status page. */
+  static async start(options: ClusterOptions): Promise<Cluster> {
+    const c = new Cluster(options);
+    for (const name of options.nodes) c.spawnAgent(name);
+    await Promise.all(options.nodes.map((n) => c.waitReady(n)));
+    return c;
+  }
+
+  node(name: string): AgentNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new Error(`no node ${name}`);
+    return n;
+  }
+
+  instance(name: string, file = ""): string {
+    return join(this.node(name).instanceDir, file);
+  }
+
+  /** The same file in every node's instance folder. */
+  paths(file: string): string[] {
+    return [...this.nodes.values()].map((n) => join(n.instanceDir, file));
+  }
+
+  running(name: string): boolean {
+    const p = this.node(name).proc;
+    return p !== null && p.exitCode === null && p.signalCode === null;
+  }
+
+  private spawnAgent(name: string): void {
+    const n = this.node(name);
+    if (this.running(name)) throw new Error(`agent ${name} is already running`);
+    n.starts++;
+    n.logStart = existsSync(n.logFile) ? statSync(n.logFile).size : 0;
+    n.statusUrl = null;
+    const fd = openSync(n.logFile, "a");
+    writeSync(fd, `### start #${n.starts} of ${name} at ${new Date().toISOString()}\n`);
+    const args = [CLI, "run", n.instanceDir, this.options.store, "--node", name, "--http-port", "0"];
+    if (this.options.logLevel) args.push("--log-level", this.options.logLevel);
+    const proc = spawn(process.execPath, args, {
+      cwd: n.dir,
+      env: { ...process.env, ...S3RVER_ENV, ...FAST_ENV, ...this.options.env },
+      stdio: ["ignore", fd, fd],
+    });
+    closeSync(fd);
+    track(proc);
+    proc.once("exit", (code, signal) => {
+      try {
+        const fd2 = openSync(n.logFile, "a");
+        writeSync(fd2, `### ${name} exited code=${code} signal=${signal} at ${new Date().toISOString()}\n`);
+        closeSync(fd2);
+      } catch {
+        // temp root already removed
+      }
+    });
+    n.proc = proc;
+  }
+
+  /** Waits until the current run of the agent logged its status page URL. */
+  async waitReady(name: string, timeoutMs = 20_000): Promise<void> {
+    const n = this.node(name);
+    await waitFor(
+      () => {
+        if (!this.running(name)) throw new Error(`agent ${name} exited during start-up:\n${tail(n.logFile, 30)}`);
+        const text = readFileSync(n.logFile).subarray(n.logStart).toString("utf8");
+        const m = /"url":"(http:\/\/[^"]+)"/.exec(text);
+        if (m) n.statusUrl = m[1];
+        return n.statusUrl !== null;
+      },
+      timeoutMs,
+      `agent ${name} to start`,
+      50,
+    );
+  }
+
+  private async exited(proc: ChildProcess, timeoutMs: number): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    if (proc.exitCode !== null || proc.signalCode !== null) return { code: proc.exitCode, signal: proc.signalCode };
+    return await new Promise((resolve, reject) => {
+      const t = setTimeout(() => reject(new Error(`process ${proc.pid} did not exit within ${timeoutMs} ms`)), timeoutMs);
+      proc.once("exit", (code, signal) => {
+        clearTimeout(t);
+        resolve({ code, signal });
+      });
+    });
+  }
+
+  /** SIGTERM and wait for a clean exit; throws unless it exits with code 0. */
+  async stop(name: string, timeoutMs = 20_000): Promise<void> {
+    const n = this.node(name);
+    const p = n.proc;
+    if (!p || !this.running(name)) return;
+    p.kill("SIGTERM");
+    const r = await this.exited(p, timeoutMs).catch(async (err) => {
+      p.kill("SIGKILL");
+      throw new Error(`${(err as Error).message} after SIGTERM (killed it):\n${tail(n.logFile, 30)}`);
+    });
+    if (r.code !== 0) throw new Error(`agent ${name} exited with code ${r.code} signal ${r.signal} after SIGTERM:\n${tail(n.logFile, 30)}`);
+  }
+
+  /** kill -9, waiting until the process is gone. */
+  async kill9(name: string): Promise<void> {
+    const p = this.node(name).proc;
+    if (!p || !this.running(name)) return;
+    p.kill("SIGKILL");
+    await this.exited(p, 10_000);
+  }
+
+  /** Starts the agent again (stopping it first with SIGTERM if it still runs). */
+  async restart(name: string): Promise<void> {
+    if (this.running(name)) await this.stop(name);
+    this.spawnAgent(name);
+    await this.waitReady(name);
+  }
+
+  async stopAll(): Promise<void> {
+    await Promise.all([...this.nodes.keys()].map((n) => this.stop(n)));
+  }
+
+  /** The agent's /status.json. */
+  async status(name: string): Promise<AgentStatus> {
+    const n = this.node(name);
+    if (!n.statusUrl || !this.running(name)) throw new Error(`agent ${name} is not running`);
+    const res = await fetch(`${n.statusUrl}status.json`, { signal: AbortSignal.timeout(5000) });
+    if (!res.ok) throw new Error(`status of ${name}: HTTP ${res.status}`);
+    return (await res.json()) as AgentStatus;
+  }
+
+  /**
+   * Why the cluster is not quiescent yet (null when it is): every agent runs,
+   * has nothing pending or in its outbox, parks nothing, reports no problem,
+   * and has applied every other node's segments of every stream in `streams`.
+   */
+  async notQuiescent(streams: string[]): Promise<string | null> {
+    const statuses = new Map<string, AgentStatus>();
+    for (const name of this.nodes.keys()) {
+      try {
+        statuses.set(name, await this.status(name));
+      } catch (err) {
+        return `${name}: ${(err as Error).message}`;
+      }
+    }
+    const dbOf = (s: AgentStatus, stream: string) => s.databases.find((d) => d.stream === stream);
+    for (const [name, s] of statuses) {
+      if (s.storeError) return `${name}: store error ${s.storeError}`;
+      for (const stream of streams) {
+        const d = dbOf(s, stream);
+        if (!d) return `${name}: not syncing ${stream} yet`;
+        if (d.pendingChanges || d.outboxSegments) return `${name}/${stream}: ${d.pendingChanges} pending, ${d.outboxSegments} in outbox`;
+        if (d.parked) return `${name}/${stream}: ${d.parked} parked`;
+        if (Object.keys(d.problems).length) return `${name}/${stream}: problems ${JSON.stringify(d.problems)}`;
+        for (const [other, os] of statuses) {
+          if (other === name) continue;
+          const written = (dbOf(os, stream)?.nextSeq ?? 1) - 1;
+          const applied = d.cursors[other] ?? 0;
+          if (applied !== written) return `${name}/${stream}: applied ${other} through ${applied} of ${written}`;
+        }
+      }
+    }
+    return null;
+  }
+
+  /** Waits until notQuiescent() is null twice in a row (a short pause apart). */
+  async waitForQuiescence(streams: string[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    let why: string | null = "not checked";
+    let quietOnce = false;
+    while (Date.now() < deadline) {
+      why = await this.notQuiescent(streams);
+      if (why === null && quietOnce) return;
+      quietOnce = why === null;
+      await sleep(why === null ? 500 : 200);
+    }
+    throw new Error(`cluster not quiescent after ${timeoutMs} ms: ${why}\n${this.logTails()}`);
+  }
+
+  /** Polls compareDatabases(paths) until it reports no difference; throws with the differences and log tails. */
+  async waitForConvergence(paths: string[], timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    let diffs: string[] = [];
+    for (;;) {
+      try {
+        diffs = compareDatabases(paths);
+      } catch (err) {
+        diffs = [`compareDatabases failed: ${(err as Error).message}`];
+      }
+      if (diffs.length === 0) return;
+      if (Date.now() > deadline) break;
+      await sleep(250);
+    }
+    throw new Error(
+      `databases did not converge within ${timeoutMs} ms (${diffs.length} differences):\n` +
+        `${diffs.slice(0, 40).join("\n")}\n${this.logTails()}`,
+    );
+  }
+
+  logTails(lines = 25): string {
+    return [...this.nodes.values()].map((n) => `--- tail of ${n.logFile}\n${tail(n.logFile, lines)}`).join("\n");
+  }
+
+  /** Log lines at level error or worse (pino level >= 50), and non-JSON output (crashes). */
+  badLogLines(name?: string): string[] {
+    const out: string[] = [];
+    for (const n of this.nodes.values()) {
+      if (name && n.name !== name) continue;
+      if (!existsSync(n.logFile)) continue;
+      for (const line of readFileSync(n.logFile, "utf8").split("\n")) {
+        if (line.trim() === "" || line.startsWith("### ")) continue;
+        let level: unknown;
+        try {
+          level = (JSON.parse(line) as { level?: unknown }).level;
+        } catch {
+          out.push(`${n.name}: (not JSON) ${line}`);
+          continue;
+        }
+        if (typeof level === "number" && level >= 50) out.push(`${n.name}: ${line}`);
+      }
+    }
+    return out;
+  }
+
+  /** Parsed JSON log lines of one node (all runs). */
+  logEntries(name: string): Record<string, unknown>[] {
+    const n = this.node(name);
+    if (!existsSync(n.logFile)) return [];
+    return readFileSync(n.logFile, "utf8")
+      .split("\n")
+      .filter((l) => l.startsWith("{"))
+      .flatMap((l) => {
+        try {
+          return [JSON.parse(l) as Record<string, unknown>];
+        } catch {
+          return [];
+        }
+      });
+  }
+
+  /** Kills everything still running; removes the temp root unless KEEP_CLUSTER is set or keep is true. */
+  async destroy(keep = !!process.env.KEEP_CLUSTER): Promise<void> {
+    await killAllChildren();
+    if (keep) console.log(`cluster files kept in ${this.root}`);
+    else rmSync(this.root, { recursive: true, force: true });
+  }
+}
+
+/** PRAGMA integrity_check of a database file ("ok" when fine). */
+export function integrityCheck(path: string): string {
+  const db = new Database(path, { readonly: true, fileMustExist: true });
+  try {
+    return (db.pragma("integrity_check") as { integrity_check: string }[]).map((r) => r.integrity_check).join("; ");
+  } finally {
+    db.close();
+  }
+}
