@@ -68,6 +68,7 @@ describe("three agents, one s3 store", () => {
     const t0 = Date.now();
     for (const a of apps) await appSucceeded(a.run, a.name);
     const tApps = Date.now();
+    expect(c.unexpectedExits).toEqual([]);
 
     await c.waitForQuiescence(DBS, 90_000);
     for (const db of DBS) await c.waitForConvergence(c.paths(db), 30_000);
@@ -97,5 +98,6 @@ describe("three agents, one s3 store", () => {
     // A clean stop changes nothing.
     for (const db of DBS) expect(compareDatabases(c.paths(db))).toEqual([]);
     expect(c.badLogLines()).toEqual([]);
+    expect(c.unexpectedExits).toEqual([]);
   }, 180_000);
 });

@@ -7,10 +7,10 @@
  * the same values, which the merge makes harmless.
  */
 import type { Database } from "better-sqlite3";
-import { encodeKey, type SqlValue } from "../log/value.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
 import { visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
 import { quoteIdent } from "./schema.js";
-import { CHANGE_INSERT, type CaptureDef } from "./triggers.js";
+import { CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;
 
@@ -33,7 +33,7 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
   // (Held per scan; such tables are usually small.)
   const copiesSeen = new Map<string, number>();
   const unrecorded = (values: SqlValue[]): boolean => {
-    const pk = encodeKey(keyIdx.map((i) => values[i]));
+    const pk = rowIdentity(keyIdx.map((i) => values[i]), !shape.hasDeclaredKey);
     if (shape.hasDeclaredKey) return !states.get(shape.name, pk)?.alive;
     const id = pk.toString("base64");
     const nth = (copiesSeen.get(id) ?? 0) + 1;
@@ -58,6 +58,29 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
     progress?.(recorded);
     if (n < CHUNK) break;
   }
+  if (def.backfill.length) recorded += backfillColumns(db, def);
   db.prepare("UPDATE _unisync_capture SET baseline_done = 1 WHERE id = ?").run(capId);
   return recorded;
+}
+
+/**
+ * A migration that adds a column and fills it in one transaction fires the old
+ * triggers, which do not know the column: the values it set were never
+ * recorded. Record them now as updates of the added columns, for every row
+ * where one of them differs from its declared default.
+ */
+function backfillColumns(db: Database, def: CaptureDef): number {
+  const { shape, capId } = def;
+  const added = def.backfill.filter((c) => shape.columns.includes(c));
+  if (added.length === 0) return 0;
+  const differs = added.map((c) => `${quoteIdent(c)} IS NOT (${shape.defaults[c] ?? "NULL"})`).join(" OR ");
+  const cols = shape.columns.map(quoteIdent).join(", ");
+  const keys = shape.key.map(quoteIdent).join(", ");
+  const n = shape.columns.length + shape.key.length;
+  const record = db.prepare(
+    `INSERT INTO _unisync_changes(cap, op, ms, mask, ${Array.from({ length: n }, (_, i) => `v${i}`).join(", ")}) ` +
+      `SELECT ?, ?, ?, ?, ${cols}, ${keys} FROM ${quoteIdent(shape.name)} WHERE ${differs}`,
+  );
+  const mask = maskFor(shape.columns.length, added.map((c) => shape.columns.indexOf(c)));
+  return db.transaction(() => record.run(capId, CHANGE_UPDATE, Date.now(), mask).changes).immediate();
 }

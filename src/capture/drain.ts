@@ -6,7 +6,7 @@
 import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
-import { encodeKey, type SqlValue } from "../log/value.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "../replay/merge.js";
 import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
 import { CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
@@ -78,7 +78,7 @@ export class ChangeDrain {
     if (changed.length === 0) return [];
     const oldKey = slots.slice(n, n + g.key.length);
     const newKey = g.key.map((k) => values[g.columns.indexOf(k)]);
-    if (encodeKey(oldKey).equals(encodeKey(newKey))) return [{ ...base, op: OP_UPDATE, values, changed }];
+    if (rowIdentity(oldKey, false).equals(rowIdentity(newKey, false))) return [{ ...base, op: OP_UPDATE, values, changed }];
     const oldValues = values.slice();
     g.key.forEach((k, i) => (oldValues[g.columns.indexOf(k)] = oldKey[i]));
     return [
@@ -121,8 +121,9 @@ export class ChangeDrain {
   /** Records a local change in the merge state; the table already holds it. */
   private fold(change: RowChange, hlc: number): void {
     const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
-    const pk = encodeKey(keyValues);
-    if (this.keyless(change.table)) {
+    const keyless = this.keyless(change.table);
+    const pk = rowIdentity(keyValues, keyless);
+    if (keyless) {
       const state = this.counted.get(change.table, pk);
       if (change.op === OP_DELETE) {
         // The app removed one of the equal copies: name the oldest one we know.

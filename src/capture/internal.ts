@@ -13,7 +13,10 @@ CREATE TABLE IF NOT EXISTS _unisync_applying(x);
 -- One row per generation of a table's triggers: the column list its changes use.
 CREATE TABLE IF NOT EXISTS _unisync_capture(
   id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, columns TEXT NOT NULL, key TEXT NOT NULL,
-  baseline_done INTEGER NOT NULL DEFAULT 0, created_ms INTEGER);
+  baseline_done INTEGER NOT NULL DEFAULT 0, created_ms INTEGER,
+  -- Columns added since the previous generation (JSON), whose values a migration
+  -- may have set before these triggers existed: recorded by the baseline pass.
+  backfill TEXT);
 -- Changes written by the triggers in the app's own transaction. Value columns
 -- v0..vN are declared without a type so values keep their storage class and bits.
 CREATE TABLE IF NOT EXISTS _unisync_changes(

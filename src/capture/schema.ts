@@ -14,6 +14,8 @@ export interface TableShape {
   /** False for tables without a declared primary key (rows are identified by all their values). */
   hasDeclaredKey: boolean;
   withoutRowid: boolean;
+  /** Declared DEFAULT of each column as SQL text, or null. */
+  defaults: Record<string, string | null>;
 }
 
 /** Tables never synced whatever the config says: SQLite's and our own. */
@@ -43,6 +45,7 @@ interface ColumnRow {
   name: string;
   pk: number;
   hidden: number;
+  dflt_value: string | null;
 }
 
 export function readTableShape(db: Database, name: string, withoutRowid: boolean): TableShape {
@@ -57,6 +60,7 @@ export function readTableShape(db: Database, name: string, withoutRowid: boolean
     key: keyCols.length > 0 ? keyCols.map((c) => c.name) : columns,
     hasDeclaredKey: keyCols.length > 0,
     withoutRowid,
+    defaults: Object.fromEntries(stored.map((c) => [c.name, c.dflt_value])),
   };
 }
 

@@ -32,6 +32,12 @@ function changedMaskSql(columns: string[]): string {
   return columns.map((c) => `(CASE WHEN ${differs(c)} THEN '1' ELSE '0' END)`).join(" || ");
 }
 
+/** The mask value a trigger would compute when exactly `changed` (indexes) differ. */
+export function maskFor(columnCount: number, changed: number[]): bigint | string {
+  if (columnCount <= MAX_INT_MASK_COLUMNS) return changed.reduce((m, i) => m | (1n << BigInt(i)), 0n);
+  return Array.from({ length: columnCount }, (_, i) => (changed.includes(i) ? "1" : "0")).join("");
+}
+
 export function maskHasColumn(mask: unknown, index: number): boolean {
   if (typeof mask === "string") return mask[index] === "1";
   if (typeof mask === "bigint") return ((mask >> BigInt(index)) & 1n) === 1n;
@@ -77,6 +83,8 @@ export interface CaptureDef {
   shape: TableShape;
   /** True when the triggers were missing (new table, rebuilt table, first run): rows need a baseline. */
   needsBaseline: boolean;
+  /** Columns added since the previous generation, to record where a migration set them. */
+  backfill: string[];
 }
 
 interface CaptureRow {
@@ -84,6 +92,7 @@ interface CaptureRow {
   columns: string;
   key: string;
   baseline_done: number;
+  backfill: string | null;
 }
 
 /**
@@ -101,14 +110,18 @@ export function installTriggers(db: Database, shapes: TableShape[], nowMs: numbe
     const columns = JSON.stringify(shape.columns);
     const key = JSON.stringify(shape.key);
     let cap = db
-      .prepare("SELECT id, columns, key, baseline_done FROM _unisync_capture WHERE tbl = ? ORDER BY id DESC LIMIT 1")
+      .prepare("SELECT id, columns, key, baseline_done, backfill FROM _unisync_capture WHERE tbl = ? ORDER BY id DESC LIMIT 1")
       .get(shape.name) as CaptureRow | undefined;
     if (!cap || cap.columns !== columns || cap.key !== key) {
+      const before = cap ? (JSON.parse(cap.columns) as string[]) : null;
+      const added = before ? shape.columns.filter((c) => !before.includes(c)) : [];
+      const backfill = added.length ? JSON.stringify(added) : null;
       const id = Number(
-        db.prepare("INSERT INTO _unisync_capture(tbl, columns, key, baseline_done, created_ms) VALUES (?, ?, ?, 0, ?)").run(shape.name, columns, key, nowMs)
-          .lastInsertRowid,
+        db
+          .prepare("INSERT INTO _unisync_capture(tbl, columns, key, baseline_done, created_ms, backfill) VALUES (?, ?, ?, 0, ?, ?)")
+          .run(shape.name, columns, key, nowMs, backfill).lastInsertRowid,
       );
-      cap = { id, columns, key, baseline_done: 0 };
+      cap = { id, columns, key, baseline_done: 0, backfill };
     }
     const wanted = triggerSql(shape, cap.id);
     const anyMissing = wanted.some((w) => !existing.has(w.name));
@@ -124,7 +137,7 @@ export function installTriggers(db: Database, shapes: TableShape[], nowMs: numbe
       db.exec(`DROP TRIGGER IF EXISTS ${quoteIdent(w.name)}`);
       db.exec(w.sql);
     }
-    defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0 });
+    defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0, backfill: cap.backfill ? (JSON.parse(cap.backfill) as string[]) : [] });
   }
   return defs;
 }

@@ -21,10 +21,24 @@ export function typeTag(v: SqlValue): TypeTag {
 }
 
 /**
- * Canonical bytes of a tuple of values, used as the identity of a row (its key).
- * Equal tuples (same storage classes, same bits) give equal bytes on every node.
+ * The identity of a row: canonical bytes of its key values, equal on every node
+ * exactly when SQLite would call the keys equal. In a declared key 1 and 1.0 are
+ * the same key, as are 0.0 and -0.0; in a table without a key the storage class
+ * counts (the copies are matched with typeof), but SQL cannot tell -0.0 from 0.0.
  */
-export function encodeKey(values: readonly SqlValue[]): Buffer {
+export function rowIdentity(values: readonly SqlValue[], classesDiffer: boolean): Buffer {
+  return encodeValues(
+    values.map((v) => {
+      if (typeof v !== "number") return v;
+      if (v === 0) return classesDiffer ? 0 : 0n;
+      if (!classesDiffer && Number.isInteger(v) && v >= -(2 ** 63) && v < 2 ** 63) return BigInt(v);
+      return v;
+    }),
+  );
+}
+
+/** Exact bytes of a tuple of values (storage classes and bits kept). */
+export function encodeValues(values: readonly SqlValue[]): Buffer {
   const parts: Buffer[] = [];
   for (const v of values) {
     const tag = typeTag(v);
@@ -39,8 +53,7 @@ export function encodeKey(values: readonly SqlValue[]): Buffer {
         break;
       case TypeTag.Real:
         body = Buffer.alloc(8);
-        // SQLite compares -0.0 equal to 0.0 (in keys, IS and =), so identity does too.
-        body.writeDoubleBE((v as number) === 0 ? 0 : (v as number));
+        body.writeDoubleBE(v as number);
         break;
       case TypeTag.Text:
         body = Buffer.from(v as string, "utf8");
@@ -56,7 +69,7 @@ export function encodeKey(values: readonly SqlValue[]): Buffer {
   return Buffer.concat(parts);
 }
 
-export function decodeKey(bytes: Buffer): SqlValue[] {
+export function decodeValues(bytes: Buffer): SqlValue[] {
   const out: SqlValue[] = [];
   let at = 0;
   while (at < bytes.length) {

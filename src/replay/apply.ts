@@ -7,7 +7,7 @@
 import type { Database, Statement } from "better-sqlite3";
 import type { HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
-import { encodeKey, type SqlValue } from "../log/value.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "./merge.js";
 import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
@@ -117,7 +117,7 @@ export class Applier {
     if (!row) return null;
     const access = this.tables().get(row.table) as TableAccess;
     const keyValues = row.key.map((k) => row.values[row.columns.indexOf(k)]);
-    const pk = encodeKey(keyValues);
+    const pk = rowIdentity(keyValues, !access.shape.hasDeclaredKey);
     if (!access.shape.hasDeclaredKey) return this.applyCounted(origin, rec, access, row.key, keyValues, pk);
     const current = access.find(row.key, keyValues);
     const prior = this.states.get(row.table, pk);

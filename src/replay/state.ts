@@ -1,6 +1,6 @@
 /** Reads and writes the per-row merge state kept in _unisync_rows. */
 import type { Database, Statement } from "better-sqlite3";
-import { decodeKey, encodeKey, type SqlValue } from "../log/value.js";
+import { decodeValues, encodeValues, type SqlValue } from "../log/value.js";
 import type { RowState, Stamp } from "./merge.js";
 
 interface StateRow {
@@ -16,11 +16,11 @@ interface StateRow {
 function encodeDead(values: Map<string, SqlValue>): Buffer {
   const flat: SqlValue[] = [];
   for (const [k, v] of values) flat.push(k, v);
-  return encodeKey(flat);
+  return encodeValues(flat);
 }
 
 function decodeDead(bytes: Buffer): Map<string, SqlValue> {
-  const flat = decodeKey(bytes);
+  const flat = decodeValues(bytes);
   const out = new Map<string, SqlValue>();
   for (let i = 0; i + 1 < flat.length; i += 2) out.set(flat[i] as string, flat[i + 1]);
   return out;

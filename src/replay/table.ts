@@ -24,9 +24,21 @@ export class TableAccess {
     return s;
   }
 
-  /** A WHERE clause matching one row by its key; IS also matches NULL key parts. */
+  /**
+   * A WHERE clause matching one row by its key; IS also matches NULL key parts.
+   * Without a declared key, rows that differ only in storage class (1 and 1.0)
+   * are different rows, so the class must match too.
+   */
   private where(key: string[]): string {
-    return key.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+    if (this.shape.hasDeclaredKey) return key.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ");
+    // Named parameters let each value be used twice (see keyArgs).
+    return key.map((c, i) => `${quoteIdent(c)} IS @k${i} AND typeof(${quoteIdent(c)}) = typeof(@k${i})`).join(" AND ");
+  }
+
+  /** Key values bound the way where() expects them. */
+  private keyArgs(keyValues: SqlValue[]): SqlValue[] | [Record<string, SqlValue>] {
+    if (this.shape.hasDeclaredKey) return keyValues;
+    return [Object.fromEntries(keyValues.map((v, i) => [`k${i}`, v]))];
   }
 
   /** Rowid tables without a declared key can hold duplicates: touch exactly one of them. */
@@ -36,14 +48,14 @@ export class TableAccess {
 
   find(key: string[], keyValues: SqlValue[]): Map<string, SqlValue> | null {
     const cols = this.shape.columns.map(quoteIdent).join(", ");
-    const row = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${this.where(key)} LIMIT 1`, true).raw(true).get(...keyValues) as SqlValue[] | undefined;
+    const row = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${this.where(key)} LIMIT 1`, true).raw(true).get(...this.keyArgs(keyValues)) as SqlValue[] | undefined;
     if (!row) return null;
     return new Map(this.shape.columns.map((c, i) => [c, row[i]]));
   }
 
   /** How many rows hold exactly these values in these columns (for tables without a key). */
   copies(key: string[], keyValues: SqlValue[]): number {
-    return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...keyValues));
+    return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...this.keyArgs(keyValues)));
   }
 
   insert(values: Map<string, SqlValue>): void {
@@ -52,6 +64,7 @@ export class TableAccess {
     this.stmt(sql).run(...cols.map((c) => values.get(c) as SqlValue));
   }
 
+  /** Only for tables with a declared key (rows of the others never change in place). */
   update(key: string[], keyValues: SqlValue[], values: Map<string, SqlValue>): void {
     const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));
     if (cols.length === 0) return;
@@ -60,6 +73,6 @@ export class TableAccess {
   }
 
   delete(key: string[], keyValues: SqlValue[]): void {
-    this.stmt(`DELETE FROM ${this.t} WHERE ${this.oneRow(key)}`).run(...keyValues);
+    this.stmt(`DELETE FROM ${this.t} WHERE ${this.oneRow(key)}`).run(...this.keyArgs(keyValues));
   }
 }

@@ -18,7 +18,8 @@ import { compareDatabases } from "./checker.js";
 import { S3RVER_ENV } from "./s3rver.js";
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
-export const CLI = join(REPO, "bin", "unisync.js");
+/** The launcher under test; UNISYNC_TEST_CLI points the tests at another build (e.g. a patched copy). */
+export const CLI = process.env.UNISYNC_TEST_CLI ?? join(REPO, "bin", "unisync.js");
 export const APPS = join(REPO, "test", "apps");
 /** Debian's interpreter: the one with python3-flask-sqlalchemy. */
 export const PYTHON = "/usr/bin/python3";
@@ -33,7 +34,7 @@ export const FAST_ENV: Record<string, string> = {
 };
 
 export function ensureBuilt(): void {
-  const main = join(REPO, "dist", "src", "cli", "main.js");
+  const main = join(dirname(CLI), "..", "dist", "src", "cli", "main.js");
   if (!existsSync(main)) {
     throw new Error(`${main} is missing: the cluster tests run the built agent. Run "npm run build" first (npm test does it).`);
   }
@@ -175,6 +176,8 @@ export interface AgentNode {
   logStart: number;
   statusUrl: string | null;
   starts: number;
+  /** Set by stop()/kill9() just before signalling, so that exit is expected. */
+  expectingExit: boolean;
 }
 
 export interface ClusterOptions {
@@ -188,6 +191,8 @@ export interface ClusterOptions {
 export class Cluster {
   readonly root: string;
   readonly nodes = new Map<string, AgentNode>();
+  /** Agents that exited without stop()/kill9() asking them to (crashes), e.g. "n2 signal=SIGBUS". */
+  readonly unexpectedExits: string[] = [];
 
   private constructor(readonly options: ClusterOptions) {
     ensureBuilt();
@@ -196,7 +201,7 @@ export class Cluster {
       const dir = join(this.root, name);
       const instanceDir = join(dir, "instance");
       mkdirSync(instanceDir, { recursive: true });
-      this.nodes.set(name, { name, dir, instanceDir, logFile: join(dir, "agent.log"), proc: null, logStart: 0, statusUrl: null, starts: 0 });
+      this.nodes.set(name, { name, dir, instanceDir, logFile: join(dir, "agent.log"), proc: null, logStart: 0, statusUrl: null, starts: 0, expectingExit: false });
     }
   }
 
@@ -234,6 +239,7 @@ export class Cluster {
     n.starts++;
     n.logStart = existsSync(n.logFile) ? statSync(n.logFile).size : 0;
     n.statusUrl = null;
+    n.expectingExit = false;
     const fd = openSync(n.logFile, "a");
     writeSync(fd, `### start #${n.starts} of ${name} at ${new Date().toISOString()}\n`);
     const args = [CLI, "run", n.instanceDir, this.options.store, "--node", name, "--http-port", "0"];
@@ -246,6 +252,7 @@ export class Cluster {
     closeSync(fd);
     track(proc);
     proc.once("exit", (code, signal) => {
+      if (!n.expectingExit) this.unexpectedExits.push(`${name} (start #${n.starts}) exited code=${code} signal=${signal} at ${new Date().toISOString()}`);
       try {
         const fd2 = openSync(n.logFile, "a");
         writeSync(fd2, `### ${name} exited code=${code} signal=${signal} at ${new Date().toISOString()}\n`);
@@ -290,6 +297,7 @@ export class Cluster {
     const n = this.node(name);
     const p = n.proc;
     if (!p || !this.running(name)) return;
+    n.expectingExit = true;
     p.kill("SIGTERM");
     const r = await this.exited(p, timeoutMs).catch(async (err) => {
       p.kill("SIGKILL");
@@ -300,8 +308,10 @@ export class Cluster {
 
   /** kill -9, waiting until the process is gone. */
   async kill9(name: string): Promise<void> {
-    const p = this.node(name).proc;
+    const n = this.node(name);
+    const p = n.proc;
     if (!p || !this.running(name)) return;
+    n.expectingExit = true;
     p.kill("SIGKILL");
     await this.exited(p, 10_000);
   }
@@ -366,12 +376,14 @@ export class Cluster {
     let why: string | null = "not checked";
     let quietOnce = false;
     while (Date.now() < deadline) {
+      if (this.unexpectedExits.length) break;
       why = await this.notQuiescent(streams);
       if (why === null && quietOnce) return;
       quietOnce = why === null;
       await sleep(why === null ? 500 : 200);
     }
-    throw new Error(`cluster not quiescent after ${timeoutMs} ms: ${why}\n${this.logTails()}`);
+    const crashed = this.unexpectedExits.length ? ` (agents crashed: ${this.unexpectedExits.join("; ")})` : "";
+    throw new Error(`cluster not quiescent after ${timeoutMs} ms: ${why}${crashed}\n${this.logTails()}`);
   }
 
   /** Polls compareDatabases(paths) until it reports no difference; throws with the differences and log tails. */
@@ -410,7 +422,8 @@ export class Cluster {
         try {
           level = (JSON.parse(line) as { level?: unknown }).level;
         } catch {
-          out.push(`${n.name}: (not JSON) ${line}`);
+          // stderr: Node warnings are fine (the AWS SDK warns about Node 20); crashes and stack traces are not.
+          if (/\b(Error|error|FATAL|Aborted|Segmentation)\b|^\s+at /.test(line)) out.push(`${n.name}: (stderr) ${line}`);
           continue;
         }
         if (typeof level === "number" && level >= 50) out.push(`${n.name}: ${line}`);
