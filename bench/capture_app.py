@@ -2,14 +2,18 @@
 """App-like writer for the capture-overhead benchmark, using Python's sqlite3
 (the client real apps use). One commit per operation, like a web request.
 
-Usage: capture_app.py DB_PATH N SYNCHRONOUS
-  Inserts N rows into `items` (ids chosen by SQLite), then updates each once.
-  Prints {"insert_s": ..., "update_s": ...} (time spent in the loops only;
-  rows are generated before the clock starts).
+Usage: capture_app.py DB_WITHOUT DB_WITH N SYNCHRONOUS BLOCK
+  Inserts N rows into `items` of each database (ids chosen by SQLite), then
+  updates each row once. The two databases are written in alternating blocks
+  of BLOCK operations (which one goes first alternates too), so that noise from
+  the rest of the machine falls on both alike. Rows are generated before the
+  clock starts. Prints, per database and operation, the mean and median time
+  of one operation (execute + commit) in microseconds.
 """
 
 import json
 import sqlite3
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -38,24 +42,41 @@ def row(i):
     )
 
 
-def main():
-    path, n, sync = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    conn = sqlite3.connect(path, timeout=30)
-    conn.execute(f"PRAGMA synchronous = {sync}")
-    inserts = [row(i) for i in range(1, n + 1)]
-    updates = [(f"renamed-{i:07d}", (i * 1.13) % 1000, i) for i in range(1, n + 1)]
+INSERT = "INSERT INTO items(name, email, score, visits, avatar, created_at) VALUES (?, ?, ?, ?, ?, ?)"
+UPDATE = "UPDATE items SET name = ?, score = ?, visits = visits + 1 WHERE id = ?"
 
-    t0 = time.perf_counter()
-    for r in inserts:
-        conn.execute("INSERT INTO items(name, email, score, visits, avatar, created_at) VALUES (?, ?, ?, ?, ?, ?)", r)
-        conn.commit()
-    t1 = time.perf_counter()
-    for u in updates:
-        conn.execute("UPDATE items SET name = ?, score = ?, visits = visits + 1 WHERE id = ?", u)
-        conn.commit()
-    t2 = time.perf_counter()
-    conn.close()
-    print(json.dumps({"insert_s": t1 - t0, "update_s": t2 - t1, "sqlite": sqlite3.sqlite_version}))
+
+def main():
+    paths = {"without": sys.argv[1], "with": sys.argv[2]}
+    n, sync, block = int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
+    conns = {}
+    for mode, path in paths.items():
+        conns[mode] = sqlite3.connect(path, timeout=30)
+        conns[mode].execute(f"PRAGMA synchronous = {sync}")
+    work = {
+        "insert": (INSERT, [row(i) for i in range(1, n + 1)]),
+        "update": (UPDATE, [(f"renamed-{i:07d}", (i * 1.13) % 1000, i) for i in range(1, n + 1)]),
+    }
+    times = {m: {"insert": [], "update": []} for m in paths}
+    clock = time.perf_counter
+    for op, (sql, params) in work.items():
+        for b, start in enumerate(range(0, n, block)):
+            order = ("without", "with") if b % 2 == 0 else ("with", "without")
+            for mode in order:
+                conn, out = conns[mode], times[mode][op]
+                for p in params[start : start + block]:
+                    t = clock()
+                    conn.execute(sql, p)
+                    conn.commit()
+                    out.append(clock() - t)
+    for c in conns.values():
+        c.close()
+    result = {
+        m: {f"{op}_{k}": v for op, xs in ops.items() for k, v in (("mean_us", statistics.fmean(xs) * 1e6), ("median_us", statistics.median(xs) * 1e6))}
+        for m, ops in times.items()
+    }
+    result["sqlite"] = sqlite3.sqlite_version
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

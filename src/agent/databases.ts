@@ -22,6 +22,11 @@ export function isSqliteFile(path: string): boolean {
   }
 }
 
+/** SQLite's own companion files. Never opened: see findDatabases. */
+export function isSqliteCompanion(name: string): boolean {
+  return /-(wal|shm|journal)$/i.test(name);
+}
+
 export interface FoundDatabases {
   /** Synced: path and stream name (path relative to the instance folder, '/'-separated). */
   synced: { path: string; stream: string }[];
@@ -36,6 +41,9 @@ const MAX_DEPTH = 6;
  * never opened again here, because closing any other descriptor of a file drops
  * every POSIX lock the process holds on it. SQLite would then believe nobody
  * has the database open, and the app's next close would delete the live WAL.
+ * The same holds for -wal/-shm/-journal files (the -shm is memory-mapped: a peer
+ * that wrongly thinks it is alone re-initialises it and this process dies of
+ * SIGBUS), so those are skipped by name before anything is opened.
  */
 export function findDatabases(instanceDir: string, extra: readonly string[], lookDeeper = false, open: ReadonlySet<string> = new Set()): FoundDatabases {
   const synced = new Map<string, string>();
@@ -43,7 +51,7 @@ export function findDatabases(instanceDir: string, extra: readonly string[], loo
   const streamOf = (p: string) => relative(instanceDir, p).split(sep).join("/");
   for (const name of readdirSync(instanceDir).sort()) {
     const p = join(instanceDir, name);
-    if (name.startsWith(".")) continue;
+    if (name.startsWith(".") || isSqliteCompanion(name)) continue;
     try {
       if (open.has(p) || (statSync(p).isFile() && isSqliteFile(p))) synced.set(p, streamOf(p));
     } catch {
@@ -52,7 +60,7 @@ export function findDatabases(instanceDir: string, extra: readonly string[], loo
   }
   for (const rel of extra) {
     const p = join(instanceDir, rel);
-    if (open.has(p) || isSqliteFile(p)) synced.set(p, streamOf(p));
+    if (open.has(p) || (!isSqliteCompanion(rel) && isSqliteFile(p))) synced.set(p, streamOf(p));
     else notSynced.push({ path: p, reason: "listed in config but not an SQLite database (yet)" });
   }
   if (lookDeeper) {
@@ -66,7 +74,7 @@ export function findDatabases(instanceDir: string, extra: readonly string[], loo
       }
       for (const e of entries) {
         const p = join(dir, e.name);
-        if (e.name === ".unisync") continue;
+        if (e.name === ".unisync" || isSqliteCompanion(e.name)) continue;
         if (e.isDirectory()) walk(p, depth + 1);
         else if (e.isFile() && depth > 0 && !synced.has(p) && isSqliteFile(p)) {
           notSynced.push({ path: p, reason: "in a subfolder: add it to \"databases\" in the config to sync it" });

@@ -62,8 +62,55 @@ function loadS3rver(): S3rverClass {
     if (require.cache[require.resolve("s3rver/lib/stores/filesystem")]) {
       throw new Error("s3rver was loaded before its directory walk could be patched");
     }
+    patchDelimiterListing();
   }
   return require("s3rver") as S3rverClass;
+}
+
+interface ListOptions {
+  delimiter?: string;
+  prefix?: string;
+  startAfter?: string;
+  maxKeys?: number;
+}
+interface ListResult {
+  objects: { key: string }[];
+  commonPrefixes: string[];
+  isTruncated: boolean;
+}
+type ListObjects = (this: unknown, bucket: string, options: ListOptions) => Promise<ListResult>;
+
+/**
+ * s3rver stops walking a directory once the part of its path after the prefix
+ * holds the delimiter, and only derives common prefixes from objects it walked.
+ * So a common prefix whose objects all sit two or more levels deeper is never
+ * reported: listing "log/" with delimiter "/" over "log/A/app.db/0001-....seg"
+ * returns nothing, and an agent never discovers origin A. S3 and MinIO report
+ * "log/A/". Answer delimiter listings from the full listing instead.
+ * (Same fix as bench/s3rver-server.ts, which found it; tests need it too.)
+ */
+function patchDelimiterListing(): void {
+  const Store = require("s3rver/lib/stores/filesystem") as { prototype: { listObjects: ListObjects; delimiterPatched?: true } };
+  if (Store.prototype.delimiterPatched) return;
+  const original = Store.prototype.listObjects;
+  Store.prototype.listObjects = async function (bucket, options) {
+    const delimiter = options.delimiter ?? "";
+    if (!delimiter) return original.call(this, bucket, options);
+    const prefix = options.prefix ?? "";
+    const maxKeys = options.maxKeys ?? Infinity;
+    const all = await original.call(this, bucket, { ...options, delimiter: "", maxKeys: Infinity });
+    const objects: { key: string }[] = [];
+    const prefixes = new Set<string>();
+    let isTruncated = false;
+    for (const o of all.objects) {
+      const idx = o.key.slice(prefix.length).indexOf(delimiter);
+      if (idx !== -1) prefixes.add(o.key.slice(0, prefix.length + idx + delimiter.length));
+      else if (objects.length < maxKeys) objects.push(o);
+      else isTruncated = true;
+    }
+    return { objects, commonPrefixes: [...prefixes].sort(), isTruncated };
+  };
+  Store.prototype.delimiterPatched = true;
 }
 
 /**

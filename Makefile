@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+.PHONY: all install build demo test bench deps clean
+
+all: build
+
+# npm ci installs exactly package-lock.json; better-sqlite3 and zstd-napi are
+# native (allowed to build in package.json's allowScripts).
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci
+	@touch $@
+
+install: node_modules/.package-lock.json
+
+build: install
+	npm run build
+
+# Debian packages the tests use: Python's Flask-SQLAlchemy (the real app client)
+# and rsync (benchmark baseline). Installed when missing and we are root.
+deps:
+	@if ! /usr/bin/python3 -c 'import flask_sqlalchemy' 2>/dev/null || ! command -v rsync >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-flask-sqlalchemy rsync >/dev/null; \
+	  else \
+	    echo "please install the Debian packages python3-flask-sqlalchemy and rsync (sudo apt-get install ...)"; exit 1; \
+	  fi; \
+	fi
+
+demo: build
+	bash scripts/demo.sh
+
+test: deps build
+	npm test
+
+bench: deps build
+	npm run bench
+
+clean:
+	rm -rf dist .demo
