@@ -1,13 +1,17 @@
 /**
  * Capture overhead: what unisync's triggers cost the app's own writes.
  * An app-like writer (one commit per operation) inserts N rows, then updates
- * each once, on a database without triggers and on one where DbSync installed
- * them (refreshSchema, then closed: the triggers stay, nothing drains). Both
- * databases are in WAL mode, the mode the agent puts them in.
+ * each once, into two databases: one without triggers, one where DbSync
+ * installed them (refreshSchema, then closed: the triggers stay, nothing
+ * drains). Both are in WAL mode, the mode the agent puts them in. The two are
+ * written in alternating blocks of 100 operations so that noise from the rest
+ * of the machine falls on both alike.
  * Clients: Python's sqlite3 (a real app) and better-sqlite3, each with
- * synchronous=FULL (SQLite's default: one fsync per commit, what an app gets
+ * synchronous=FULL (SQLite's default: an fsync per commit, what an app gets
  * out of the box) and synchronous=NORMAL (no fsync per commit: CPU-bound,
  * the harshest view of the triggers' cost).
+ * Value: mean time of one operation (execute + commit) with triggers;
+ * baseline: the same without. Medians are in the JSON detail.
  */
 import { execFileSync } from "node:child_process";
 import { join } from "node:path";
@@ -17,29 +21,62 @@ import { createDb, ITEMS_SCHEMA, itemRow, median, openDbSync, result, ROOT, type
 
 type Client = "python" | "bsqlite";
 type Sync = "FULL" | "NORMAL";
-interface Timing {
-  insert_s: number;
-  update_s: number;
+type Mode = "without" | "with";
+type Op = "insert" | "update";
+/** Per mode: insert_mean_us, insert_median_us, update_mean_us, update_median_us. */
+type Timing = Record<Mode, Record<`${Op}_${"mean" | "median"}_us`, number>>;
+
+const BLOCK = 100;
+
+function runBetterSqlite(paths: Record<Mode, string>, n: number, sync: Sync): Timing {
+  const modes: Mode[] = ["without", "with"];
+  const conns = Object.fromEntries(
+    modes.map((m) => {
+      const db = new Database(paths[m], { timeout: 30_000 });
+      db.pragma(`synchronous = ${sync}`);
+      return [
+        m,
+        {
+          db,
+          insert: db.prepare("INSERT INTO items(name, email, score, visits, avatar, created_at) VALUES (?, ?, ?, ?, ?, ?)"),
+          update: db.prepare("UPDATE items SET name = ?, score = ?, visits = visits + 1 WHERE id = ?"),
+        },
+      ];
+    }),
+  ) as Record<Mode, { db: Database.Database; insert: Database.Statement; update: Database.Statement }>;
+  const params: Record<Op, unknown[][]> = {
+    insert: Array.from({ length: n }, (_, k) => itemRow(k + 1).slice(1)),
+    update: Array.from({ length: n }, (_, k) => [`renamed-${String(k + 1).padStart(7, "0")}`, ((k + 1) * 1.13) % 1000, k + 1]),
+  };
+  const times: Record<Mode, Record<Op, number[]>> = { without: { insert: [], update: [] }, with: { insert: [], update: [] } };
+  for (const op of ["insert", "update"] as Op[]) {
+    for (let b = 0, start = 0; start < n; b++, start += BLOCK) {
+      for (const m of b % 2 === 0 ? modes : [...modes].reverse()) {
+        const stmt = conns[m][op];
+        const out = times[m][op];
+        for (const p of params[op].slice(start, start + BLOCK)) {
+          const t = performance.now();
+          stmt.run(p); // autocommit: one transaction per statement
+          out.push(performance.now() - t);
+        }
+      }
+    }
+  }
+  for (const m of modes) conns[m].db.close();
+  const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
+  const summary = (m: Mode) => ({
+    insert_mean_us: mean(times[m].insert) * 1000,
+    insert_median_us: median(times[m].insert) * 1000,
+    update_mean_us: mean(times[m].update) * 1000,
+    update_median_us: median(times[m].update) * 1000,
+  });
+  return { without: summary("without"), with: summary("with") };
 }
 
-function runBetterSqlite(path: string, n: number, sync: Sync): Timing {
-  const db = new Database(path, { timeout: 30_000 });
-  db.pragma(`synchronous = ${sync}`);
-  const ins = db.prepare("INSERT INTO items(name, email, score, visits, avatar, created_at) VALUES (?, ?, ?, ?, ?, ?)");
-  const upd = db.prepare("UPDATE items SET name = ?, score = ?, visits = visits + 1 WHERE id = ?");
-  const inserts = Array.from({ length: n }, (_, k) => itemRow(k + 1).slice(1));
-  const updates = Array.from({ length: n }, (_, k) => [`renamed-${String(k + 1).padStart(7, "0")}`, ((k + 1) * 1.13) % 1000, k + 1]);
-  const t0 = performance.now();
-  for (const r of inserts) ins.run(r); // autocommit: one transaction per statement
-  const t1 = performance.now();
-  for (const u of updates) upd.run(u);
-  const t2 = performance.now();
-  db.close();
-  return { insert_s: (t1 - t0) / 1000, update_s: (t2 - t1) / 1000 };
-}
-
-function runPython(path: string, n: number, sync: Sync): Timing {
-  const out = execFileSync("/usr/bin/python3", [join(ROOT, "bench", "capture_app.py"), path, String(n), sync], { encoding: "utf8" });
+function runPython(paths: Record<Mode, string>, n: number, sync: Sync): Timing {
+  const out = execFileSync("/usr/bin/python3", [join(ROOT, "bench", "capture_app.py"), paths.without, paths.with, String(n), sync, String(BLOCK)], {
+    encoding: "utf8",
+  });
   return JSON.parse(out) as Timing;
 }
 
@@ -66,43 +103,48 @@ export const capture: Bench = {
   title: "capture overhead (app writes, one commit per op, without vs with triggers)",
   async run(ctx: Ctx): Promise<Result[]> {
     const n = ctx.quick ? 500 : 5000;
-    const rounds = 3;
+    const rounds = ctx.quick ? 1 : 3;
     const dir = ctx.tmp("capture");
     const results: Result[] = [];
     let k = 0;
     for (const client of ["python", "bsqlite"] as Client[]) {
       for (const sync of ["FULL", "NORMAL"] as Sync[]) {
-        const times: Record<"without" | "with", Timing[]> = { without: [], with: [] };
+        const runs: Timing[] = [];
         for (let r = 0; r < rounds; r++) {
-          // Alternate the order so drift (page cache, CPU frequency) hits both sides.
-          const order = r % 2 === 0 ? (["without", "with"] as const) : (["with", "without"] as const);
-          for (const mode of order) {
-            const path = prepare(dir, `${client}-${sync}-${mode}-${k++}`, mode === "with");
-            const t = client === "python" ? runPython(path, n, sync) : runBetterSqlite(path, n, sync);
-            if (mode === "with") {
-              const captured = changesCaptured(path);
-              if (captured !== 2 * n) throw new Error(`expected ${2 * n} captured changes, found ${captured}`);
-            }
-            times[mode].push(t);
-          }
+          const paths = { without: prepare(dir, `${k}-without`, false), with: prepare(dir, `${k}-with`, true) };
+          k++;
+          runs.push(client === "python" ? runPython(paths, n, sync) : runBetterSqlite(paths, n, sync));
+          const captured = changesCaptured(paths.with);
+          if (captured !== 2 * n) throw new Error(`expected ${2 * n} captured changes, found ${captured}`);
         }
+        const agg = (m: Mode, op: Op, stat: "mean" | "median") => {
+          const xs = runs.map((t) => t[m][`${op}_${stat}_us`]);
+          return stat === "mean" ? xs.reduce((a, b) => a + b, 0) / xs.length : median(xs);
+        };
         ctx.log(
           `capture ${client} sync=${sync}: ` +
-            (["without", "with"] as const)
-              .map((m) => `${m} ins ${times[m].map((t) => ((t.insert_s / n) * 1e6).toFixed(1)).join("/")} upd ${times[m].map((t) => ((t.update_s / n) * 1e6).toFixed(1)).join("/")} us/op`)
+            (["insert", "update"] as Op[])
+              .map((op) => `${op} mean ${agg("without", op, "mean").toFixed(1)} -> ${agg("with", op, "mean").toFixed(1)} us, median ${agg("without", op, "median").toFixed(1)} -> ${agg("with", op, "median").toFixed(1)} us`)
               .join("; "),
         );
-        for (const op of ["insert", "update"] as const) {
-          const us = (m: "without" | "with") => median(times[m].map((t) => (op === "insert" ? t.insert_s : t.update_s) / n)) * 1e6;
+        for (const op of ["insert", "update"] as Op[]) {
           results.push(
             result({
               name: `capture.${client}.${sync.toLowerCase()}.${op}`,
-              value: us("with"),
+              value: agg("with", op, "mean"),
               unit: "us/op",
-              baseline: us("without"),
+              baseline: agg("without", op, "mean"),
               baselineLabel: "no triggers",
               target: { on: "ratio", op: "<=", limit: 1.5 },
-              detail: { n, rounds, client, synchronous: sync, op, samples: times },
+              detail: {
+                n,
+                rounds,
+                block: BLOCK,
+                medianWithUs: agg("with", op, "median"),
+                medianWithoutUs: agg("without", op, "median"),
+                medianRatio: agg("with", op, "median") / agg("without", op, "median"),
+                runs,
+              },
             }),
           );
         }

@@ -100,12 +100,15 @@ async function main(): Promise<number> {
   console.error(`unisync bench (${mode}) on ${env.nproc} CPU, node ${env.node}, SQLite ${env.betterSqlite3Sqlite} (better-sqlite3), ${env.python}`);
   const results: Result[] = [];
   const timings: Record<string, number> = {};
+  /** 1-minute load average before and after each benchmark: other work on the machine skews results. */
+  const load: Record<string, [number, number]> = {};
   let crashed = 0;
   const started = performance.now();
   try {
     for (const b of selected) {
       console.error(`[${b.name}] ${b.title}`);
       const t = performance.now();
+      const loadBefore = os.loadavg()[0];
       try {
         results.push(...(await b.run(ctx)));
       } catch (err) {
@@ -114,7 +117,8 @@ async function main(): Promise<number> {
         results.push({ name: `${b.name}.error`, value: NaN, unit: "", pass: false, detail: { error: (err as Error).message } });
       }
       timings[b.name] = (performance.now() - t) / 1000;
-      console.error(`[${b.name}] done in ${timings[b.name].toFixed(1)} s`);
+      load[b.name] = [loadBefore, os.loadavg()[0]];
+      console.error(`[${b.name}] done in ${timings[b.name].toFixed(1)} s (load ${load[b.name].map((x) => x.toFixed(2)).join(" -> ")})`);
     }
   } finally {
     cleanup();
@@ -127,8 +131,9 @@ async function main(): Promise<number> {
   console.log(table(results));
   console.log("");
   console.log(`${withTarget.filter((r) => r.pass).length} of ${withTarget.length} targets met; ${totalS.toFixed(0)} s total (${Object.entries(timings).map(([k, v]) => `${k} ${v.toFixed(0)} s`).join(", ")})`);
+  console.log(`1-min load average before -> after: ${Object.entries(load).map(([k, [a, b]]) => `${k} ${a.toFixed(2)} -> ${b.toFixed(2)}`).join(", ")}`);
   const out = join(ROOT, "bench", "last-run.json");
-  writeFileSync(out, JSON.stringify({ mode, args: process.argv.slice(2), environment: env, totalSeconds: totalS, timings, results }, null, 2) + "\n");
+  writeFileSync(out, JSON.stringify({ mode, args: process.argv.slice(2), environment: env, totalSeconds: totalS, timings, loadAverage: load, results }, null, 2) + "\n");
   console.error(`wrote ${out}`);
   return crashed > 0 ? 1 : 0;
 }
