@@ -6,16 +6,53 @@
  * transaction per segment-sized batch) into an empty database.
  * Also reported, without target: the sealing rate on the source and the
  * fetch+verify+decompress+decode rate alone (readAfter, no SQLite writes), so
- * the apply share of replay can be read off.
+ * the apply share of replay can be read off; and the "SQL floor": the four
+ * statements replay runs per row (look the row up, read its merge state,
+ * insert it, write its state), prepared, with every value computed before the
+ * clock starts, so no merge logic, no decoding: what the design costs in
+ * SQLite alone.
  */
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { DEFAULTS } from "../src/agent/config.js";
 import { readAfter } from "../src/log/tail.js";
+import { rowIdentity } from "../src/log/value.js";
 import { FileStore } from "../src/store/file.js";
-import { createDb, insertItems, itemRow, openDbSync, result, type Bench, type Ctx, type ItemRow, type Result } from "./lib.js";
+import { createDb, ITEMS_INSERT, insertItems, itemRow, openDbSync, result, type Bench, type Ctx, type ItemRow, type Result } from "./lib.js";
 
 const STREAM = "app.db";
+
+/** Runs replay's per-row statements for `rows` on a fresh synced db; returns ms. */
+function sqlFloor(path: string, rows: ItemRow[], batch: number): number {
+  createDb(path);
+  const setup = openDbSync(path, "C", new FileStore(`${path}.store`), STREAM);
+  setup.refreshSchema(); // internal tables and triggers, as on a replica
+  setup.close();
+  const db = new Database(path);
+  const find = db.prepare("SELECT id, name, email, score, visits, avatar, created_at FROM items WHERE id IS ? LIMIT 1").raw(true).safeIntegers(true);
+  const getState = db.prepare("SELECT hlc, origin, alive, base_hlc, base_origin, cols, dead FROM _unisync_rows WHERE tbl = ? AND pk = ?");
+  const insert = db.prepare(ITEMS_INSERT);
+  const putState = db.prepare(
+    "INSERT OR REPLACE INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+  );
+  const pks = rows.map((r) => rowIdentity([BigInt(r[0])], false));
+  const hlc = Date.now() * 1024;
+  const tx = db.transaction((from: number, to: number) => {
+    db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run(); // silences the triggers, as replay does
+    for (let i = from; i < to; i++) {
+      find.get(rows[i][0]);
+      getState.get("items", pks[i]);
+      insert.run(rows[i]);
+      putState.run("items", pks[i], hlc + i, "A", 1, hlc + i, "A", null, null);
+    }
+    db.prepare("DELETE FROM _unisync_applying").run();
+  });
+  const t = performance.now();
+  for (let a = 0; a < rows.length; a += batch) tx(a, Math.min(rows.length, a + batch));
+  const ms = performance.now() - t;
+  db.close();
+  return ms;
+}
 
 export const replay: Bench = {
   name: "replay",
@@ -86,9 +123,11 @@ export const replay: Bench = {
     const rawMs = performance.now() - t;
     raw.close();
     ctx.log(`replay: raw insert ${(rawMs / 1000).toFixed(1)} s (${Math.round(n / (rawMs / 1000))} rows/s)`);
+    const floorMs = sqlFloor(join(dir, "floor.db"), rows, batch);
+    ctx.log(`replay: SQL floor ${(floorMs / 1000).toFixed(1)} s (${Math.round(n / (floorMs / 1000))} rows/s)`);
 
     const rate = (ms: number) => n / (ms / 1000);
-    const detail = { n, batch, segments, appInsertMs, sealMs, uploadMs, decodeMs, replayMs, rawMs };
+    const detail = { n, batch, segments, appInsertMs, sealMs, uploadMs, decodeMs, replayMs, rawMs, floorMs };
     return [
       result({
         name: "replay.apply",
@@ -99,6 +138,7 @@ export const replay: Bench = {
         target: { on: "ratio", op: ">=", limit: 0.5 },
         detail,
       }),
+      result({ name: "replay.sql_floor", value: rate(floorMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert" }),
       result({ name: "replay.fetch_decode_only", value: rate(decodeMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert", detail: { decoded } }),
       result({ name: "replay.source_seal", value: rate(sealMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert" }),
     ];
