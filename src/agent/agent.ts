@@ -8,6 +8,7 @@ import { mkdirSync } from "node:fs";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName } from "../log/keys.js";
+import { LogForkError } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
@@ -46,6 +47,8 @@ export class Agent {
   private readonly startedMs = Date.now();
   private readonly loops: Promise<void>[] = [];
   private wake: (() => void) | null = null;
+  /** Databases whose log was checked against the store (see Outbox.checkStoreAgrees). */
+  private readonly storeChecked = new Set<string>();
 
   constructor(
     readonly config: Config,
@@ -57,12 +60,11 @@ export class Agent {
     mkdirSync(stateDir(this.config.instanceDir), { recursive: true });
     this.rescanDatabases();
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
-    for (const db of this.dbs.values()) await db.outbox.checkStoreAgrees(this.store).catch((err) => this.checkFailed(db, err));
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop());
   }
 
+  /** A database whose log cannot be written safely is taken out of sync, loudly. */
   private checkFailed(db: DbSync, err: unknown): void {
-    if ((err as Error).name === "StoreUnavailableError") return this.storeFailed(err, "checking the log");
     this.log.error({ db: db.stream, err: (err as Error).message }, "this database will not be synced");
     this.failed.set(db.stream, (err as Error).message);
     db.close();
@@ -147,13 +149,21 @@ export class Agent {
     let backoff = 0;
     while (!this.stopping) {
       let failed = false;
-      for (const db of this.dbs.values()) {
+      for (const db of [...this.dbs.values()]) {
         try {
+          // Once per database, before its first upload, even if the store was down at start.
+          if (!this.storeChecked.has(db.stream)) {
+            await db.outbox.checkStoreAgrees(this.store);
+            this.storeChecked.add(db.stream);
+          }
           await db.upload();
           this.storeOk();
         } catch (err) {
-          failed = true;
-          this.storeFailed(err, `uploading ${db.stream}`);
+          if (err instanceof LogForkError) this.checkFailed(db, err);
+          else {
+            failed = true;
+            this.storeFailed(err, `uploading ${db.stream}`);
+          }
         }
       }
       backoff = failed ? Math.min(Math.max(backoff * 2, 250), 10000) : 0;

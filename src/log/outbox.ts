@@ -10,6 +10,11 @@ import { getMeta, setMeta } from "../capture/internal.js";
 import { segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import { sealSegment, type LogRecord } from "./segment.js";
 
+/** The store holds segments of this origin that this database did not seal. */
+export class LogForkError extends Error {
+  override name = "LogForkError";
+}
+
 export interface OutboxEntry {
   seq: number;
   key: string;
@@ -81,7 +86,7 @@ export class Outbox {
     if (!foreign) return;
     const pending = this.db.prepare("SELECT 1 FROM _unisync_outbox WHERE key = ?").get(foreign.key);
     if (pending) return;
-    throw new Error(
+    throw new LogForkError(
       `the store already holds ${foreign.key}, a segment of origin "${this.origin}" that this database did not write ` +
         `(its next segment is ${next}). Either two nodes use the name "${this.origin}" (give each its own --node), ` +
         `or this database was restored from an older copy. Refusing to write so that the log does not fork.`,
