@@ -195,3 +195,24 @@ describe("configuration", () => {
     expect(() => openSync(join(dir, "first.db"), "second", store)).toThrow(/belongs to node "first"/);
   });
 });
+
+describe("clock drift", () => {
+  it("holds back records from a node whose clock runs ahead until ours catches up", async () => {
+    const path = join(dir, "drift.db");
+    const app = appConnection(path);
+    app.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v)");
+    app.close();
+    const node = openSync(path, "local", store, undefined, { maxClockDriftMs: 1000 });
+    const ahead = (Date.now() + 2500) * 1024;
+    const s = segment(1, [{ hlc: ahead, row: { table: "t", op: 1, columns: ["id", "v"], values: [1n, "from the future"], key: ["id"], changed: [] } }, insert(2, "now")]);
+    await store.put(s.key, s.bytes);
+    await node.pull("remote");
+    expect(rows(node)).toEqual([2]);
+    expect(node.parkedCount()).toBe(1);
+    expect(node.cursors().get("remote")?.seq).toBe(1); // the log moves on; the record waits
+    await new Promise((r) => setTimeout(r, 2000));
+    node.retryParked();
+    expect(rows(node)).toEqual([1, 2]);
+    node.close();
+  });
+});

@@ -34,7 +34,12 @@ export interface DbSyncOptions {
   maxBytes: number;
   busyTimeoutMs: number;
   walMode: boolean;
+  /** Records whose clock is further ahead of ours wait (see Applier). */
+  maxClockDriftMs?: number;
 }
+
+/** How often parked records are retried besides after schema changes (constraint clashes may clear). */
+const PARKED_RETRY_MS = 10_000;
 
 export class NodeIdentityError extends Error {}
 
@@ -84,10 +89,19 @@ export class DbSync {
     const keyless = (table: string) => this.tables.get(table)?.shape.hasDeclaredKey === false;
     this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, counted, keyless);
     this.outbox = new Outbox(this.db, o.node, o.stream);
-    this.applier = new Applier(this.db, o.clock, this.states, counted, () => this.tables, (p) => {
-      o.metrics.inc("unisync_records_parked_total");
-      this.log.warn(p, "record parked: cannot apply it yet");
-    });
+    this.applier = new Applier(
+      this.db,
+      o.clock,
+      this.states,
+      counted,
+      () => this.tables,
+      (p) => {
+        o.metrics.inc("unisync_records_parked_total");
+        if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
+        this.log.warn(p, "record parked: cannot apply it yet");
+      },
+      o.maxClockDriftMs,
+    );
   }
 
   get stream(): string {
@@ -110,11 +124,19 @@ export class DbSync {
     }
     this.lastSchemaVersion = schemaVersion(this.db);
     this.log.info({ tables: defs.length, schemaVersion: this.lastSchemaVersion }, "capture triggers in place");
-    if (this.db.prepare("SELECT 1 FROM _unisync_parked LIMIT 1").get()) {
-      const n = retryParked(this.db, this.applier, decodeSegment);
-      if (n > 0) this.log.info({ records: n }, "applied parked records after a schema change");
-    }
+    this.retryParked();
     return true;
+  }
+
+  private lastParkedRetry = 0;
+
+  /** Applies parked records that can apply now (schema caught up, clash cleared, clock reached). */
+  retryParked(): number {
+    this.lastParkedRetry = Date.now();
+    if (!this.db.prepare("SELECT 1 FROM _unisync_parked LIMIT 1").get()) return 0;
+    const n = retryParked(this.db, this.applier, decodeSegment, () => this.sealEverything());
+    if (n > 0) this.log.info({ records: n }, "applied parked records");
+    return n;
   }
 
   /** Cheap check whether another connection (the app) committed since the last look. */
@@ -138,6 +160,14 @@ export class DbSync {
     this.o.metrics.inc("unisync_records_captured_total", batch.records.length);
     this.log.debug({ seq: entry.seq, records: entry.records, bytes: entry.bytes.length }, "sealed segment");
     return batch.records.length;
+  }
+
+  /**
+   * Inside an apply transaction: local captures first, so the merge compares
+   * remote records with this node's newest writes, not with stale clocks.
+   */
+  private sealEverything(): void {
+    while (this.sealBatch() > 0 || this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get());
   }
 
   /** Seals everything captured so far, one transaction per segment. */
@@ -165,6 +195,7 @@ export class DbSync {
 
   /** Applies what the store holds from `origin` after our cursor; returns records applied. */
   async pull(origin: string, maxSegments = 16): Promise<number> {
+    if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
     const cursor = this.applier.cursor(origin);
     const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
     let applied = 0;
@@ -172,8 +203,7 @@ export class DbSync {
       this.refreshSchema();
       const outcome = this.db
         .transaction(() => {
-          // Local captures first: the merge must see this node's newest writes.
-          while (this.sealBatch() > 0 || this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get());
+          this.sealEverything();
           const r = this.applier.applySegment(s.segment, s.key);
           setMeta(this.db, "hlc", this.o.clock.current);
           return r;

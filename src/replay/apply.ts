@@ -5,7 +5,7 @@
  * While applying, _unisync_applying holds a row, which silences our triggers.
  */
 import type { Database, Statement } from "better-sqlite3";
-import type { HybridClock } from "../log/hlc.js";
+import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "./merge.js";
@@ -58,6 +58,9 @@ export class Applier {
     /** Current local tables by name; replaced by the owner when the schema changes. */
     private readonly tables: () => Map<string, TableAccess>,
     private readonly onParked: (p: ParkedRecord) => void,
+    /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
+    private readonly maxDriftMs: number = 5 * 60_000,
+    private readonly now: () => number = Date.now,
   ) {
     this.getCursor = db.prepare("SELECT seq, key FROM _unisync_cursors WHERE origin = ?");
     this.putCursor = db.prepare(
@@ -94,7 +97,6 @@ export class Applier {
     try {
       segment.records.forEach((rec, idx) => {
         lastHlc = Math.max(lastHlc, rec.hlc);
-        this.clock.observe(rec.hlc);
         const reason = this.applyRecord(segment.origin, rec);
         if (reason === null) applied++;
         else {
@@ -113,6 +115,11 @@ export class Applier {
   applyRecord(origin: string, rec: LogRecord): string | null {
     const reason = unfit(rec, this.tables());
     if (reason) return reason;
+    // A node whose clock runs far ahead would win every conflict for as long as
+    // it stays ahead; its records wait until our clock reaches theirs.
+    const aheadMs = hlcToMs(rec.hlc) - this.now();
+    if (aheadMs > this.maxDriftMs) return `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`;
+    this.clock.observe(rec.hlc);
     const row = rec.row;
     if (!row) return null;
     const access = this.tables().get(row.table) as TableAccess;
@@ -169,13 +176,17 @@ export class Applier {
   }
 }
 
-/** Retries parked records (after a schema change); returns how many applied now. */
-export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment): number {
+/**
+ * Retries parked records; returns how many applied now. `first` runs at the
+ * start of each transaction (the caller folds pending local captures there).
+ */
+export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, first: () => void): number {
   const rows = db.prepare("SELECT id, origin, record FROM _unisync_parked ORDER BY id").all() as { id: number; origin: string; record: Buffer }[];
   let done = 0;
   for (const r of rows) {
     const rec = decode(r.record).records[0];
     const run = db.transaction(() => {
+      first();
       db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
       try {
         const reason = rec ? applier.applyRecord(r.origin, rec) : null;

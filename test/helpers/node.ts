@@ -1,15 +1,16 @@
 /** In-process nodes for tests: a DbSync per database on a shared store, driven step by step. */
 import Database from "better-sqlite3";
 import pino from "pino";
-import { DbSync } from "../../src/agent/dbsync.js";
+import { DbSync, type DbSyncOptions } from "../../src/agent/dbsync.js";
 import { Metrics } from "../../src/agent/metrics.js";
 import { HybridClock } from "../../src/log/hlc.js";
 import type { ObjectStore } from "../../src/store/store.js";
 
 export const silent = pino({ level: "silent" });
 
-export function openSync(path: string, node: string, store: ObjectStore, clock = new HybridClock()): DbSync {
+export function openSync(path: string, node: string, store: ObjectStore, clock = new HybridClock(), extra: Partial<DbSyncOptions> = {}): DbSync {
   const sync = new DbSync({
+    ...extra,
     path,
     stream: "app.db",
     node,
