@@ -15,6 +15,9 @@ import { findDatabases } from "./databases.js";
 import { DbSync, NodeIdentityError } from "./dbsync.js";
 import { Metrics } from "./metrics.js";
 
+/** Segments one database may upload before the next database gets its turn. */
+const UPLOAD_TURN = 32;
+
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 export interface AgentStatus {
@@ -149,6 +152,7 @@ export class Agent {
     let backoff = 0;
     while (!this.stopping) {
       let failed = false;
+      let more = false;
       for (const db of [...this.dbs.values()]) {
         try {
           // Once per database, before its first upload, even if the store was down at start.
@@ -156,7 +160,8 @@ export class Agent {
             await db.outbox.checkStoreAgrees(this.store);
             this.storeChecked.add(db.stream);
           }
-          await db.upload();
+          // A full turn means more is waiting: go round again without sleeping.
+          if ((await db.upload(UPLOAD_TURN)) === UPLOAD_TURN) more = true;
           this.storeOk();
         } catch (err) {
           if (err instanceof LogForkError) this.checkFailed(db, err);
@@ -167,6 +172,7 @@ export class Agent {
         }
       }
       backoff = failed ? Math.min(Math.max(backoff * 2, 250), 10000) : 0;
+      if (more && !failed) continue;
       await new Promise<void>((resolve) => {
         const t = setTimeout(resolve, backoff || 1000);
         this.wake = () => {
@@ -261,7 +267,7 @@ export class Agent {
     for (const db of this.dbs.values()) {
       try {
         db.sealPending();
-        const upload = db.upload().catch((err: Error) => this.log.warn({ db: db.stream, err: err.message }, "upload interrupted by stop"));
+        const upload = db.upload(Number.MAX_SAFE_INTEGER).catch((err: Error) => this.log.warn({ db: db.stream, err: err.message }, "upload interrupted by stop"));
         await Promise.race([upload, sleep(5000)]);
       } catch (err) {
         this.log.warn({ db: db.stream, err: (err as Error).message }, "could not upload everything before stopping; it stays in the outbox");

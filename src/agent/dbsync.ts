@@ -181,16 +181,24 @@ export class DbSync {
     }
   }
 
-  /** Uploads sealed segments in seq order; returns how many went up. */
-  async upload(): Promise<number> {
+  /**
+   * Uploads up to `max` sealed segments, oldest first, a few at a time; returns
+   * how many went up. Bounded so that one busy database never starves the
+   * others of upload turns.
+   */
+  async upload(max = 32, parallel = 4): Promise<number> {
     let n = 0;
-    for (;;) {
-      const entry = await this.outbox.uploadOne(this.o.store);
-      if (!entry) return n;
-      n++;
-      this.o.metrics.inc("unisync_segments_uploaded_total");
-      this.o.metrics.inc("unisync_bytes_uploaded_total", entry.bytes.length);
+    while (n < max) {
+      const batch = this.outbox.oldest(Math.min(parallel, max - n));
+      if (batch.length === 0) break;
+      await Promise.all(batch.map((e) => this.outbox.upload(this.o.store, e)));
+      n += batch.length;
+      for (const e of batch) {
+        this.o.metrics.inc("unisync_segments_uploaded_total");
+        this.o.metrics.inc("unisync_bytes_uploaded_total", e.bytes.length);
+      }
     }
+    return n;
   }
 
   /** Applies what the store holds from `origin` after our cursor; returns records applied. */

@@ -33,7 +33,7 @@ export class Outbox {
     readonly stream: string,
   ) {
     this.insertStmt = db.prepare("INSERT INTO _unisync_outbox(seq, key, bytes, records, sealed_ms) VALUES (?, ?, ?, ?, ?)");
-    this.firstStmt = db.prepare("SELECT seq, key, bytes, records FROM _unisync_outbox ORDER BY seq LIMIT 1");
+    this.firstStmt = db.prepare("SELECT seq, key, bytes, records FROM _unisync_outbox ORDER BY seq LIMIT ?");
     this.removeStmt = db.prepare("DELETE FROM _unisync_outbox WHERE seq = ?");
   }
 
@@ -52,9 +52,10 @@ export class Outbox {
     return { seq, key, bytes, records: records.length };
   }
 
-  oldest(): OutboxEntry | null {
-    const r = this.firstStmt.get() as { seq: number; key: string; bytes: Buffer; records: number } | undefined;
-    return r ? { seq: Number(r.seq), key: r.key, bytes: r.bytes, records: Number(r.records) } : null;
+  /** The `n` oldest sealed segments, in seq order. */
+  oldest(n = 1): OutboxEntry[] {
+    const rows = this.firstStmt.all(n) as { seq: number; key: string; bytes: Buffer; records: number }[];
+    return rows.map((r) => ({ seq: Number(r.seq), key: r.key, bytes: r.bytes, records: Number(r.records) }));
   }
 
   size(): { segments: number; records: number } {
@@ -62,13 +63,10 @@ export class Outbox {
     return { segments: Number(r.n), records: Number(r.r) };
   }
 
-  /** Uploads the oldest sealed segment; returns it, or null when the outbox is empty. */
-  async uploadOne(store: ObjectStore): Promise<OutboxEntry | null> {
-    const entry = this.oldest();
-    if (!entry) return null;
+  /** Puts one sealed segment and forgets it once the store has it (never before). */
+  async upload(store: ObjectStore, entry: OutboxEntry): Promise<void> {
     await store.put(entry.key, entry.bytes);
     this.removeStmt.run(entry.seq);
-    return entry;
   }
 
   /**
@@ -77,7 +75,7 @@ export class Outbox {
    * database restored from an older copy. Writing on would fork the log.
    */
   async checkStoreAgrees(store: ObjectStore): Promise<void> {
-    const next = this.oldest()?.seq ?? this.nextSeq();
+    const next = this.oldest()[0]?.seq ?? this.nextSeq();
     const page = await store.list(streamPrefix(this.origin, this.stream), {
       startAfter: seqFloorKey(this.origin, this.stream, next - 1) + "~",
       limit: 1,

@@ -23,9 +23,14 @@ export interface RowState {
   /** Clock of the operation that decided existence. */
   exists: Stamp;
   alive: boolean;
-  /** Clock of every column not listed in `cols`. */
+  /** Clock shared by the columns that `cols` maps to null. */
   base: Stamp;
-  cols: Record<string, Stamp>;
+  /**
+   * Every column this state has seen written: its own clock, or null for `base`.
+   * A column missing here was never written (it may not have existed yet at
+   * the origin), so any write to it wins: base never stands for future columns.
+   */
+  cols: Record<string, Stamp | null>;
   /** Values of a row while it is deleted (so a newer write can revive it). */
   dead: Map<string, SqlValue> | null;
 }
@@ -52,13 +57,14 @@ function newer(a: Stamp, b: Stamp): boolean {
 }
 
 export function clockOf(state: RowState, column: string): Stamp {
+  if (!(column in state.cols)) return NEVER;
   return state.cols[column] ?? state.base;
 }
 
 /** Stores per-column clocks compactly: the most common clock becomes the base. */
-function compact(state: RowState, columns: Iterable<string>): void {
+function compact(state: RowState): void {
   const counts = new Map<string, { stamp: Stamp; n: number }>();
-  const all = new Set([...columns, ...Object.keys(state.cols)]);
+  const all = Object.keys(state.cols);
   for (const c of all) {
     const s = clockOf(state, c);
     const k = `${s.hlc}|${s.origin}`;
@@ -74,10 +80,10 @@ function compact(state: RowState, columns: Iterable<string>): void {
       bestN = n;
     }
   }
-  const cols: Record<string, Stamp> = {};
+  const cols: Record<string, Stamp | null> = {};
   for (const c of all) {
     const s = clockOf(state, c);
-    if (s.hlc !== best.hlc || s.origin !== best.origin) cols[c] = s;
+    cols[c] = s.hlc === best.hlc && s.origin === best.origin ? null : s;
   }
   state.base = best;
   state.cols = cols;
@@ -121,7 +127,7 @@ export function mergeChange(
     state.exists = change.stamp;
     state.alive = change.op !== OP_DELETE;
   }
-  compact(state, change.columns);
+  compact(state);
 
   let write: TableWrite;
   if (state.alive) {

@@ -40,9 +40,10 @@ export class RowStateStore {
   get(table: string, pk: Buffer): RowState | null {
     const r = this.getStmt.get(table, pk) as StateRow | undefined;
     if (!r) return null;
-    const cols: Record<string, Stamp> = {};
+    // Stored as {column: 0} for "the base clock" or {column: [hlc, origin]}.
+    const cols: Record<string, Stamp | null> = {};
     if (r.cols) {
-      for (const [c, [hlc, origin]] of Object.entries(JSON.parse(r.cols) as Record<string, [number, string]>)) cols[c] = { hlc, origin };
+      for (const [c, v] of Object.entries(JSON.parse(r.cols) as Record<string, [number, string] | 0>)) cols[c] = v === 0 ? null : { hlc: v[0], origin: v[1] };
     }
     return {
       exists: { hlc: Number(r.hlc), origin: r.origin },
@@ -55,7 +56,7 @@ export class RowStateStore {
 
   put(table: string, pk: Buffer, s: RowState): void {
     const entries = Object.entries(s.cols);
-    const cols = entries.length ? JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, [st.hlc, st.origin]]))) : null;
+    const cols = entries.length ? JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, st ? [st.hlc, st.origin] : 0]))) : null;
     this.putStmt.run(table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols, s.dead ? encodeDead(s.dead) : null);
   }
 }
