@@ -41,22 +41,34 @@ async function run(seed: number, steps: number) {
   const value = () => randomValue(rand, false);
   const rows = (app: (typeof nodes)[0]["app"], sql: string) => app.prepare(sql).raw(true).all() as SqlValue[][];
 
+  // Each node's app migrates (ADD COLUMN z) at its own moment: schemas differ for a while.
+  const migrateAt = new Map(nodes.map((n) => [n.name, Math.floor(rand() * steps)]));
+  const migrated = new Set<string>();
   for (let step = 0; step < steps; step++) {
     const n = pick(nodes);
     const r = rand();
+    if (!migrated.has(n.name) && step >= (migrateAt.get(n.name) ?? 0)) {
+      n.app.exec("ALTER TABLE item ADD COLUMN z");
+      migrated.add(n.name);
+    }
+    if (migrated.has(n.name) && rand() < 0.2) {
+      const ids = rows(n.app, "SELECT id FROM item");
+      if (ids.length) n.app.prepare("UPDATE item SET z = ? WHERE id = ?").run(value(), pick(ids)[0]);
+    }
     if (r < 0.55) {
       // a small app transaction
       n.app.transaction(() => {
         for (let k = 0; k < 1 + Math.floor(rand() * 3); k++) {
           const op = rand();
           const id = BigInt(nodes.indexOf(n) + 1) * 1_000_000n + BigInt(++counter);
-          if (op < 0.4) n.app.prepare("INSERT INTO item VALUES (?, ?, ?, ?, ?, ?)").run(id, value(), rand() * 1e6, `t${counter}`, Buffer.from([counter % 256]), value());
+          if (op < 0.4) n.app.prepare("INSERT INTO item(id, a, b, c, d, e) VALUES (?, ?, ?, ?, ?, ?)").run(id, value(), rand() * 1e6, `t${counter}`, Buffer.from([counter % 256]), value());
           else if (op < 0.5) n.app.prepare("INSERT INTO doc VALUES (?, ?, ?)").run(`${n.name}-${counter}`, value(), value());
           else if (op < 0.55) n.app.prepare("INSERT OR IGNORE INTO edge VALUES (?, ?, ?)").run(BigInt(Math.floor(rand() * 5)), pick(["x", "y", "z"]), value());
           else if (op < 0.6) n.app.prepare("INSERT INTO note VALUES (?, ?)").run(n.name, value());
           else if (op < 0.85) {
             const ids = rows(n.app, "SELECT id FROM item");
-            if (ids.length) n.app.prepare(`UPDATE item SET ${pick(["a", "b", "c", "e"])} = ? WHERE id = ?`).run(value(), pick(ids)[0]);
+            if (ids.length && rand() < 0.5) n.app.prepare(`UPDATE item SET ${pick(["a", "b", "c", "e"])} = ? WHERE id = ?`).run(value(), pick(ids)[0]);
+            else if (ids.length) n.app.prepare("UPDATE item SET a = ?, b = ?, c = ?, e = ? WHERE id = ?").run(value(), rand(), `u${counter}`, value(), pick(ids)[0]);
             const uids = rows(n.app, "SELECT uid FROM doc");
             if (uids.length) n.app.prepare("UPDATE doc SET n = ? WHERE uid = ?").run(value(), pick(uids)[0]);
           } else {
@@ -80,13 +92,17 @@ async function run(seed: number, steps: number) {
       n.sync.db.prepare("UPDATE _unisync_cursors SET seq = seq - 1 WHERE seq > 0").run();
     }
   }
+  for (const n of nodes) if (!migrated.has(n.name)) n.app.exec("ALTER TABLE item ADD COLUMN z");
   // Quiesce: everyone ships everything, then everyone applies everything.
   for (let round = 0; round < 3; round++) {
     for (const n of nodes) {
       n.sync.sealPending();
       await n.sync.upload();
     }
-    for (const n of nodes) for (const o of names) if (o !== n.name) while ((await n.sync.pull(o, 50)) > 0);
+    for (const n of nodes) {
+      n.sync.refreshSchema();
+      for (const o of names) if (o !== n.name) while ((await n.sync.pull(o, 50)) > 0);
+    }
   }
   for (const n of nodes) {
     expect(n.sync.problems.size).toBe(0);
