@@ -26,17 +26,23 @@ export interface RowChange {
   key: string[];
   /** UPDATE: indexes into columns that the change wrote. */
   changed: number[];
-  /** DELETE in a table without a key: the copy (insert clock and origin) it removed. */
-  removes?: { hlc: number; origin: string };
+  /** UPDATE/DELETE in a table without a key: the copy (its insert's clock and origin) it changed. */
+  instance?: { hlc: number; origin: string };
 }
 
 export interface FileChange {
   path: string;
-  kind: 1 | 2;
+  /** 1 WRITE, 2 DELETE, 3 SYMLINK */
+  kind: 1 | 2 | 3;
   size: number;
   mode: number;
   mtimeMs: number;
   sha256: string;
+  /** SYMLINK: target relative to the link's folder. */
+  linkTarget?: string;
+  /** The version of the path the writer held when it made the change (0/"" for none). */
+  baseHlc?: number;
+  baseOrigin?: string;
 }
 
 export interface LogRecord {
@@ -125,8 +131,8 @@ export function encodeSegment(seg: Segment): Buffer {
         values: r.row.values.map(toWire),
         key: r.row.key,
         changed: r.row.changed,
-        removesHlc: r.row.removes?.hlc,
-        removesOrigin: r.row.removes?.origin,
+        instanceHlc: r.row.instance?.hlc,
+        instanceOrigin: r.row.instance?.origin,
       },
       file: r.file,
     })),
@@ -143,8 +149,8 @@ interface WireRecord {
     values?: WireValue[];
     key?: string[];
     changed?: number[];
-    removesHlc?: LongLike;
-    removesOrigin?: string;
+    instanceHlc?: LongLike;
+    instanceOrigin?: string;
   };
   file?: {
     path?: string;
@@ -153,6 +159,9 @@ interface WireRecord {
     mode?: number;
     mtimeMs?: LongLike;
     sha256?: string;
+    linkTarget?: string;
+    baseHlc?: LongLike;
+    baseOrigin?: string;
   };
 }
 
@@ -189,15 +198,18 @@ export function decodeSegment(bytes: Buffer): Segment {
         values: (r.row.values ?? []).map(fromWire),
         key: r.row.key ?? [],
         changed: r.row.changed ?? [],
-        removes: r.row.removesOrigin ? { hlc: longToNumber(r.row.removesHlc), origin: r.row.removesOrigin } : undefined,
+        instance: r.row.instanceOrigin ? { hlc: longToNumber(r.row.instanceHlc), origin: r.row.instanceOrigin } : undefined,
       } : undefined,
       file: r.file ? {
         path: r.file.path ?? "",
-        kind: (r.file.kind ?? 0) as 1 | 2,
+        kind: (r.file.kind ?? 0) as 1 | 2 | 3,
         size: longToNumber(r.file.size),
         mode: r.file.mode ?? 0,
         mtimeMs: longToNumber(r.file.mtimeMs),
         sha256: r.file.sha256 ?? "",
+        linkTarget: r.file.linkTarget || undefined,
+        baseHlc: longToNumber(r.file.baseHlc),
+        baseOrigin: r.file.baseOrigin ?? "",
       } : undefined,
     })),
   };
