@@ -13,6 +13,7 @@ import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
 import { DbSync, NodeIdentityError } from "./dbsync.js";
+import { FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
 
 /** Segments one database may upload before the next database gets its turn. */
@@ -35,6 +36,20 @@ export interface AgentStatus {
     cursors: Record<string, number>;
     problems: Record<string, string>;
   }[];
+  /** The instance folder's files (stream ".files"), when syncFiles is on. */
+  files?: {
+    stream: string;
+    nextSeq: number;
+    pendingChanges: number;
+    outboxSegments: number;
+    parked: number;
+    refused: number;
+    excluded: number;
+    conflicts: number;
+    massDelete?: string;
+    cursors: Record<string, number>;
+    problems: Record<string, string>;
+  };
   storeError?: string;
 }
 
@@ -42,6 +57,8 @@ export class Agent {
   readonly metrics = new Metrics();
   readonly clock = new HybridClock();
   private readonly dbs = new Map<string, DbSync>();
+  /** The instance folder's files; null when syncFiles is off. */
+  private files: FolderSync | null = null;
   /** Databases that failed to open, with why (reported, retried on rescan). */
   private readonly failed = new Map<string, string>();
   private origins: string[] = [];
@@ -62,6 +79,22 @@ export class Agent {
   async start(): Promise<void> {
     mkdirSync(stateDir(this.config.instanceDir), { recursive: true });
     this.rescanDatabases();
+    if (this.config.syncFiles) {
+      this.files = new FolderSync({
+        instanceDir: this.config.instanceDir,
+        node: this.config.node,
+        store: this.store,
+        clock: this.clock,
+        log: this.log,
+        metrics: this.metrics,
+        // Read at every look: a database the agent opens later is never opened as a file.
+        openDbs: () => new Set([...this.dbs.values()].map((d) => d.db.name)),
+        maxRecords: this.config.batchMaxRecords,
+        captureIntervalMs: this.config.captureIntervalMs,
+        rescanMs: this.config.rescanMs,
+      });
+      this.files.start();
+    }
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop());
   }
@@ -143,6 +176,7 @@ export class Agent {
           this.log.error({ db: db.stream, err: (err as Error).message }, "capture failed; retrying");
         }
       }
+      if (this.files) sealed += this.files.sealPending();
       if (sealed > 0) this.wake?.();
       await sleep(this.config.captureIntervalMs);
     }
@@ -168,6 +202,27 @@ export class Agent {
           else {
             failed = true;
             this.storeFailed(err, `uploading ${db.stream}`);
+          }
+        }
+      }
+      const files = this.files;
+      if (files) {
+        try {
+          if (!this.storeChecked.has(files.stream)) {
+            await files.outbox.checkStoreAgrees(this.store);
+            this.storeChecked.add(files.stream);
+          }
+          if ((await files.upload(UPLOAD_TURN)) === UPLOAD_TURN) more = true;
+          this.storeOk();
+        } catch (err) {
+          if (err instanceof LogForkError) {
+            this.log.error({ err: err.message }, "the instance folder's files will not be synced");
+            await files.stop();
+            files.close();
+            this.files = null;
+          } else {
+            failed = true;
+            this.storeFailed(err, "uploading files");
           }
         }
       }
@@ -200,6 +255,10 @@ export class Agent {
             if (this.stopping) break;
             applied += await db.pull(origin);
           }
+        }
+        for (const origin of this.origins) {
+          if (this.stopping || !this.files) break;
+          applied += await this.files.pull(origin);
         }
         this.storeOk();
       } catch (err) {
@@ -254,7 +313,24 @@ export class Agent {
         cursors: Object.fromEntries([...db.cursors()].map(([o, c]) => [o, c.seq])),
         problems: Object.fromEntries([...db.problems].map(([o, p]) => [o, p.message])),
       })),
+      files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+    };
+  }
+
+  private filesStatus(f: FolderSync): NonNullable<AgentStatus["files"]> {
+    return {
+      stream: f.stream,
+      nextSeq: f.outbox.nextSeq(),
+      pendingChanges: f.pendingChanges(),
+      outboxSegments: f.outbox.size().segments,
+      parked: f.parkedCount(),
+      refused: f.refusedCount(),
+      excluded: f.excluded.length,
+      conflicts: f.state.conflictCount(),
+      massDelete: f.massDelete,
+      cursors: Object.fromEntries([...f.cursors()].map(([o, c]) => [o, c.seq])),
+      problems: Object.fromEntries([...f.problems].map(([o, p]) => [o, p.message])),
     };
   }
 
@@ -264,6 +340,17 @@ export class Agent {
     this.stopping = true;
     this.wake?.();
     await Promise.allSettled(this.loops);
+    if (this.files) {
+      const files = this.files;
+      try {
+        await files.stop();
+        const upload = files.upload().catch((err: Error) => this.log.warn({ err: err.message }, "file upload interrupted by stop"));
+        await Promise.race([upload, sleep(5000)]);
+      } catch (err) {
+        this.log.warn({ err: (err as Error).message }, "could not upload every file change before stopping; it stays in the outbox");
+      }
+      files.close();
+    }
     for (const db of this.dbs.values()) {
       try {
         db.sealPending();

@@ -27,6 +27,8 @@ export interface Config {
   heartbeatMs: number;
   rescanMs: number;
   logLevel: string;
+  /** Sync the files of the instance folder too (stream ".files"). */
+  syncFiles: boolean;
 }
 
 export class ConfigError extends Error {}
@@ -46,6 +48,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   heartbeatMs: 10000,
   rescanMs: 5000,
   logLevel: "info",
+  syncFiles: true,
 };
 
 type Kind = "string" | "number" | "boolean" | "string[]";
@@ -67,6 +70,7 @@ const KINDS: Record<keyof Config, Kind> = {
   heartbeatMs: "number",
   rescanMs: "number",
   logLevel: "string",
+  syncFiles: "boolean",
 };
 
 export function stateDir(instanceDir: string): string {
@@ -203,7 +207,10 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   "heartbeatMs": ${d.heartbeatMs},
   // How often (ms) to look for new database files in the instance folder.
   "rescanMs": ${d.rescanMs},
-  "logLevel": ${JSON.stringify(d.logLevel)}
+  "logLevel": ${JSON.stringify(d.logLevel)},
+  // Sync every file of the instance folder too, except SQLite databases and their
+  // -wal/-shm/-journal files, logs, temp and swap files, and what .unisyncignore lists.
+  "syncFiles": ${d.syncFiles}
 }
 `;
 }
