@@ -79,6 +79,8 @@ async function run(seed: number, steps: number) {
             const edges2 = rows(n.app, "SELECT src, dst FROM edge");
             if (edges2.length && rand() < 0.5) n.app.prepare("UPDATE edge SET w = ? WHERE src = ? AND dst = ?").run(value(), ...pick(edges2));
             if (rand() < 0.3) n.app.prepare("DELETE FROM note WHERE rowid = (SELECT min(rowid) FROM note)").run();
+            // Rows of a keyless table edited in place, concurrently on several nodes.
+            if (rand() < 0.5) n.app.prepare("UPDATE note SET what = ? WHERE rowid = (SELECT max(rowid) FROM note)").run(value());
           }
         }
       })();

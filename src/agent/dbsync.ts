@@ -15,7 +15,8 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { readAfter, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked } from "../replay/apply.js";
-import { CountedStateStore, RowStateStore } from "../replay/state.js";
+import { BagStore } from "../replay/bag.js";
+import { RowStateStore } from "../replay/state.js";
 import { TableAccess } from "../replay/table.js";
 import type { ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
@@ -46,7 +47,7 @@ export class NodeIdentityError extends Error {}
 export class DbSync {
   readonly db: Database.Database;
   private readonly states: RowStateStore;
-  private readonly counted: CountedStateStore;
+  private readonly bag: BagStore;
   private readonly drain: ChangeDrain;
   readonly outbox: Outbox;
   private readonly applier: Applier;
@@ -85,15 +86,15 @@ export class DbSync {
     const lastHlc = Number(getMeta(this.db, "hlc") ?? 0);
     o.clock.observe(lastHlc);
     this.states = new RowStateStore(this.db);
-    const counted = (this.counted = new CountedStateStore(this.db));
+    const bag = (this.bag = new BagStore(this.db));
     const keyless = (table: string) => this.tables.get(table)?.shape.hasDeclaredKey === false;
-    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, counted, keyless);
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, keyless);
     this.outbox = new Outbox(this.db, o.node, o.stream);
     this.applier = new Applier(
       this.db,
       o.clock,
       this.states,
-      counted,
+      bag,
       () => this.tables,
       (p) => {
         o.metrics.inc("unisync_records_parked_total");
@@ -117,7 +118,7 @@ export class DbSync {
       .immediate();
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     for (const def of defs.filter((d) => d.needsBaseline)) {
-      const n = baselineTable(this.db, def, this.states, this.counted, (rows) => {
+      const n = baselineTable(this.db, def, this.states, this.bag, (rows) => {
         if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
       });
       if (n > 0) this.log.info({ table: def.shape.name, rows: n }, "recorded rows that no trigger had seen (baseline)");

@@ -8,13 +8,14 @@
  */
 import type { Database } from "better-sqlite3";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
+import type { BagStore } from "../replay/bag.js";
+import type { RowStateStore } from "../replay/state.js";
 import { quoteIdent } from "./schema.js";
 import { CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;
 
-export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, counted: CountedStateStore, progress?: (rows: number) => void): number {
+export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, bag: BagStore, progress?: (rows: number) => void): number {
   const { shape, capId } = def;
   const t = quoteIdent(shape.name);
   const cols = shape.columns.map(quoteIdent).join(", ");
@@ -33,12 +34,11 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
   // (Held per scan; such tables are usually small.)
   const copiesSeen = new Map<string, number>();
   const unrecorded = (values: SqlValue[]): boolean => {
-    const pk = rowIdentity(keyIdx.map((i) => values[i]), !shape.hasDeclaredKey);
-    if (shape.hasDeclaredKey) return !states.get(shape.name, pk)?.alive;
-    const id = pk.toString("base64");
+    if (shape.hasDeclaredKey) return !states.get(shape.name, rowIdentity(keyIdx.map((i) => values[i]), false))?.alive;
+    const id = rowIdentity(values, true).toString("base64");
     const nth = (copiesSeen.get(id) ?? 0) + 1;
     copiesSeen.set(id, nth);
-    return nth > visibleCopies(counted.get(shape.name, pk)).length;
+    return nth > bag.liveCopies(shape.name, values);
   };
   let position: SqlValue[] | null = null;
   let recorded = 0;

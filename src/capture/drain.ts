@@ -8,7 +8,8 @@ import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "../replay/merge.js";
-import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "../replay/state.js";
+import type { BagStore } from "../replay/bag.js";
+import type { RowStateStore } from "../replay/state.js";
 import { CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {
@@ -18,6 +19,9 @@ interface CaptureGeneration {
 }
 
 type ChangeRow = unknown[]; // id, cap, op, ms, mask, v0..vN (raw row)
+
+/** A row change as captured; keyless updates also carry the values before it. */
+type CapturedChange = RowChange & { oldValues?: SqlValue[] };
 
 export interface DrainedBatch {
   records: LogRecord[];
@@ -44,8 +48,8 @@ export class ChangeDrain {
     private readonly origin: string,
     private readonly clock: HybridClock,
     private readonly states: RowStateStore,
-    private readonly counted: CountedStateStore,
-    /** True for tables without a declared key, whose rows are counted, not merged. */
+    private readonly bag: BagStore,
+    /** True for tables without a declared key, whose rows are bag instances (see bag.ts). */
     private readonly keyless: (table: string) => boolean,
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
@@ -68,7 +72,7 @@ export class ChangeDrain {
   }
 
   /** Row changes a captured change stands for (an update of the key is a delete plus an insert). */
-  private toRowChanges(g: CaptureGeneration, op: number, mask: unknown, slots: SqlValue[]): RowChange[] {
+  private toRowChanges(g: CaptureGeneration, op: number, mask: unknown, slots: SqlValue[]): CapturedChange[] {
     const n = g.columns.length;
     const values = slots.slice(0, n);
     const base = { table: g.table, columns: g.columns, key: g.key };
@@ -77,6 +81,8 @@ export class ChangeDrain {
     const changed = g.columns.map((_, i) => i).filter((i) => maskHasColumn(mask, i));
     if (changed.length === 0) return [];
     const oldKey = slots.slice(n, n + g.key.length);
+    // Without a declared key the "key" is every column: the copy changes in place.
+    if (this.keyless(g.table)) return [{ ...base, op: OP_UPDATE, values, changed, oldValues: oldKey }];
     const newKey = g.key.map((k) => values[g.columns.indexOf(k)]);
     if (rowIdentity(oldKey, false).equals(rowIdentity(newKey, false))) return [{ ...base, op: OP_UPDATE, values, changed }];
     const oldValues = values.slice();
@@ -108,8 +114,9 @@ export class ChangeDrain {
         lastId = after;
         for (const change of this.toRowChanges(g, Number(op), mask, slots)) {
           const hlc = this.clock.tick(ms === null ? undefined : Number(ms));
-          this.fold(change, hlc);
-          records.push({ hlc, row: change });
+          const { oldValues, ...row } = change;
+          this.fold(row, hlc, oldValues);
+          records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
         if (records.length >= maxRecords || bytes >= maxBytes) break;
@@ -119,28 +126,27 @@ export class ChangeDrain {
   }
 
   /** Records a local change in the merge state; the table already holds it. */
-  private fold(change: RowChange, hlc: number): void {
-    const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
-    const keyless = this.keyless(change.table);
-    const pk = rowIdentity(keyValues, keyless);
-    if (keyless) {
-      const state = this.counted.get(change.table, pk);
-      if (change.op === OP_DELETE) {
-        // The app removed one of the equal copies: name the oldest one we know.
-        const victim = visibleCopies(state)[0];
-        if (victim) {
-          removeInstance(state, victim);
-          change.removes = { hlc: victim[0], origin: victim[1] };
+  private fold(change: RowChange, hlc: number, oldValues?: SqlValue[]): void {
+    const stamp = { hlc, origin: this.origin };
+    if (this.keyless(change.table)) {
+      if (change.op === OP_INSERT) this.bag.record(change.table, stamp, "insert", change.values, stamp);
+      else {
+        // The app changed one of the equal copies: name the oldest live one.
+        const instance = this.bag.pickInstance(change.table, oldValues ?? change.values);
+        if (instance) {
+          this.bag.record(change.table, instance, change.op === OP_DELETE ? "delete" : "update", change.values, stamp);
+          change.instance = instance;
         }
-      } else addInstance(state, [hlc, this.origin]);
-      this.counted.put(change.table, pk, state, hlc, this.origin);
+      }
       return;
     }
+    const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
+    const pk = rowIdentity(keyValues, false);
     const prior = this.states.get(change.table, pk);
     const asRow = new Map(change.columns.map((c, i) => [c, change.values[i]]));
     const { state } = mergeChange(prior, asRow, {
       op: change.op,
-      stamp: { hlc, origin: this.origin },
+      stamp,
       columns: change.columns,
       values: change.values,
       changed: change.changed,

@@ -27,6 +27,12 @@ CREATE TABLE IF NOT EXISTS _unisync_rows(
   tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, origin TEXT NOT NULL,
   alive INTEGER NOT NULL, base_hlc INTEGER NOT NULL, base_origin TEXT NOT NULL,
   cols TEXT, dead BLOB, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
+-- Rows of tables without a declared key: one entry per copy ("instance", named
+-- by its insert's clock and origin) with its current values and their clock.
+CREATE TABLE IF NOT EXISTS _unisync_bag(
+  tbl TEXT NOT NULL, inst BLOB NOT NULL, vid BLOB NOT NULL, vals BLOB NOT NULL,
+  hlc INTEGER NOT NULL, origin TEXT NOT NULL, alive INTEGER NOT NULL, PRIMARY KEY(tbl, inst)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS _unisync_bag_vid ON _unisync_bag(tbl, vid, alive);
 -- Sealed segments waiting for upload. A retry uploads exactly these bytes.
 CREATE TABLE IF NOT EXISTS _unisync_outbox(
   seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);

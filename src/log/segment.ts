@@ -26,8 +26,8 @@ export interface RowChange {
   key: string[];
   /** UPDATE: indexes into columns that the change wrote. */
   changed: number[];
-  /** DELETE in a table without a key: the copy (insert clock and origin) it removed. */
-  removes?: { hlc: number; origin: string };
+  /** UPDATE/DELETE in a table without a key: the copy (its insert's clock and origin) it changed. */
+  instance?: { hlc: number; origin: string };
 }
 
 export interface FileChange {
@@ -131,8 +131,8 @@ export function encodeSegment(seg: Segment): Buffer {
         values: r.row.values.map(toWire),
         key: r.row.key,
         changed: r.row.changed,
-        removesHlc: r.row.removes?.hlc,
-        removesOrigin: r.row.removes?.origin,
+        instanceHlc: r.row.instance?.hlc,
+        instanceOrigin: r.row.instance?.origin,
       },
       file: r.file,
     })),
@@ -149,8 +149,8 @@ interface WireRecord {
     values?: WireValue[];
     key?: string[];
     changed?: number[];
-    removesHlc?: LongLike;
-    removesOrigin?: string;
+    instanceHlc?: LongLike;
+    instanceOrigin?: string;
   };
   file?: {
     path?: string;
@@ -198,7 +198,7 @@ export function decodeSegment(bytes: Buffer): Segment {
         values: (r.row.values ?? []).map(fromWire),
         key: r.row.key ?? [],
         changed: r.row.changed ?? [],
-        removes: r.row.removesOrigin ? { hlc: longToNumber(r.row.removesHlc), origin: r.row.removesOrigin } : undefined,
+        instance: r.row.instanceOrigin ? { hlc: longToNumber(r.row.instanceHlc), origin: r.row.instanceOrigin } : undefined,
       } : undefined,
       file: r.file ? {
         path: r.file.path ?? "",

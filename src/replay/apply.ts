@@ -9,7 +9,8 @@ import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "./merge.js";
-import { addInstance, removeInstance, visibleCopies, type CountedStateStore, type RowStateStore } from "./state.js";
+import type { BagStore } from "./bag.js";
+import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 
 export interface Cursor {
@@ -54,7 +55,7 @@ export class Applier {
     private readonly db: Database,
     private readonly clock: HybridClock,
     private readonly states: RowStateStore,
-    private readonly counted: CountedStateStore,
+    private readonly bag: BagStore,
     /** Current local tables by name; replaced by the owner when the schema changes. */
     private readonly tables: () => Map<string, TableAccess>,
     private readonly onParked: (p: ParkedRecord) => void,
@@ -123,9 +124,9 @@ export class Applier {
     const row = rec.row;
     if (!row) return null;
     const access = this.tables().get(row.table) as TableAccess;
+    if (!access.shape.hasDeclaredKey) return this.applyToBag(origin, rec, access);
     const keyValues = row.key.map((k) => row.values[row.columns.indexOf(k)]);
-    const pk = rowIdentity(keyValues, !access.shape.hasDeclaredKey);
-    if (!access.shape.hasDeclaredKey) return this.applyCounted(origin, rec, access, row.key, keyValues, pk);
+    const pk = rowIdentity(keyValues, false);
     const current = access.find(row.key, keyValues);
     const prior = this.states.get(row.table, pk);
     const { state, write } = mergeChange(prior, current, {
@@ -147,25 +148,26 @@ export class Applier {
     return null;
   }
 
-  /** Bag semantics for tables without a key: merge the instance sets, then match the copies to them. */
-  private applyCounted(origin: string, rec: LogRecord, access: TableAccess, key: string[], keyValues: SqlValue[], pk: Buffer): string | null {
+  /** Tables without a key: merge into the named copy, then match the table's copies to the bag. */
+  private applyToBag(origin: string, rec: LogRecord, access: TableAccess): string | null {
     const row = rec.row as RowChange;
-    const state = this.counted.get(access.shape.name, pk);
-    if (row.op === OP_DELETE) {
-      // A delete that names no copy removed a row the origin never recorded: nothing to undo here.
-      if (!row.removes) return null;
-      removeInstance(state, [row.removes.hlc, row.removes.origin]);
-    } else addInstance(state, [rec.hlc, origin]);
+    // Values in local column order (a local column the origin lacks stays NULL).
+    const values = access.shape.columns.map((c) => {
+      const i = row.columns.indexOf(c);
+      return i < 0 ? null : row.values[i];
+    });
+    const stamp = { hlc: rec.hlc, origin };
+    const op = row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : "update";
+    // An update or delete that names no copy changed a row its origin never recorded.
+    const instance = op === "insert" ? stamp : row.instance;
+    if (!instance) return null;
+    const affected = this.bag.record(access.shape.name, instance, op, values, stamp);
+    if (!affected) return null;
     try {
-      const want = visibleCopies(state).length;
-      let have = access.copies(key, keyValues);
-      const values = new Map(key.map((k, i) => [k, keyValues[i]]));
-      for (; have < want; have++) access.insert(values);
-      for (; have > want; have--) access.delete(key, keyValues);
+      this.bag.reconcile(access, affected);
     } catch (err) {
       return (err as Error).message;
     }
-    this.counted.put(access.shape.name, pk, state, rec.hlc, origin);
     return null;
   }
 
