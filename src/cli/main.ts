@@ -46,14 +46,15 @@ and --node are enough. Node-local state lives in INSTANCE_DIR/.unisync/.
   --log-level LEVEL   fatal|error|warn|info|debug|trace (default info)
 Every config key can also be set as UNISYNC_<KEY> (e.g. UNISYNC_POLL_MAX_MS=1000).
 Logs are JSON lines (pino) on stdout.`,
-  status: `Usage: unisync status INSTANCE_DIR [--store URL] [--json]
+  status: `Usage: unisync status INSTANCE_DIR [--store URL] [--json] [--files]
 
 Shows, per synced database: the node it belongs to, segments written, changes
 pending upload, parked records and why, and for every other origin the last
 segment applied and how many are waiting in the store (lag). Also lists SQLite
 files deeper in the folder that are not synced.
   --store URL   the store to measure lag against (default: from the config)
-  --json        machine-readable output`,
+  --json        machine-readable output
+  --files       also list every file of the folder that is not synced, and why`,
 };
 
 HELP.verify = `Usage: unisync verify INSTANCE_DIR OTHER_INSTANCE_DIR [--json]

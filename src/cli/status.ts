@@ -3,6 +3,7 @@ import Database from "better-sqlite3";
 import { existsSync } from "node:fs";
 import { loadConfig } from "../agent/config.js";
 import { findDatabases } from "../agent/databases.js";
+import { listExcluded } from "../capture/folder.js";
 import { decodeName, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
@@ -33,7 +34,7 @@ async function countAfter(store: ObjectStore, origin: string, stream: string, se
 }
 
 export async function statusCommand(args: string[], parse: Parse, help: string): Promise<void> {
-  const { values, positionals } = parse(args, { store: { type: "string" }, json: { type: "boolean" } });
+  const { values, positionals } = parse(args, { store: { type: "string" }, json: { type: "boolean" }, files: { type: "boolean" } });
   if (values.help) return console.log(help);
   if (positionals.length !== 1) throw new Error(`status needs INSTANCE_DIR\n\n${help}`);
   const config = loadConfig({ instanceDir: positionals[0], store: values.store as string | undefined }, undefined);
@@ -80,7 +81,8 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
       db.close();
     }
   }
-  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced };
+  const excludedFiles = values.files ? await listExcluded(config.instanceDir, new Set(found.synced.map((d) => d.path))) : undefined;
+  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced, excludedFiles };
   if (values.json) return console.log(JSON.stringify(result, null, 2));
   console.log(`instance folder: ${config.instanceDir}`);
   console.log(`store: ${store ? store.description : "(none given: pass --store or set it in the config)"}${storeError ? `  UNREACHABLE: ${storeError}` : ""}`);
@@ -96,6 +98,10 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
       console.log(`  parked records (${r.parked.length}${r.parked.length === 50 ? "+" : ""}): kept and retried after each schema change`);
       for (const p of r.parked.slice(0, 10)) console.log(`    ${p.origin}#${p.seq} ${p.table ?? ""}: ${p.reason}`);
     }
+  }
+  if (excludedFiles) {
+    console.log(`\nfiles not synced (${excludedFiles.length}):`);
+    for (const e of excludedFiles) console.log(`  ${e.path}: ${e.reason}`);
   }
   if (found.notSynced.length) {
     console.log("\nSQLite files not synced:");
