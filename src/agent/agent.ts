@@ -113,8 +113,9 @@ export class Agent {
     const found = findDatabases(this.config.instanceDir, this.config.databases, false, open);
     for (const { path, stream } of found.synced) {
       if (this.dbs.has(stream) || this.failed.has(stream)) continue;
+      let db: DbSync | undefined;
       try {
-        const db = new DbSync({
+        db = new DbSync({
           path,
           stream,
           node: this.config.node,
@@ -132,7 +133,13 @@ export class Agent {
         this.dbs.set(stream, db);
         this.log.info({ db: stream, path }, "syncing database");
       } catch (err) {
+        db?.close();
         const message = (err as Error).message;
+        if ((err as { code?: string }).code === "SQLITE_BUSY") {
+          // The app holds its write lock (e.g. it is creating the file): next rescan.
+          this.log.debug({ db: stream, path }, "database busy; will enrol it at the next rescan");
+          continue;
+        }
         if (err instanceof NodeIdentityError) this.failed.set(stream, message);
         this.log.error({ db: stream, path, err: message }, "cannot sync this database");
       }

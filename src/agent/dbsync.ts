@@ -61,27 +61,11 @@ export class DbSync {
   constructor(private readonly o: DbSyncOptions) {
     this.log = o.log.child({ db: o.stream });
     this.db = new Database(o.path, { fileMustExist: true, timeout: o.busyTimeoutMs });
-    this.db.pragma(`busy_timeout = ${o.busyTimeoutMs}`);
-    if (o.walMode) {
-      const mode = String(this.db.pragma("journal_mode", { simple: true }));
-      if (mode !== "wal") {
-        const now = String(this.db.pragma("journal_mode = WAL", { simple: true }));
-        this.log.info({ from: mode, to: now }, "switched the database to WAL so the app and unisync do not block each other");
-      }
-    }
-    // Children can arrive before their parents from another origin, and a
-    // cascade already happened at the origin (its effects are records too).
-    this.db.pragma("foreign_keys = OFF");
-    this.db.pragma("recursive_triggers = OFF");
-    ensureInternalTables(this.db);
-    const enrolledAs = getMeta(this.db, "node");
-    if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
-    else if (enrolledAs !== o.node) {
+    try {
+      this.prepareConnection();
+    } catch (err) {
       this.db.close();
-      throw new NodeIdentityError(
-        `${o.path} belongs to node "${String(enrolledAs)}" but this agent runs as "${o.node}". ` +
-          `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
-      );
+      throw err;
     }
     const lastHlc = Number(getMeta(this.db, "hlc") ?? 0);
     o.clock.observe(lastHlc);
@@ -103,6 +87,33 @@ export class DbSync {
       },
       o.maxClockDriftMs,
     );
+  }
+
+  /** Connection settings, our tables and the node check; throws (the caller closes). */
+  private prepareConnection(): void {
+    const o = this.o;
+    this.db.pragma(`busy_timeout = ${o.busyTimeoutMs}`);
+    if (o.walMode) {
+      const mode = String(this.db.pragma("journal_mode", { simple: true }));
+      if (mode !== "wal") {
+        // SQLite does not wait for the app's write lock here; the agent retries at the next rescan.
+        const now = String(this.db.pragma("journal_mode = WAL", { simple: true }));
+        this.log.info({ from: mode, to: now }, "switched the database to WAL so the app and unisync do not block each other");
+      }
+    }
+    // Children can arrive before their parents from another origin, and a
+    // cascade already happened at the origin (its effects are records too).
+    this.db.pragma("foreign_keys = OFF");
+    this.db.pragma("recursive_triggers = OFF");
+    ensureInternalTables(this.db);
+    const enrolledAs = getMeta(this.db, "node");
+    if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
+    else if (enrolledAs !== o.node) {
+      throw new NodeIdentityError(
+        `${o.path} belongs to node "${String(enrolledAs)}" but this agent runs as "${o.node}". ` +
+          `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
+      );
+    }
   }
 
   get stream(): string {
