@@ -13,7 +13,7 @@ import Database from "better-sqlite3";
 import { compress } from "zstd-napi";
 import { FolderSync } from "../src/agent/foldersync.js";
 import { Metrics } from "../src/agent/metrics.js";
-import { conflictName, decide, KIND_DELETE, KIND_WRITE, type Version } from "../src/capture/filestate.js";
+import { conflictName, decide, FileStateStore, KIND_DELETE, KIND_WRITE, MAX_CONFLICT_COPIES, type Version } from "../src/capture/filestate.js";
 import { listExcluded } from "../src/capture/folder.js";
 import { builtinExclusion, IgnoreRules, unsafePathReason } from "../src/capture/ignore.js";
 import { blobKey, fetchBlobToFile, putBlobFromFile } from "../src/log/blobs.js";
@@ -113,6 +113,25 @@ describe("merge rule", () => {
     const d = decide([v(100, "a", 1, [0, ""], "x"), v(101, "b", 1, [0, ""], "x")]);
     expect(d.losers).toEqual([]);
   });
+  it("conflict copies are deduplicated by content and capped, identically in any arrival order", () => {
+    // 16 concurrent edits from 16 nodes; two pairs share content.
+    const edits = Array.from({ length: 16 }, (_, i) => v(1000 + i * 1024 * 1000, `n${String(i).padStart(2, "0")}`, 1, [0, ""], i === 3 ? "dup" : i === 9 ? "dup" : `c${i}`));
+    const livePaths = (order: Version[]) => {
+      const store = new FileStateStore(new Database(":memory:"));
+      for (const e of order) {
+        store.addVersion(e);
+        store.recompute(e.path);
+      }
+      return (store.db.prepare("SELECT path FROM file_state WHERE kind <> ? AND path LIKE '%sync-conflict%' ORDER BY path").all(KIND_DELETE) as { path: string }[]).map((r) => r.path);
+    };
+    const forward = livePaths(edits);
+    const backward = livePaths([...edits].reverse());
+    expect(forward).toEqual(backward);
+    expect(forward).toHaveLength(MAX_CONFLICT_COPIES);
+    // The older of the two "dup" losers has no copy: the newer one stands for it.
+    expect(forward.some((p) => p.includes("-n03"))).toBe(false);
+  });
+
   it("conflict copy names are readable and deterministic", () => {
     const hlc = Date.UTC(2024, 0, 2, 3, 4, 5) * 1024 + 7;
     expect(conflictName("team/Seth Herod.json", hlc, "n2")).toBe("team/Seth Herod.sync-conflict-20240102-030405-n2.json");

@@ -122,6 +122,23 @@ export function decide(versions: readonly Version[]): { winner: Version | null; 
   return { winner, losers };
 }
 
+/** At most this many conflict copies per path; the newest are kept. */
+export const MAX_CONFLICT_COPIES = 10;
+
+/**
+ * The losers that keep a conflict copy: one per content (the newest loser with
+ * that hash), and only the newest MAX_CONFLICT_COPIES of those. Both rules are
+ * monotonic: a loser left out now is never wanted later, whatever arrives.
+ */
+export function keptConflicts(losers: readonly Version[]): Set<Version> {
+  const newestPerHash = new Map<string, Version>();
+  for (const l of losers) {
+    const seen = newestPerHash.get(l.sha256);
+    if (!seen || cmp(l, seen) > 0) newestPerHash.set(l.sha256, l);
+  }
+  return new Set([...newestPerHash.values()].sort((a, b) => cmp(b, a)).slice(0, MAX_CONFLICT_COPIES));
+}
+
 const pad = (n: number, w = 2) => String(n).padStart(w, "0");
 
 /**
@@ -250,12 +267,20 @@ export class FileStateStore {
         .run(path, winner.hlc, winner.origin, winner.kind, winner.sha256 || null, winner.size, winner.mode, winner.mtimeMs, winner.link || null);
       changed.push(path);
     }
+    const kept = keptConflicts(losers);
     for (const l of losers) {
       const copy = conflictName(path, l.hlc, l.origin);
-      const r = this.db.prepare("INSERT OR IGNORE INTO file_conflicts(path, hlc, origin, copy) VALUES (?,?,?,?)").run(path, l.hlc, l.origin, copy);
-      if (r.changes === 0) continue;
-      const added = this.addVersion({ ...l, path: copy, baseHlc: 0, baseOrigin: "", derived: true });
-      if (added) this.recompute(copy, changed);
+      const made = !!this.db.prepare("SELECT 1 FROM file_conflicts WHERE path = ? AND hlc = ? AND origin = ?").get(path, l.hlc, l.origin);
+      if (kept.has(l)) {
+        if (made) continue;
+        this.db.prepare("INSERT INTO file_conflicts(path, hlc, origin, copy) VALUES (?,?,?,?)").run(path, l.hlc, l.origin, copy);
+        if (this.addVersion({ ...l, path: copy, baseHlc: 0, baseOrigin: "", derived: true })) this.recompute(copy, changed);
+      } else if (made) {
+        // Superseded (same content as a newer loser, or over the cap): every node
+        // that made this copy removes it with the same derived delete.
+        const removal: Version = { ...l, path: copy, hlc: l.hlc + 1, kind: KIND_DELETE, baseHlc: l.hlc, baseOrigin: l.origin, derived: true };
+        if (this.addVersion(removal)) this.recompute(copy, changed);
+      }
     }
     return changed;
   }
