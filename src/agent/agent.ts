@@ -8,7 +8,7 @@ import { mkdirSync } from "node:fs";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName } from "../log/keys.js";
-import { LogForkError } from "../log/outbox.js";
+import { LogForkError, type Outbox } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
@@ -99,12 +99,19 @@ export class Agent {
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop());
   }
 
-  /** A database whose log cannot be written safely is taken out of sync, loudly. */
-  private checkFailed(db: DbSync, err: unknown): void {
-    this.log.error({ db: db.stream, err: (err as Error).message }, "this database will not be synced");
-    this.failed.set(db.stream, (err as Error).message);
-    db.close();
-    this.dbs.delete(db.stream);
+  /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
+  private async dropForked(s: DbSync | FolderSync, err: LogForkError): Promise<void> {
+    if (s instanceof FolderSync) {
+      this.log.error({ err: err.message }, "the instance folder's files will not be synced");
+      await s.stop();
+      s.close();
+      this.files = null;
+      return;
+    }
+    this.log.error({ db: s.stream, err: err.message }, "this database will not be synced");
+    this.failed.set(s.stream, err.message);
+    s.close();
+    this.dbs.delete(s.stream);
   }
 
   /** Opens DbSyncs for databases that appeared (new bind, new file). */
@@ -189,47 +196,41 @@ export class Agent {
     }
   }
 
+  /**
+   * One upload turn of one stream (a database or the folder). Returns whether a
+   * full turn went up (more is waiting). Store health is only judged from calls
+   * that were really made, so an idle stream cannot report "up" while the store is down.
+   */
+  private async uploadTurn(s: { stream: string; outbox: Outbox; upload(max: number): Promise<number> }): Promise<boolean> {
+    let called = false;
+    // Once per stream, before its first upload, even if the store was down at start.
+    if (!this.storeChecked.has(s.stream)) {
+      await s.outbox.checkStoreAgrees(this.store);
+      this.storeChecked.add(s.stream);
+      called = true;
+    }
+    const n = await s.upload(UPLOAD_TURN);
+    if (called || n > 0) this.storeOk();
+    return n === UPLOAD_TURN;
+  }
+
   private async uploadLoop(): Promise<void> {
     let backoff = 0;
     while (!this.stopping) {
       let failed = false;
       let more = false;
-      for (const db of [...this.dbs.values()]) {
+      const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
+      if (this.files) streams.push(this.files);
+      for (const s of streams) {
         try {
-          // Once per database, before its first upload, even if the store was down at start.
-          if (!this.storeChecked.has(db.stream)) {
-            await db.outbox.checkStoreAgrees(this.store);
-            this.storeChecked.add(db.stream);
-          }
           // A full turn means more is waiting: go round again without sleeping.
-          if ((await db.upload(UPLOAD_TURN)) === UPLOAD_TURN) more = true;
-          this.storeOk();
+          if (await this.uploadTurn(s)) more = true;
         } catch (err) {
-          if (err instanceof LogForkError) this.checkFailed(db, err);
+          if (err instanceof LogForkError) await this.dropForked(s, err);
           else {
             failed = true;
-            this.storeFailed(err, `uploading ${db.stream}`);
-          }
-        }
-      }
-      const files = this.files;
-      if (files) {
-        try {
-          if (!this.storeChecked.has(files.stream)) {
-            await files.outbox.checkStoreAgrees(this.store);
-            this.storeChecked.add(files.stream);
-          }
-          if ((await files.upload(UPLOAD_TURN)) === UPLOAD_TURN) more = true;
-          this.storeOk();
-        } catch (err) {
-          if (err instanceof LogForkError) {
-            this.log.error({ err: err.message }, "the instance folder's files will not be synced");
-            await files.stop();
-            files.close();
-            this.files = null;
-          } else {
-            failed = true;
-            this.storeFailed(err, "uploading files");
+            this.storeFailed(err, `uploading ${s.stream}`);
+            break; // the store is down: the other streams wait for the next round
           }
         }
       }
@@ -257,17 +258,15 @@ export class Agent {
           await this.refreshOrigins();
           lastOriginScan = Date.now();
         }
-        for (const db of this.dbs.values()) {
+        const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
+        if (this.files) streams.push(this.files);
+        for (const s of streams) {
           for (const origin of this.origins) {
             if (this.stopping) break;
-            applied += await db.pull(origin);
+            applied += await s.pull(origin);
+            this.storeOk(); // judged only from calls really made (pull lists the store)
           }
         }
-        for (const origin of this.origins) {
-          if (this.stopping || !this.files) break;
-          applied += await this.files.pull(origin);
-        }
-        this.storeOk();
       } catch (err) {
         if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");
