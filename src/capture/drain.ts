@@ -143,7 +143,8 @@ export class ChangeDrain {
     const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
     const prior = this.states.get(change.table, pk);
-    const asRow = new Map(change.columns.map((c, i) => [c, change.values[i]]));
+    // A fresh insert needs no current row to merge against (mergeChange's fast path).
+    const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, change.values[i]]));
     const { state } = mergeChange(prior, asRow, {
       op: change.op,
       stamp,

@@ -41,7 +41,7 @@ function unfit(rec: LogRecord, tables: Map<string, TableAccess>): string | null 
   if (row.key.length === 0 || row.key.some((k) => !row.columns.includes(k))) return "row key is not among the columns";
   const access = tables.get(row.table);
   if (!access) return `table "${row.table}" does not exist here (yet)`;
-  const missing = row.columns.filter((c) => !access.shape.columns.includes(c));
+  const missing = row.columns.filter((c) => !access.has(c));
   if (missing.length) return `column(s) ${missing.map((c) => `"${c}"`).join(", ")} of "${row.table}" do not exist here (yet)`;
   return null;
 }

@@ -54,9 +54,20 @@ export class RowStateStore {
     };
   }
 
+  /** Serialised clocks of rows whose columns all share the base clock, by column list (the common case). */
+  private readonly allBase = new Map<string, string>();
+
   put(table: string, pk: Buffer, s: RowState): void {
     const entries = Object.entries(s.cols);
-    const cols = entries.length ? JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, st ? [st.hlc, st.origin] : 0]))) : null;
+    let cols: string | null = null;
+    if (entries.length > 0 && entries.every(([, st]) => st === null)) {
+      const names = entries.map(([c]) => c).join("\u0000");
+      cols = this.allBase.get(names) ?? null;
+      if (cols === null) {
+        cols = JSON.stringify(Object.fromEntries(entries.map(([c]) => [c, 0])));
+        if (this.allBase.size < 1000) this.allBase.set(names, cols);
+      }
+    } else if (entries.length) cols = JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, st ? [st.hlc, st.origin] : 0])));
     this.putStmt.run(table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols, s.dead ? encodeDead(s.dead) : null);
   }
 }

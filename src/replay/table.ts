@@ -12,6 +12,7 @@ export class TableAccess {
     readonly shape: TableShape,
   ) {
     this.t = quoteIdent(shape.name);
+    this.known = new Set(shape.columns);
   }
 
   private stmt(sql: string, reader = false): Statement {
@@ -58,10 +59,26 @@ export class TableAccess {
     return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...this.keyArgs(keyValues)));
   }
 
+  private readonly known: Set<string>;
+
+  /** Whether the table has this column now. */
+  has(column: string): boolean {
+    return this.known.has(column);
+  }
+  /** INSERT statements by column list (joined names), built once each. */
+  private readonly inserts = new Map<string, { cols: string[]; stmt: Statement }>();
+
   insert(values: Map<string, SqlValue>): void {
-    const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));
-    const sql = `INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`;
-    this.stmt(sql).run(...cols.map((c) => values.get(c) as SqlValue));
+    const names = [...values.keys()];
+    const id = names.join("\u0000");
+    let ins = this.inserts.get(id);
+    if (!ins) {
+      const cols = names.filter((c) => this.known.has(c));
+      const stmt = this.db.prepare(`INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`);
+      ins = { cols, stmt };
+      this.inserts.set(id, ins);
+    }
+    ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue));
   }
 
   /** Only for tables with a declared key (rows of the others never change in place). */
