@@ -13,7 +13,7 @@ import { installTriggers } from "../capture/triggers.js";
 import type { HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
-import { readAfter, type TailProblem } from "../log/tail.js";
+import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
 import { RowStateStore } from "../replay/state.js";
@@ -54,12 +54,18 @@ export class DbSync {
   private tables = new Map<string, TableAccess>();
   private lastSchemaVersion = -1;
   private lastDataVersion = -1;
-  /** Per origin: why its stream is stopped (gap, corrupt segment), for status. */
-  readonly problems = new Map<string, TailProblem>();
+  private readonly tailProblems: TailProblems;
+
+  /** Per origin: why its stream is stopped (gap, corrupt segment, fork), for status. */
+  get problems(): ReadonlyMap<string, TailProblem> {
+    return this.tailProblems.byOrigin;
+  }
+
   private readonly log: Logger;
 
   constructor(private readonly o: DbSyncOptions) {
     this.log = o.log.child({ db: o.stream });
+    this.tailProblems = new TailProblems(this.log, "replay");
     this.db = new Database(o.path, { fileMustExist: true, timeout: o.busyTimeoutMs });
     try {
       this.prepareConnection();
@@ -129,7 +135,7 @@ export class DbSync {
       .immediate();
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     for (const def of defs.filter((d) => d.needsBaseline)) {
-      const n = baselineTable(this.db, def, this.states, this.bag, (rows) => {
+      const n = baselineTable(this.db, def, this.states, this.bag, () => this.sealEverything(), (rows) => {
         if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
       });
       if (n > 0) this.log.info({ table: def.shape.name, rows: n }, "recorded rows that no trigger had seen (baseline)");
@@ -233,14 +239,7 @@ export class DbSync {
       this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
       this.o.metrics.inc("unisync_segments_applied_total");
     }
-    const previous = this.problems.get(origin);
-    if (problem) {
-      if (previous?.message !== problem.message) this.log.error({ origin, ...problem }, "replay of this origin is waiting");
-      this.problems.set(origin, problem);
-    } else if (previous) {
-      this.log.info({ origin }, "replay of this origin resumed");
-      this.problems.delete(origin);
-    }
+    this.tailProblems.update(origin, problem);
     return applied;
   }
 

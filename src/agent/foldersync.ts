@@ -23,7 +23,7 @@ import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import type { HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import type { LogRecord } from "../log/segment.js";
-import { readAfter, type TailProblem } from "../log/tail.js";
+import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
 import type { ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
@@ -58,7 +58,13 @@ export class FolderSync {
   readonly scanner: FolderScanner;
   private readonly materializer: Materializer;
   /** Per origin: why its file stream is stopped (gap, corrupt segment), for status. */
-  readonly problems = new Map<string, TailProblem>();
+  private readonly tailProblems: TailProblems;
+
+  /** Per origin: why its stream is stopped (gap, corrupt segment, fork), for status. */
+  get problems(): ReadonlyMap<string, TailProblem> {
+    return this.tailProblems.byOrigin;
+  }
+
   private readonly log: Logger;
   private readonly stagingDir: string;
   private chain: Promise<unknown> = Promise.resolve();
@@ -76,6 +82,7 @@ export class FolderSync {
 
   constructor(private readonly o: FolderSyncOptions) {
     this.log = o.log.child({ files: FILES_STREAM });
+    this.tailProblems = new TailProblems(this.log, "file replay");
     const dir = join(o.instanceDir, STATE_DIR);
     this.stagingDir = join(dir, "staging");
     mkdirSync(this.stagingDir, { recursive: true });
@@ -412,14 +419,7 @@ export class FolderSync {
         this.o.metrics.inc("unisync_segments_applied_total");
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
-      const previous = this.problems.get(origin);
-      if (problem) {
-        if (previous?.message !== problem.message) this.log.error({ origin, ...problem }, "file replay of this origin is waiting");
-        this.problems.set(origin, problem);
-      } else if (previous) {
-        this.log.info({ origin }, "file replay of this origin resumed");
-        this.problems.delete(origin);
-      }
+      this.tailProblems.update(origin, problem);
       await this.materializePending();
       return applied;
     });

@@ -3,8 +3,7 @@
  * a database is enrolled, and whatever was written while a rebuilt table had no
  * triggers yet. They are recorded as inserts so that other nodes receive them.
  * Runs in small transactions after the triggers are in place, so the app keeps
- * writing meanwhile: a row it changes during the scan is recorded twice, with
- * the same values, which the merge makes harmless.
+ * writing meanwhile.
  */
 import type { Database } from "better-sqlite3";
 import { rowIdentity, type SqlValue } from "../log/value.js";
@@ -15,7 +14,20 @@ import { CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./trigge
 
 const CHUNK = 2000;
 
-export function baselineTable(db: Database, def: CaptureDef, states: RowStateStore, bag: BagStore, progress?: (rows: number) => void): number {
+/**
+ * `sealPending` runs first inside each chunk's transaction: then the merge state
+ * knows every change the triggers captured so far, and the chunk reads the table
+ * in the same snapshot. Without it a copy the app inserted into a keyless table
+ * just before the chunk would be recorded twice (a second copy everywhere).
+ */
+export function baselineTable(
+  db: Database,
+  def: CaptureDef,
+  states: RowStateStore,
+  bag: BagStore,
+  sealPending: () => void,
+  progress?: (rows: number) => void,
+): number {
   const { shape, capId } = def;
   const t = quoteIdent(shape.name);
   const cols = shape.columns.map(quoteIdent).join(", ");
@@ -44,6 +56,7 @@ export function baselineTable(db: Database, def: CaptureDef, states: RowStateSto
   let recorded = 0;
   for (;;) {
     const chunk = db.transaction(() => {
+      sealPending();
       const rows = (position ? next.all(...position) : first.all()) as SqlValue[][];
       for (const row of rows) {
         const values = row.slice(order.length);

@@ -5,9 +5,9 @@
  * object under the very same key: readers never see two different segment Ns.
  */
 import type { Database, Statement } from "better-sqlite3";
-import type { ObjectStore } from "../store/store.js";
+import { listAll, type ObjectStore } from "../store/store.js";
 import { getMeta, setMeta } from "../capture/internal.js";
-import { segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
+import { parseSegmentKey, segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import { sealSegment, type LogRecord } from "./segment.js";
 
 /** The store holds segments of this origin that this database did not seal. */
@@ -70,24 +70,27 @@ export class Outbox {
   }
 
   /**
-   * Refuses to write when the store already holds segments of this origin and
-   * stream that this database did not seal: two nodes with one name, or a
-   * database restored from an older copy. Writing on would fork the log.
+   * Refuses to write when the store holds segments of this origin and stream
+   * that this database did not seal: two nodes with one name, or a database
+   * restored from an older copy. Writing on would fork the log. Segments we
+   * sealed may be in the store in any order (uploads run in parallel), so from
+   * the oldest unconfirmed one on, every key must be ours: a seq below next_seq
+   * and, while still in the outbox, the very key we sealed.
    */
   async checkStoreAgrees(store: ObjectStore): Promise<void> {
-    const next = this.oldest()[0]?.seq ?? this.nextSeq();
-    const page = await store.list(streamPrefix(this.origin, this.stream), {
-      startAfter: seqFloorKey(this.origin, this.stream, next - 1) + "~",
-      limit: 1,
-    });
-    const foreign = page.objects[0];
-    if (!foreign) return;
-    const pending = this.db.prepare("SELECT 1 FROM _unisync_outbox WHERE key = ?").get(foreign.key);
-    if (pending) return;
-    throw new LogForkError(
-      `the store already holds ${foreign.key}, a segment of origin "${this.origin}" that this database did not write ` +
-        `(its next segment is ${next}). Either two nodes use the name "${this.origin}" (give each its own --node), ` +
-        `or this database was restored from an older copy. Refusing to write so that the log does not fork.`,
-    );
+    const next = this.nextSeq();
+    const from = this.oldest()[0]?.seq ?? next;
+    const ours = this.db.prepare("SELECT key FROM _unisync_outbox WHERE seq = ?").pluck(true);
+    for await (const obj of listAll(store, streamPrefix(this.origin, this.stream), `${seqFloorKey(this.origin, this.stream, from - 1)}~`)) {
+      const name = parseSegmentKey(obj.key);
+      if (!name) continue;
+      const sealed = name.seq < next ? (ours.get(name.seq) as string | undefined) : undefined;
+      if (name.seq < next && (sealed === undefined || sealed === obj.key)) continue;
+      throw new LogForkError(
+        `the store already holds ${obj.key}, a segment of origin "${this.origin}" that this database did not write ` +
+          `(it has sealed up to ${next - 1}). Either two nodes use the name "${this.origin}" (give each its own --node), ` +
+          `or this database was restored from an older copy. Refusing to write so that the log does not fork.`,
+      );
+    }
   }
 }

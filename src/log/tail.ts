@@ -86,3 +86,42 @@ export async function readAfter(
   }
   return { segments, problem };
 }
+
+interface Logger {
+  info(obj: object, msg: string): void;
+  error(obj: object, msg: string): void;
+}
+
+/**
+ * Why each origin's stream is stopped, for status and the log. A gap is often
+ * only segments uploaded out of order (uploads run in parallel), so it is
+ * reported loudly only once it has lasted `gapPatienceMs`; a corrupt segment or
+ * a fork is reported at once.
+ */
+export class TailProblems {
+  readonly byOrigin = new Map<string, TailProblem & { sinceMs: number; loud: boolean }>();
+
+  constructor(
+    private readonly log: Logger,
+    private readonly what: string,
+    private readonly gapPatienceMs = 60_000,
+  ) {}
+
+  update(origin: string, problem: TailProblem | undefined, now = Date.now()): void {
+    const previous = this.byOrigin.get(origin);
+    if (!problem) {
+      if (previous) {
+        this.log.info({ origin }, `${this.what} of this origin resumed`);
+        this.byOrigin.delete(origin);
+      }
+      return;
+    }
+    const same = previous?.message === problem.message;
+    const entry = { ...problem, sinceMs: same && previous ? previous.sinceMs : now, loud: same && previous ? previous.loud : false };
+    if (!entry.loud && (problem.kind !== "gap" || now - entry.sinceMs >= this.gapPatienceMs)) {
+      this.log.error({ origin, ...problem }, `${this.what} of this origin is waiting`);
+      entry.loud = true;
+    } else if (!same) this.log.info({ origin, ...problem }, `${this.what} of this origin is waiting (segment not there yet)`);
+    this.byOrigin.set(origin, entry);
+  }
+}
