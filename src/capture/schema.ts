@@ -16,6 +16,14 @@ export interface TableShape {
   withoutRowid: boolean;
   /** Declared DEFAULT of each column as SQL text, or null. */
   defaults: Record<string, string | null>;
+  /** Columns with BLOB affinity (no declared type, or BLOB): the only ones that keep -0.0. */
+  keepsSignedZero: string[];
+}
+
+/** SQLite's affinity rule 3: a type naming no INT/CHAR/CLOB/TEXT but BLOB, or no type at all. */
+function hasBlobAffinity(declType: string): boolean {
+  const t = declType.toUpperCase();
+  return !/INT|CHAR|CLOB|TEXT/.test(t) && (t.includes("BLOB") || t.trim() === "");
 }
 
 /** Tables never synced whatever the config says: SQLite's and our own. */
@@ -43,6 +51,7 @@ interface TableListRow {
 
 interface ColumnRow {
   name: string;
+  type: string;
   pk: number;
   hidden: number;
   dflt_value: string | null;
@@ -61,6 +70,7 @@ export function readTableShape(db: Database, name: string, withoutRowid: boolean
     hasDeclaredKey: keyCols.length > 0,
     withoutRowid,
     defaults: Object.fromEntries(stored.map((c) => [c.name, c.dflt_value])),
+    keepsSignedZero: stored.filter((c) => hasBlobAffinity(c.type ?? "")).map((c) => c.name),
   };
 }
 

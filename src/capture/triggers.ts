@@ -23,9 +23,18 @@ export function changeSlots(shape: TableShape, op: number): number {
   return op === CHANGE_UPDATE ? shape.columns.length + shape.key.length : shape.columns.length;
 }
 
-function changedMaskSql(columns: string[]): string {
+function changedMaskSql(shape: TableShape): string {
+  const columns = shape.columns;
+  const signed = new Set(shape.keepsSignedZero);
   // "IS NOT" alone treats 1 and 1.0 as equal; the typeof test keeps a class change visible.
-  const differs = (c: string) => `(OLD.${quoteIdent(c)} IS NOT NEW.${quoteIdent(c)} OR typeof(OLD.${quoteIdent(c)}) <> typeof(NEW.${quoteIdent(c)}))`;
+  // No SQL tells -0.0 from 0.0, and a BLOB-affinity column keeps the sign: writing a zero
+  // over a zero there counts as a change (at worst a needless write, never a divergence).
+  const differs = (c: string) => {
+    const o = `OLD.${quoteIdent(c)}`;
+    const n = `NEW.${quoteIdent(c)}`;
+    const zero = signed.has(c) ? ` OR (typeof(${o}) = 'real' AND typeof(${n}) = 'real' AND ${n} = 0)` : "";
+    return `(${o} IS NOT ${n} OR typeof(${o}) <> typeof(${n})${zero})`;
+  };
   if (columns.length <= MAX_INT_MASK_COLUMNS) {
     return columns.map((c, i) => `(CASE WHEN ${differs(c)} THEN ${(1n << BigInt(i)).toString()} ELSE 0 END)`).join(" + ");
   }
@@ -70,7 +79,7 @@ export function triggerSql(shape: TableShape, capId: number): { name: string; sq
       names.update,
       "UPDATE",
       CHANGE_UPDATE,
-      changedMaskSql(shape.columns),
+      changedMaskSql(shape),
       `${refs("NEW", shape.columns)}, ${refs("OLD", shape.key)}`,
       n + shape.key.length,
     ),

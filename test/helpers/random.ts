@@ -18,9 +18,9 @@ const EDGES: SqlValue[] = [
 ];
 
 /**
- * A random value of any storage class, edges included. Tests of capture pass
- * `signedZero: false`: SQL cannot tell -0.0 from 0.0 (=, IS, printf, quote all
- * agree), so a trigger cannot see an update that only flips the sign of a zero.
+ * A random value of any storage class, edges included. `signedZero: false`
+ * turns -0.0 into 0.0, for places where SQL cannot tell them apart (=, IS,
+ * printf, quote all agree): copies of a row in a table without a key.
  */
 export function randomValue(rand: () => number, signedZero = true): SqlValue {
   const v = anyValue(rand);

@@ -3,8 +3,10 @@
  * environment (or passed to openStore) because s3rver checks signatures.
  */
 import crypto from "node:crypto";
-import { readdirSync, type Dirent } from "node:fs";
-import { mkdtemp, rm } from "node:fs/promises";
+import { createWriteStream, readdirSync, type Dirent } from "node:fs";
+import { mkdir, mkdtemp, rename, rm } from "node:fs/promises";
+import { Readable, Transform } from "node:stream";
+import { pipeline } from "node:stream/promises";
 import { createRequire } from "node:module";
 import type { AddressInfo } from "node:net";
 import { tmpdir } from "node:os";
@@ -63,6 +65,7 @@ function loadS3rver(): S3rverClass {
       throw new Error("s3rver was loaded before its directory walk could be patched");
     }
     patchDelimiterListing();
+    patchAtomicPut();
   }
   return require("s3rver") as S3rverClass;
 }
@@ -111,6 +114,55 @@ function patchDelimiterListing(): void {
     return { objects, commonPrefixes: [...prefixes].sort(), isTruncated };
   };
   Store.prototype.delimiterPatched = true;
+}
+
+interface PutObject {
+  bucket: string;
+  key: string;
+  metadata: unknown;
+  content: Buffer | NodeJS.ReadableStream;
+}
+interface FilesystemStore {
+  getResourcePath(bucket: string, key: string, resource: string): string;
+  putMetadata(bucket: string, key: string, metadata: unknown, md5: string): Promise<void>;
+}
+
+/**
+ * s3rver writes an object straight into its final file (readers can get a
+ * partial or empty body) and, for streamed bodies, writes the metadata before
+ * the file is flushed. S3 and MinIO make an object visible whole or not at all.
+ * Write to a temp file, rename it into place, then write the metadata. (Found
+ * when stopping s3rver mid-PUT left an empty segment that GETs returned.)
+ */
+function patchAtomicPut(): void {
+  const Store = require("s3rver/lib/stores/filesystem") as { prototype: { putObject(o: PutObject): Promise<unknown>; atomicPut?: true } };
+  if (Store.prototype.atomicPut) return;
+  Store.prototype.putObject = async function (this: FilesystemStore, object: PutObject) {
+    const objectPath = this.getResourcePath(object.bucket, object.key, "object");
+    await mkdir(path.dirname(objectPath), { recursive: true });
+    const tmp = `${objectPath}.tmp-${crypto.randomBytes(6).toString("hex")}`;
+    const hash = crypto.createHash("md5");
+    let size = 0;
+    const count = new Transform({
+      transform(chunk: Buffer, _enc, done) {
+        hash.update(chunk);
+        size += chunk.length;
+        done(null, chunk);
+      },
+    });
+    const source = Buffer.isBuffer(object.content) ? Readable.from([object.content]) : (object.content as Readable);
+    try {
+      await pipeline(source, count, createWriteStream(tmp));
+      await rename(tmp, objectPath);
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw err;
+    }
+    const md5 = hash.digest("hex");
+    await this.putMetadata(object.bucket, object.key, object.metadata, md5);
+    return { size, md5 };
+  };
+  Store.prototype.atomicPut = true;
 }
 
 /**
