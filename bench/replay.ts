@@ -10,7 +10,8 @@
  * statements replay runs per row (look the row up, read its merge state,
  * insert it, write its state), prepared, with every value computed before the
  * clock starts, so no merge logic, no decoding: what the design costs in
- * SQLite alone.
+ * SQLite alone. The measured phases run twice (once with --quick) and the
+ * best time of each counts.
  */
 import { join } from "node:path";
 import Database from "better-sqlite3";
@@ -77,57 +78,82 @@ export const replay: Bench = {
     const sealed = src.sealPending();
     const sealMs = performance.now() - t;
     t = performance.now();
-    const segments = await src.upload();
+    let segments = 0;
+    for (let k; (k = await src.upload()) > 0; ) segments += k; // upload() sends a bounded number per call
     const uploadMs = performance.now() - t;
     src.close();
     if (sealed !== n) throw new Error(`sealed ${sealed} records, expected ${n}`);
     ctx.log(`replay: source insert ${(appInsertMs / 1000).toFixed(1)} s, seal ${(sealMs / 1000).toFixed(1)} s, upload ${segments} segments ${(uploadMs / 1000).toFixed(1)} s`);
 
     // Fetch + decode only (what pull does before touching SQLite).
-    t = performance.now();
-    let decoded = 0;
-    for (let after = 0; ; ) {
-      const r = await readAfter(store, "A", STREAM, after, 16);
-      if (r.problem) throw new Error(r.problem.message);
-      if (r.segments.length === 0) break;
-      for (const s of r.segments) decoded += s.segment.records.length;
-      after = r.segments[r.segments.length - 1].seq;
-    }
-    const decodeMs = performance.now() - t;
+    const fetchDecode = async () => {
+      const t0 = performance.now();
+      let decoded = 0;
+      for (let after = 0; ; ) {
+        const r = await readAfter(store, "A", STREAM, after, 16);
+        const before = after;
+        for await (const s of r.segments) {
+          decoded += s.segment.records.length;
+          after = s.seq;
+        }
+        const problem = r.problem();
+        if (problem) throw new Error(problem.message);
+        if (after === before) break;
+      }
+      if (decoded !== n) throw new Error(`decoded ${decoded} records, expected ${n}`);
+      return performance.now() - t0;
+    };
 
     // Replay into a fresh database.
-    const dstPath = join(dir, "replica.db");
-    createDb(dstPath);
-    const dst = openDbSync(dstPath, "B", store, STREAM);
-    dst.refreshSchema();
-    t = performance.now();
-    let applied = 0;
-    for (;;) {
-      const k = await dst.pull("A", 16);
-      if (k === 0) break;
-      applied += k;
-    }
-    const replayMs = performance.now() - t;
-    const count = (dst.db.prepare("SELECT count(*) AS n FROM items").get() as { n: number }).n;
-    dst.close();
-    if (applied !== n || count !== n) throw new Error(`replay applied ${applied} records, replica has ${count} rows, expected ${n}`);
-    ctx.log(`replay: pull ${(replayMs / 1000).toFixed(1)} s (${Math.round(n / (replayMs / 1000))} rows/s); fetch+decode alone ${(decodeMs / 1000).toFixed(1)} s`);
+    const pullAll = async (rep: number) => {
+      const dstPath = join(dir, `replica-${rep}.db`);
+      createDb(dstPath);
+      const dst = openDbSync(dstPath, "B", store, STREAM);
+      dst.refreshSchema();
+      const t0 = performance.now();
+      let applied = 0;
+      for (;;) {
+        const k = await dst.pull("A", 16);
+        if (k === 0) break;
+        applied += k;
+      }
+      const ms = performance.now() - t0;
+      const count = (dst.db.prepare("SELECT count(*) AS n FROM items").get() as { n: number }).n;
+      dst.close();
+      if (applied !== n || count !== n) throw new Error(`replay applied ${applied} records, replica has ${count} rows, expected ${n}`);
+      return ms;
+    };
 
     // Baseline: raw batched insert of the same rows (generated before the clock starts).
-    const rawPath = join(dir, "raw.db");
-    createDb(rawPath);
     const rows: ItemRow[] = Array.from({ length: n }, (_, k) => itemRow(k + 1));
-    const raw = new Database(rawPath);
-    t = performance.now();
-    insertItems(raw, 1, n, batch, rows);
-    const rawMs = performance.now() - t;
-    raw.close();
-    ctx.log(`replay: raw insert ${(rawMs / 1000).toFixed(1)} s (${Math.round(n / (rawMs / 1000))} rows/s)`);
-    const floorMs = sqlFloor(join(dir, "floor.db"), rows, batch);
-    ctx.log(`replay: SQL floor ${(floorMs / 1000).toFixed(1)} s (${Math.round(n / (floorMs / 1000))} rows/s)`);
+    const rawInsert = (rep: number) => {
+      const rawPath = join(dir, `raw-${rep}.db`);
+      createDb(rawPath);
+      const raw = new Database(rawPath);
+      const t0 = performance.now();
+      insertItems(raw, 1, n, batch, rows);
+      const ms = performance.now() - t0;
+      raw.close();
+      return ms;
+    };
+
+    // Best of `reps` for each phase: other work on a small machine only ever slows a run down.
+    const reps = ctx.quick ? 1 : 2;
+    const runs: { decodeMs: number; replayMs: number; rawMs: number; floorMs: number }[] = [];
+    for (let rep = 0; rep < reps; rep++) {
+      const r = { decodeMs: await fetchDecode(), replayMs: await pullAll(rep), rawMs: rawInsert(rep), floorMs: sqlFloor(join(dir, `floor-${rep}.db`), rows, batch) };
+      runs.push(r);
+      const rps = (ms: number) => Math.round(n / (ms / 1000));
+      ctx.log(
+        `replay #${rep + 1}: pull ${(r.replayMs / 1000).toFixed(1)} s (${rps(r.replayMs)} rows/s); fetch+decode alone ${(r.decodeMs / 1000).toFixed(1)} s (${rps(r.decodeMs)}); ` +
+          `raw insert ${(r.rawMs / 1000).toFixed(2)} s (${rps(r.rawMs)}); SQL floor ${(r.floorMs / 1000).toFixed(1)} s (${rps(r.floorMs)})`,
+      );
+    }
+    const best = (k: keyof (typeof runs)[number]) => Math.min(...runs.map((r) => r[k]));
+    const [decodeMs, replayMs, rawMs, floorMs] = [best("decodeMs"), best("replayMs"), best("rawMs"), best("floorMs")];
 
     const rate = (ms: number) => n / (ms / 1000);
-    const detail = { n, batch, segments, appInsertMs, sealMs, uploadMs, decodeMs, replayMs, rawMs, floorMs };
+    const detail = { n, batch, segments, appInsertMs, sealMs, uploadMs, decodeMs, replayMs, rawMs, floorMs, runs };
     return [
       result({
         name: "replay.apply",
@@ -139,7 +165,7 @@ export const replay: Bench = {
         detail,
       }),
       result({ name: "replay.sql_floor", value: rate(floorMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert" }),
-      result({ name: "replay.fetch_decode_only", value: rate(decodeMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert", detail: { decoded } }),
+      result({ name: "replay.fetch_decode_only", value: rate(decodeMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert", }),
       result({ name: "replay.source_seal", value: rate(sealMs), unit: "rows/s", baseline: rate(rawMs), baselineLabel: "raw insert" }),
     ];
   },

@@ -16,6 +16,9 @@ import { DbSync, NodeIdentityError } from "./dbsync.js";
 import { FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
 
+/** Segments one database may seal per capture tick (the app's writes get the lock in between). */
+const SEAL_TURN = 2;
+
 /** Segments one database may upload before the next database gets its turn. */
 const UPLOAD_TURN = 32;
 
@@ -185,7 +188,7 @@ export class Agent {
       let sealed = 0;
       for (const db of this.dbs.values()) {
         try {
-          if (db.appCommitted() || db.pendingChanges() > 0) sealed += db.sealPending();
+          if (db.appCommitted() || db.hasPending()) sealed += db.sealPending(SEAL_TURN);
         } catch (err) {
           this.log.error({ db: db.stream, err: (err as Error).message }, "capture failed; retrying");
         }

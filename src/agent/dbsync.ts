@@ -185,18 +185,29 @@ export class DbSync {
    * remote records with this node's newest writes, not with stale clocks.
    */
   private sealEverything(): void {
-    while (this.sealBatch() > 0 || this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get());
+    while (this.sealBatch() > 0 || this.hasPending());
   }
 
   /** Seals everything captured so far, one transaction per segment. */
-  sealPending(): number {
+  /**
+   * Seals what was captured, one transaction per segment, at most `maxBatches`
+   * of them: the capture loop passes a small number so that the app gets its
+   * write lock between our transactions while a big backlog drains.
+   */
+  sealPending(maxBatches = Infinity): number {
     this.refreshSchema();
     let total = 0;
-    for (;;) {
+    for (let batch = 0; batch < maxBatches; batch++) {
       const n = this.db.transaction(() => this.sealBatch()).immediate();
-      if (n === 0 && !this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get()) return total;
+      if (n === 0 && !this.hasPending()) break;
       total += n;
     }
+    return total;
+  }
+
+  /** Whether captured changes wait to be sealed. */
+  hasPending(): boolean {
+    return !!this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1").get();
   }
 
   /**
@@ -221,11 +232,14 @@ export class DbSync {
 
   /** Applies what the store holds from `origin` after our cursor; returns records applied. */
   async pull(origin: string, maxSegments = 16): Promise<number> {
+    // Each apply transaction seals pending captures first; with a backlog bigger
+    // than a segment that would hold the app's write lock too long: drain first.
+    if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
     if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
     const cursor = this.applier.cursor(origin);
     const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
     let applied = 0;
-    for (const s of segments) {
+    for await (const s of segments) {
       this.refreshSchema();
       const outcome = this.db
         .transaction(() => {
@@ -239,7 +253,7 @@ export class DbSync {
       this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
       this.o.metrics.inc("unisync_segments_applied_total");
     }
-    this.tailProblems.update(origin, problem);
+    this.tailProblems.update(origin, problem());
     return applied;
   }
 

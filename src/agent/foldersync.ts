@@ -376,7 +376,7 @@ export class FolderSync {
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments);
       let applied = 0;
-      for (const s of segments) {
+      for await (const s of segments) {
         this.db
           .transaction(() => {
             if (this.cursor(origin).seq !== s.seq - 1) return;
@@ -419,7 +419,7 @@ export class FolderSync {
         this.o.metrics.inc("unisync_segments_applied_total");
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
-      this.tailProblems.update(origin, problem);
+      this.tailProblems.update(origin, problem());
       await this.materializePending();
       return applied;
     });

@@ -22,14 +22,16 @@ export interface TailProblem {
 }
 
 export interface TailResult {
-  segments: FetchedSegment[];
-  /** Why the tail stopped before the end of the listing, if it did. */
-  problem?: TailProblem;
+  /** The segments in seq order, each fetched ahead (bounded) but decoded only when reached. */
+  segments: AsyncIterable<FetchedSegment>;
+  /** Why the tail stopped before the end of the listing, if it did (final once `segments` is exhausted). */
+  problem(): TailProblem | undefined;
 }
 
 /**
- * Lists and fetches up to `maxSegments` segments after `afterSeq`, in order.
- * `prefetch` bounds how many downloads run at once.
+ * Lists up to `maxSegments` segments after `afterSeq` and hands them over in
+ * order. At most `prefetch` compressed bodies are in memory or in flight, and
+ * only the segment in hand is decoded, so memory stays flat with segment count.
  */
 export async function readAfter(
   store: ObjectStore,
@@ -64,27 +66,33 @@ export async function readAfter(
     expect++;
   }
 
-  const segments: FetchedSegment[] = [];
-  for (let i = 0; i < wanted.length; i += prefetch) {
-    const batch = wanted.slice(i, i + prefetch);
-    const bodies = await Promise.all(batch.map((w) => store.get(w.key)));
-    for (let j = 0; j < batch.length; j++) {
-      const w = batch[j];
-      const body = bodies[j];
+  async function* segments(): AsyncGenerator<FetchedSegment> {
+    const bodies: (Promise<Buffer | null> | null)[] = [];
+    for (let i = 0; i < wanted.length; i++) {
+      while (bodies.length < Math.min(wanted.length, i + prefetch)) {
+        const p = store.get(wanted[bodies.length].key);
+        p.catch(() => undefined); // awaited below; never an unhandled rejection if we stop early
+        bodies.push(p);
+      }
+      const w = wanted[i];
+      const body = await bodies[i];
+      bodies[i] = null;
+      let segment: Segment;
       try {
         if (!body) throw new CorruptSegmentError("listed but no longer readable");
-        const segment = openSegment(body, w.sha256);
+        segment = openSegment(body, w.sha256);
         if (segment.seq !== w.seq || segment.origin !== origin || segment.stream !== stream) {
           throw new CorruptSegmentError(`header says ${segment.origin}/${segment.stream}#${segment.seq}, key says ${origin}/${stream}#${w.seq}`);
         }
-        segments.push({ key: w.key, seq: w.seq, segment });
       } catch (err) {
         if (!(err instanceof CorruptSegmentError)) throw err;
-        return { segments, problem: { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` } };
+        problem = { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` };
+        return;
       }
+      yield { key: w.key, seq: w.seq, segment };
     }
   }
-  return { segments, problem };
+  return { segments: segments(), problem: () => problem };
 }
 
 interface Logger {
