@@ -63,8 +63,17 @@ function environment() {
   } catch {
     // no python
   }
+  let commit = "unknown";
+  try {
+    commit = execFileSync("git", ["-C", ROOT, "rev-parse", "--short", "HEAD"], { encoding: "utf8" }).trim();
+    const dirty = execFileSync("git", ["-C", ROOT, "status", "--porcelain", "--", "src"], { encoding: "utf8" }).trim();
+    if (dirty) commit += " (src/ has uncommitted changes)";
+  } catch {
+    // not a git checkout
+  }
   return {
     date: new Date().toISOString(),
+    commit,
     nproc: os.availableParallelism(),
     cpu: os.cpus()[0]?.model ?? "unknown",
     memGb: Math.round(os.totalmem() / 2 ** 30),
@@ -98,6 +107,9 @@ async function main(): Promise<number> {
     tmp,
   };
   console.error(`unisync bench (${mode}) on ${env.nproc} CPU, node ${env.node}, SQLite ${env.betterSqlite3Sqlite} (better-sqlite3), ${env.python}`);
+  if (os.loadavg()[0] > 1) {
+    console.error(`note: 1-min load average is ${os.loadavg()[0].toFixed(2)} before starting; other work on this ${env.nproc}-CPU machine will skew the results`);
+  }
   const results: Result[] = [];
   const timings: Record<string, number> = {};
   /** 1-minute load average before and after each benchmark: other work on the machine skews results. */
@@ -125,7 +137,7 @@ async function main(): Promise<number> {
   }
   const totalS = (performance.now() - started) / 1000;
   const withTarget = results.filter((r) => r.pass !== undefined);
-  console.log(`unisync bench, ${mode} sizes, ${env.date}`);
+  console.log(`unisync bench, ${mode} sizes, ${env.date}, commit ${env.commit}`);
   console.log(`machine: ${env.nproc} CPU (${env.cpu}), ${env.memGb} GB, Linux ${env.kernel}; node ${env.node}; SQLite ${env.betterSqlite3Sqlite} (better-sqlite3), ${env.python}`);
   console.log("");
   console.log(table(results));
