@@ -14,6 +14,7 @@
  * the scanner has not captured yet is captured first (so it is merged, not
  * overwritten), and a file still being written is left for later.
  */
+import { fsyncDir } from "../store/file.js";
 import { randomBytes } from "node:crypto";
 import { lstat, mkdir, open, readdir, realpath, rename, rmdir, symlink, unlink, utimes, chmod } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
@@ -64,17 +65,6 @@ export function refuseReason(f: FileChange, exclusion: (rel: string) => string |
   return null;
 }
 
-async function fsyncDir(dir: string): Promise<void> {
-  let fh;
-  try {
-    fh = await open(dir, "r");
-    await fh.sync();
-  } catch (err) {
-    if (!["EINVAL", "ENOTSUP", "EISDIR", "EBADF", "EPERM"].includes((err as NodeJS.ErrnoException).code ?? "")) throw err;
-  } finally {
-    await fh?.close();
-  }
-}
 
 /**
  * The folder that will hold `rel`, checked (and with `create`, made) one level

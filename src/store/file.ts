@@ -363,13 +363,13 @@ function isMissing(err: unknown): boolean {
 }
 
 /** Makes a rename or new entry in `dir` durable; some filesystems cannot fsync directories. */
-async function fsyncDir(dir: string): Promise<void> {
+export async function fsyncDir(dir: string): Promise<void> {
   let fh;
   try {
     fh = await open(dir, "r");
     await fh.sync();
   } catch (err) {
-    if (!["EINVAL", "ENOTSUP", "EISDIR", "EBADF"].includes(errCode(err) ?? "")) throw err;
+    if (!["EINVAL", "ENOTSUP", "EISDIR", "EBADF", "EPERM"].includes(errCode(err) ?? "")) throw err;
   } finally {
     await fh?.close();
   }
