@@ -54,6 +54,8 @@ export interface AgentStatus {
     problems: Record<string, string>;
   };
   storeError?: string;
+  /** Databases not synced, with why. */
+  notSynced: Record<string, string>;
 }
 
 export class Agent {
@@ -62,7 +64,7 @@ export class Agent {
   private readonly dbs = new Map<string, DbSync>();
   /** The instance folder's files; null when syncFiles is off. */
   private files: FolderSync | null = null;
-  /** Databases that failed to open, with why (reported, retried on rescan). */
+  /** Databases taken out of sync, with why (another node's file, a forked log): they need an operator, so they are not retried. */
   private readonly failed = new Map<string, string>();
   private origins: string[] = [];
   private stopping = false;
@@ -324,6 +326,7 @@ export class Agent {
       })),
       files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+      notSynced: Object.fromEntries(this.failed),
     };
   }
 

@@ -20,6 +20,7 @@ export function renderStatusHtml(s: AgentStatus): string {
 <h1>unisync node ${escape(s.node)}</h1>
 <p>Store: ${escape(s.store)} — ${s.storeError ? `<b>unreachable</b>: ${escape(s.storeError)}` : "reachable"}. Other origins: ${s.origins.map(escape).join(", ") || "none yet"}.</p>
 <table><tr><th>database</th><th>segments written</th><th>pending changes</th><th>outbox</th><th>parked</th><th>applied (origin@seq)</th><th>problems</th></tr>${rows}</table>
+${Object.entries(s.notSynced).map(([db, why]) => `<p><b>${escape(db)} is not synced</b>: ${escape(why)}</p>`).join("")}
 <p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></p>`;
 }
 
