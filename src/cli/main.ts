@@ -13,6 +13,7 @@ import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
 import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
+import { audit, formatEntry } from "./log.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -24,6 +25,7 @@ Commands:
   run INSTANCE_DIR [STORE_URL]  run the agent beside the app (Ctrl-C / SIGTERM stops it cleanly)
   status INSTANCE_DIR           databases, origins, cursors, lag, pending and parked changes
   verify INSTANCE_DIR OTHER_DIR compare this node's databases with another node's, table by table
+  log [INSTANCE_DIR] [filters]  audit: who changed which row or file, when (read from the store)
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -63,6 +65,20 @@ Compares every synced database of INSTANCE_DIR with the database of the same nam
 in OTHER_INSTANCE_DIR (another node's folder, e.g. on a shared mount or a copy),
 table by table, by digests of the exact values (storage class and bits). Run it
 when both nodes are quiet. Exit code 0 when identical, 1 when not.`;
+
+HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
+
+The audit trail, read from the store's log (every origin, page by page):
+time (from the change's clock), origin, operation, and the row or file.
+For rows: the key and the values written (all columns for an insert or
+delete, the changed ones for an update). For files: size and sha256.
+Filters:
+  --db NAME        one database (its file name in the instance folder)
+  --table NAME     one table;  --key VALUE  one row ("57", or "a=1,b=x" for a composite key)
+  --path PATH      one file of the instance folder (relative path)
+  --origin NODE    changes made on one node
+  --since TIME, --until TIME   ISO 8601 times (e.g. 2026-11-25T14:00:00Z)
+The store comes from --store, or from INSTANCE_DIR's config.`;
 
 class UsageError extends Error {}
 
@@ -145,6 +161,45 @@ async function run(args: string[]): Promise<void> {
   await agent.stop();
 }
 
+function timeOption(name: string, v: string | boolean | undefined): number | undefined {
+  if (typeof v !== "string") return undefined;
+  const ms = Date.parse(v);
+  if (Number.isNaN(ms)) throw new UsageError(`--${name} must be an ISO 8601 time such as 2026-11-25T14:00:00Z, got ${JSON.stringify(v)}`);
+  return ms;
+}
+
+async function auditLog(args: string[]): Promise<void> {
+  const opts = ["store", "db", "table", "key", "path", "origin", "since", "until", "limit"] as const;
+  const { values, positionals } = parse("log", args, { ...Object.fromEntries(opts.map((o) => [o, { type: "string" as const }])), json: { type: "boolean" } });
+  if (values.help) return console.log(HELP.log);
+  if (positionals.length > 1) throw new UsageError(`log takes at most one INSTANCE_DIR\n\n${HELP.log}`);
+  let storeUrl = str(values.store);
+  if (!storeUrl && positionals[0]) {
+    try {
+      storeUrl = loadConfig({ instanceDir: positionals[0] }, undefined).store;
+    } catch (err) {
+      if (!(err instanceof ConfigError && err.message.startsWith('"store"'))) throw err;
+    }
+  }
+  if (!storeUrl) throw new UsageError(`log needs --store URL (or an INSTANCE_DIR whose config names the store)\n\n${HELP.log}`);
+  const limit = intOption("limit", values.limit) ?? Infinity;
+  const filter = {
+    db: str(values.db),
+    table: str(values.table),
+    key: str(values.key),
+    path: str(values.path),
+    origin: str(values.origin),
+    sinceMs: timeOption("since", values.since),
+    untilMs: timeOption("until", values.until),
+  };
+  let n = 0;
+  for await (const e of audit(openStore(storeUrl), filter)) {
+    console.log(values.json ? JSON.stringify(e) : formatEntry(e));
+    if (++n >= limit) break;
+  }
+  if (!values.json && n === 0) console.error("no change matches");
+}
+
 async function verify(args: string[]): Promise<number> {
   const { values, positionals } = parse("verify", args, { json: { type: "boolean" } });
   if (values.help) {
@@ -170,6 +225,7 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "run") await run(rest);
     else if (command === "status") await statusCommand(rest, (a, o) => parse("status", a, o), HELP.status);
     else if (command === "verify") return await verify(rest);
+    else if (command === "log") await auditLog(rest);
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {
