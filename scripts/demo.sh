@@ -32,6 +32,14 @@ for n in 1 2 3; do
 done
 sleep 1
 
+echo "== files: each node adds its own, all three edit shared.txt at once (a conflict)"
+mkdir -p "$DEMO/node1/teams/Red Team" "$DEMO/node2/uploads" "$DEMO/node3/notes"
+echo '{"members": ["Seth Herod"]}' >"$DEMO/node1/teams/Red Team/config.json"
+head -c 200000 /dev/urandom >"$DEMO/node2/uploads/logo.png"
+echo "héllo from node3 🎉" >"$DEMO/node3/notes/ünïcode note.txt"
+echo "node1's own log line, never synced" >"$DEMO/node1/app.log"
+for n in 1 2 3; do echo "shared, as edited on node$n" >"$DEMO/node$n/shared.txt"; done
+
 echo "== the apps write on all three nodes at once (300 + 150 transactions each, migration mid-run)"
 writers=()
 for n in 1 2 3; do
@@ -45,9 +53,12 @@ echo "   writers done"
 
 echo "== waiting for the nodes to converge"
 start=$(date +%s)
-until $UNISYNC verify "$DEMO/node1" "$DEMO/node2" >/dev/null && $UNISYNC verify "$DEMO/node1" "$DEMO/node3" >/dev/null; do
+# Folders are compared without what never syncs: databases, logs, unisync's own state.
+same_files() { diff -r -q -x .unisync -x '*.db' -x '*.db-wal' -x '*.db-shm' -x '*.log' "$DEMO/node1" "$DEMO/node$1" >/dev/null; }
+until $UNISYNC verify "$DEMO/node1" "$DEMO/node2" >/dev/null && $UNISYNC verify "$DEMO/node1" "$DEMO/node3" >/dev/null && same_files 2 && same_files 3; do
   if (( $(date +%s) - start > 90 )); then
     echo "!! not converged after 90 s:"; $UNISYNC verify "$DEMO/node1" "$DEMO/node2" || true; $UNISYNC verify "$DEMO/node1" "$DEMO/node3" || true
+    diff -r -q -x .unisync -x '*.db' -x '*.db-wal' -x '*.db-shm' -x '*.log' "$DEMO/node1" "$DEMO/node2" || true
     exit 1
   fi
   sleep 1
@@ -71,6 +82,8 @@ for db in ("data.db", "shop.db"):
 print(" | ".join(out))
 PY
 done
+echo "== files on node2 (app.log stayed on node1; the losers of shared.txt are kept as conflict copies)"
+(cd "$DEMO/node2" && find . -path ./.unisync -prune -o -type f ! -name '*.db*' -print | sort)
 echo "== unisync status node1"
 $UNISYNC status "$DEMO/node1" --store "file://$DEMO/store"
 echo "== unisync verify node1 node2"
@@ -79,4 +92,4 @@ echo "== stopping agents"
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 for p in "${pids[@]}"; do wait "$p" || true; done
 pids=()
-echo "demo OK: three nodes hold identical databases. Files are in $DEMO."
+echo "demo OK: three nodes hold identical databases and folders. Files are in $DEMO."
