@@ -1,9 +1,9 @@
 /**
  * unisync benchmarks: `npm run bench [-- --quick | --full] [--only NAME[,NAME]] [--keep]`.
  * Prints a table (stdout; progress goes to stderr) and writes bench/last-run.json.
- *   --quick  small sizes, for a smoke run
+ *   --quick  small sizes, for a smoke run (folder: 1,000 small files, 32 MB large file)
  *   --full   1M rows for replay and rss (default 200k)
- *   --only   run only these benchmarks: capture, replay, latency, rss
+ *   --only   run only these benchmarks: capture, replay, latency, rss, folder
  *   --keep   keep the temporary folders (agent logs, databases)
  */
 import { execFileSync } from "node:child_process";
@@ -13,12 +13,13 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import Database from "better-sqlite3";
 import { capture } from "./capture.js";
+import { folder } from "./folder.js";
 import { latency } from "./latency.js";
 import { makeTmpFactory, ROOT, type Bench, type Result, type Target } from "./lib.js";
 import { replay } from "./replay.js";
 import { rss } from "./rss.js";
 
-const BENCHES: Bench[] = [capture, replay, latency, rss];
+const BENCHES: Bench[] = [capture, replay, latency, rss, folder];
 
 function fmt(x: number | undefined): string {
   if (x === undefined) return "";
