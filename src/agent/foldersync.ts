@@ -51,6 +51,18 @@ export interface FolderSyncOptions {
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
+/** Blob transfers and file writes in flight at once: per-file store and fsync latency overlap. */
+const PARALLEL = 8;
+
+/** Runs `fn` over `items` with at most `limit` running at once; rejects with the first error. */
+async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) await fn(items[next++]);
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+}
+
 export class FolderSync {
   readonly db: Database.Database;
   readonly state: FileStateStore;
@@ -330,7 +342,8 @@ export class FolderSync {
       const entry = this.outbox.oldest(1)[0];
       if (!entry) return n;
       const blobs = this.db.prepare("SELECT sha256, size FROM file_blobs WHERE seq = ?").all(entry.seq) as { sha256: string; size: number }[];
-      for (const b of blobs) {
+      // Every blob before the segment that names it; blobs are content-addressed, so order among them does not matter.
+      await eachLimited(blobs, PARALLEL, async (b) => {
         const staged = join(this.stagingDir, b.sha256);
         if (existsSync(staged)) {
           const r = await putBlobFromFile(this.o.store, staged, b.sha256, Number(b.size));
@@ -341,7 +354,7 @@ export class FolderSync {
         } else if (!(await this.o.store.head(blobKey(b.sha256)))) {
           throw new Error(`blob ${b.sha256} of file segment ${entry.seq} is neither staged nor in the store`);
         }
-      }
+      });
       await this.outbox.upload(this.o.store, entry);
       this.db.transaction(() => this.db.prepare("DELETE FROM file_blobs WHERE seq = ?").run(entry.seq)).immediate();
       for (const b of blobs) {
@@ -427,16 +440,25 @@ export class FolderSync {
 
   /** Makes the disk match every pending winner (bounded per call). Caller holds the exclusive section. */
   private async materializePending(): Promise<void> {
+    // Paths that differ only in case go to the same worker, one after the other, so
+    // the case-clash check never races with itself on a case-insensitive file system.
+    const lanes = new Map<string, string[]>();
     for (const rel of this.state.pendingPaths(1000)) {
-      if (this.stopping) return;
-      try {
-        const r = await this.materializer.materialize(rel);
-        if (r === "done") this.o.metrics.inc("unisync_files_written_total");
-      } catch (err) {
-        this.log.error({ path: rel, err: (err as Error).message }, "could not write file; will retry");
-        this.state.setPending(rel, true, (err as Error).message);
-      }
+      const lane = rel.toLowerCase();
+      lanes.set(lane, [...(lanes.get(lane) ?? []), rel]);
     }
+    await eachLimited([...lanes.values()], PARALLEL, async (paths) => {
+      for (const rel of paths) {
+        if (this.stopping) return;
+        try {
+          const r = await this.materializer.materialize(rel);
+          if (r === "done") this.o.metrics.inc("unisync_files_written_total");
+        } catch (err) {
+          this.log.error({ path: rel, err: (err as Error).message }, "could not write file; will retry");
+          this.state.setPending(rel, true, (err as Error).message);
+        }
+      }
+    });
   }
 
   /** Paths whose disk does not match the winner yet, plus files waiting to be stable. */

@@ -30,6 +30,9 @@ export class BlobIntegrityError extends Error {
   override name = "BlobIntegrityError";
 }
 
+/** The blob is not in the store yet: its origin has not uploaded it. Wait, it is no fault. */
+export class BlobMissingError extends BlobIntegrityError {}
+
 /** Counts and hashes what flows through; fails at the end (or as soon as it is too long) on a mismatch. */
 export class VerifyStream extends Transform {
   private readonly hash = createHash("sha256");
@@ -104,7 +107,7 @@ export async function putBlobFromFile(store: ObjectStore, file: string, sha256: 
  */
 export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: number, dest: string, mode = 0o600): Promise<void> {
   const stream = await store.getStream(blobKey(sha256));
-  if (!stream) throw new BlobIntegrityError(`blob ${sha256} is not in the store (yet)`);
+  if (!stream) throw new BlobMissingError(`blob ${sha256} is not in the store (yet)`);
   const it = stream[Symbol.asyncIterator]() as AsyncIterator<Buffer>;
   const first: Buffer[] = [];
   let have = 0;

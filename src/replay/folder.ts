@@ -22,7 +22,7 @@ import type { Logger } from "pino";
 import { isInside, type FolderScanner, type Observation } from "../capture/folder.js";
 import { KIND_DELETE, KIND_SYMLINK, KIND_WRITE, type FileStateStore, type StateEntry } from "../capture/filestate.js";
 import { STATE_DIR, TEMP_PREFIX, unsafePathReason } from "../capture/ignore.js";
-import { BlobIntegrityError, fetchBlobToFile } from "../log/blobs.js";
+import { BlobIntegrityError, BlobMissingError, fetchBlobToFile } from "../log/blobs.js";
 import type { FileChange } from "../log/segment.js";
 import type { ObjectStore } from "../store/store.js";
 
@@ -81,9 +81,14 @@ export async function safeParent(root: string, rel: string, create: boolean): Pr
       st = await lstat(dir);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== "ENOENT" || !create) throw new UnsafePathError(`${rel}: parent ${dir} is missing`);
-      await mkdir(dir, { mode: 0o755 });
-      await fsyncDir(dirname(dir));
-      continue;
+      try {
+        await mkdir(dir, { mode: 0o755 });
+        await fsyncDir(dirname(dir));
+      } catch (e) {
+        // Another write into the same new folder made it first: check what is there now.
+        if ((e as NodeJS.ErrnoException).code !== "EEXIST") throw e;
+      }
+      st = await lstat(dir);
     }
     if (st.isSymbolicLink()) throw new UnsafePathError(`${rel}: parent ${dir} is a symlink (never followed)`);
     if (!st.isDirectory()) throw new UnsafePathError(`${rel}: parent ${dir} is not a folder`);
@@ -124,9 +129,12 @@ export type Outcome = "done" | "later";
 export class Materializer {
   constructor(private readonly o: MaterializerOptions) {}
 
-  private problem(rel: string, why: string): Outcome {
+  private problem(rel: string, why: string, transient = false): Outcome {
     const s = this.o.state.state(rel);
-    if (s?.problem !== why) this.o.log.error({ path: rel, problem: why }, "file not applied");
+    if (s?.problem !== why) {
+      if (transient) this.o.log.info({ path: rel, problem: why }, "file waits");
+      else this.o.log.error({ path: rel, problem: why }, "file not applied");
+    }
     this.o.state.setPending(rel, true, why);
     return "later";
   }
@@ -215,7 +223,7 @@ export class Materializer {
         try {
           await fetchBlobToFile(this.o.store, s.sha256, s.size, tmp);
         } catch (err) {
-          if (err instanceof BlobIntegrityError) return this.problem(rel, err.message);
+          if (err instanceof BlobIntegrityError) return this.problem(rel, err.message, err instanceof BlobMissingError);
           throw err;
         }
         const fh = await open(tmp, "r+");
