@@ -130,8 +130,13 @@ export class DbSync {
   refreshSchema(): boolean {
     const version = schemaVersion(this.db);
     if (version === this.lastSchemaVersion) return false;
-    const defs = this.db
-      .transaction(() => installTriggers(this.db, discoverTables(this.db, this.o.excludeTables), Date.now()))
+    // The version is read in the transaction that installs the triggers (our own DDL
+    // bumps it), so a migration the app runs while the baseline below goes on is noticed.
+    const { defs, installedAt } = this.db
+      .transaction(() => {
+        const defs = installTriggers(this.db, discoverTables(this.db, this.o.excludeTables), Date.now());
+        return { defs, installedAt: schemaVersion(this.db) };
+      })
       .immediate();
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     for (const def of defs.filter((d) => d.needsBaseline)) {
@@ -140,8 +145,8 @@ export class DbSync {
       });
       if (n > 0) this.log.info({ table: def.shape.name, rows: n }, "recorded rows that no trigger had seen (baseline)");
     }
-    this.lastSchemaVersion = schemaVersion(this.db);
-    this.log.info({ tables: defs.length, schemaVersion: this.lastSchemaVersion }, "capture triggers in place");
+    this.lastSchemaVersion = installedAt;
+    this.log.info({ tables: defs.length, schemaVersion: installedAt }, "capture triggers in place");
     this.retryParked();
     return true;
   }
