@@ -8,23 +8,10 @@
 // loses against B's update, which never wrote note. A keeps A's note: the two
 // nodes differ forever (no later record touches note).
 import Database from "better-sqlite3";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { DbSync } from "../../dist/src/agent/dbsync.js";
-import { Metrics } from "../../dist/src/agent/metrics.js";
-import { HybridClock } from "../../dist/src/log/hlc.js";
-import { FileStore } from "../../dist/src/store/file.js";
+import { scratch } from "./lib.mjs";
 
-const dir = mkdtempSync(join(tmpdir(), "added-column-"));
-const store = new FileStore(join(dir, "store"));
-const open = (path, node) => {
-  const s = new DbSync({ path, stream: "data.db", node, store, clock: new HybridClock(), log: pino({ level: "silent" }), metrics: new Metrics(),
-    excludeTables: [], maxRecords: 100, maxBytes: 1 << 20, busyTimeoutMs: 2000, walMode: true });
-  s.refreshSchema();
-  return s;
-};
+const { dir, store, open } = scratch("added-column-");
 const pathA = join(dir, "a.db");
 const pathB = join(dir, "b.db");
 for (const p of [pathA, pathB]) new Database(p).exec("CREATE TABLE items(id INTEGER PRIMARY KEY, a, b)").close();

@@ -9,23 +9,10 @@
 // baseline does it; in the cluster test the same happens without any crash when
 // the app commits between the trigger transaction and the baseline chunks.
 import Database from "better-sqlite3";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { DbSync } from "../../dist/src/agent/dbsync.js";
-import { Metrics } from "../../dist/src/agent/metrics.js";
-import { HybridClock } from "../../dist/src/log/hlc.js";
-import { FileStore } from "../../dist/src/store/file.js";
+import { scratch } from "./lib.mjs";
 
-const dir = mkdtempSync(join(tmpdir(), "bag-baseline-"));
-const store = new FileStore(join(dir, "store"));
-const open = (path, node) => {
-  const s = new DbSync({ path, stream: "data.db", node, store, clock: new HybridClock(), log: pino({ level: "silent" }), metrics: new Metrics(),
-    excludeTables: [], maxRecords: 100, maxBytes: 1 << 20, busyTimeoutMs: 2000, walMode: true });
-  s.refreshSchema();
-  return s;
-};
+const { dir, store, open } = scratch("bag-baseline-");
 const a = join(dir, "a.db");
 const b = join(dir, "b.db");
 for (const p of [a, b]) new Database(p).exec("CREATE TABLE logs(msg TEXT)").close();

@@ -7,23 +7,10 @@
 // next `UPDATE logs ... WHERE node = ? AND seq = ?` changes 2 rows
 // (random_writer.py aborts with "update of logs {...} changed no row").
 import Database from "better-sqlite3";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { DbSync } from "../../dist/src/agent/dbsync.js";
-import { Metrics } from "../../dist/src/agent/metrics.js";
-import { HybridClock } from "../../dist/src/log/hlc.js";
-import { FileStore } from "../../dist/src/store/file.js";
+import { scratch } from "./lib.mjs";
 
-const dir = mkdtempSync(join(tmpdir(), "keyless-fork-"));
-const store = new FileStore(join(dir, "store"));
-const open = (path, node) => {
-  const s = new DbSync({ path, stream: "data.db", node, store, clock: new HybridClock(), log: pino({ level: "silent" }), metrics: new Metrics(),
-    excludeTables: [], maxRecords: 100, maxBytes: 1 << 20, busyTimeoutMs: 2000, walMode: true });
-  s.refreshSchema();
-  return s;
-};
+const { dir, store, open } = scratch("keyless-fork-");
 const pathA = join(dir, "a.db");
 const pathB = join(dir, "b.db");
 for (const p of [pathA, pathB]) new Database(p).exec("CREATE TABLE logs(node INTEGER, seq INTEGER, msg TEXT)").close();

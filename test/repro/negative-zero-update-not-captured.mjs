@@ -7,23 +7,10 @@
 // columns (REALS has -0.0 and 0.0), so long runs hit it (seen in crash.test.ts:
 // edges.label 0.0 on the writer's node, -0.0 on the other).
 import Database from "better-sqlite3";
-import { mkdtempSync } from "node:fs";
-import { tmpdir } from "node:os";
 import { join } from "node:path";
-import pino from "pino";
-import { DbSync } from "../../dist/src/agent/dbsync.js";
-import { Metrics } from "../../dist/src/agent/metrics.js";
-import { HybridClock } from "../../dist/src/log/hlc.js";
-import { FileStore } from "../../dist/src/store/file.js";
+import { scratch } from "./lib.mjs";
 
-const dir = mkdtempSync(join(tmpdir(), "negzero-"));
-const store = new FileStore(join(dir, "store"));
-const open = (path, node) => {
-  const s = new DbSync({ path, stream: "data.db", node, store, clock: new HybridClock(), log: pino({ level: "silent" }), metrics: new Metrics(),
-    excludeTables: [], maxRecords: 100, maxBytes: 1 << 20, busyTimeoutMs: 2000, walMode: true });
-  s.refreshSchema();
-  return s;
-};
+const { dir, store, open } = scratch("negzero-");
 const pathA = join(dir, "a.db");
 const pathB = join(dir, "b.db");
 for (const p of [pathA, pathB]) new Database(p).exec("CREATE TABLE edges(id INTEGER PRIMARY KEY, label)").close();
