@@ -150,21 +150,8 @@ export async function appSucceeded(run: AppRun, name: string): Promise<string> {
 // ---------------------------------------------------------------------------
 // Agents
 
-export interface AgentStatus {
-  node: string;
-  origins: string[];
-  storeError?: string;
-  databases: {
-    stream: string;
-    path: string;
-    nextSeq: number;
-    pendingChanges: number;
-    outboxSegments: number;
-    parked: number;
-    cursors: Record<string, number>;
-    problems: Record<string, string>;
-  }[];
-}
+export type { AgentStatus } from "../../src/agent/agent.js";
+import type { AgentStatus } from "../../src/agent/agent.js";
 
 export interface AgentNode {
   name: string;
