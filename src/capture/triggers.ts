@@ -18,11 +18,6 @@ const MAX_INT_MASK_COLUMNS = 62;
 /** Wall-clock milliseconds, computed by the app's SQLite at the time of its write. */
 const NOW_MS = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)";
 
-/** The changes table layout per operation: INSERT/DELETE: all columns; UPDATE: new columns then old key. */
-export function changeSlots(shape: TableShape, op: number): number {
-  return op === CHANGE_UPDATE ? shape.columns.length + shape.key.length : shape.columns.length;
-}
-
 function changedMaskSql(shape: TableShape): string {
   const columns = shape.columns;
   const signed = new Set(shape.keepsSignedZero);
@@ -149,10 +144,4 @@ export function installTriggers(db: Database, shapes: TableShape[], nowMs: numbe
     defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0, backfill: cap.backfill ? (JSON.parse(cap.backfill) as string[]) : [] });
   }
   return defs;
-}
-
-/** Drops every unisync trigger (used by `unisync uninstall` and tests). */
-export function dropTriggers(db: Database): void {
-  const names = db.prepare("SELECT name FROM sqlite_master WHERE type = 'trigger' AND name LIKE '\\_unisync\\_%' ESCAPE '\\'").all() as { name: string }[];
-  for (const { name } of names) db.exec(`DROP TRIGGER IF EXISTS ${quoteIdent(name)}`);
 }
