@@ -137,7 +137,7 @@ export class FolderSync {
 
   /** Staged copies no sealed segment needs any more, and half-written temp copies, go. */
   private cleanStaging(): void {
-    const needed = new Set((this.db.prepare("SELECT DISTINCT sha256 FROM file_blobs").all() as { sha256: string }[]).map((r) => r.sha256));
+    const needed = new Set((this.state.sql("SELECT DISTINCT sha256 FROM file_blobs").all() as { sha256: string }[]).map((r) => r.sha256));
     for (const name of readdirSync(this.stagingDir)) {
       if (!needed.has(name)) unlinkSync(join(this.stagingDir, name));
     }
@@ -313,7 +313,7 @@ export class FolderSync {
             });
           }
           const entry = this.outbox.seal(records, Date.now());
-          const ins = this.db.prepare("INSERT OR IGNORE INTO file_blobs(seq, sha256, size) VALUES (?, ?, ?)");
+          const ins = this.state.sql("INSERT OR IGNORE INTO file_blobs(seq, sha256, size) VALUES (?, ?, ?)");
           for (const [sha, size] of blobs) ins.run(entry.seq, sha, size);
           setMeta(this.db, "hlc", this.o.clock.current);
           this.log.debug({ seq: entry.seq, records: records.length }, "sealed file changes");
@@ -341,7 +341,7 @@ export class FolderSync {
     while (n < max) {
       const entry = this.outbox.oldest(1)[0];
       if (!entry) return n;
-      const blobs = this.db.prepare("SELECT sha256, size FROM file_blobs WHERE seq = ?").all(entry.seq) as { sha256: string; size: number }[];
+      const blobs = this.state.sql("SELECT sha256, size FROM file_blobs WHERE seq = ?").all(entry.seq) as { sha256: string; size: number }[];
       // Every blob before the segment that names it; blobs are content-addressed, so order among them does not matter.
       await eachLimited(blobs, PARALLEL, async (b) => {
         const staged = join(this.stagingDir, b.sha256);
@@ -356,9 +356,9 @@ export class FolderSync {
         }
       });
       await this.outbox.upload(this.o.store, entry);
-      this.db.transaction(() => this.db.prepare("DELETE FROM file_blobs WHERE seq = ?").run(entry.seq)).immediate();
+      this.db.transaction(() => this.state.sql("DELETE FROM file_blobs WHERE seq = ?").run(entry.seq)).immediate();
       for (const b of blobs) {
-        if (!this.db.prepare("SELECT 1 FROM file_blobs WHERE sha256 = ?").get(b.sha256)) {
+        if (!this.state.sql("SELECT 1 FROM file_blobs WHERE sha256 = ?").get(b.sha256)) {
           try {
             unlinkSync(join(this.stagingDir, b.sha256));
           } catch {
@@ -374,12 +374,12 @@ export class FolderSync {
   }
 
   cursor(origin: string): { seq: number; key: string } {
-    const r = this.db.prepare("SELECT seq, key FROM _unisync_cursors WHERE origin = ?").get(origin) as { seq: number; key: string } | undefined;
+    const r = this.state.sql("SELECT seq, key FROM _unisync_cursors WHERE origin = ?").get(origin) as { seq: number; key: string } | undefined;
     return r ? { seq: Number(r.seq), key: r.key } : { seq: 0, key: "" };
   }
 
   cursors(): Map<string, { seq: number; key: string }> {
-    const rows = this.db.prepare("SELECT origin, seq, key FROM _unisync_cursors").all() as { origin: string; seq: number; key: string }[];
+    const rows = this.state.sql("SELECT origin, seq, key FROM _unisync_cursors").all() as { origin: string; seq: number; key: string }[];
     return new Map(rows.map((r) => [r.origin, { seq: Number(r.seq), key: r.key }]));
   }
 

@@ -16,8 +16,8 @@
  * - `file_refused`: remote records refused (unsafe path, excluded here), for status.
  * Plus the row side's `_unisync_meta`, `_unisync_outbox` and `_unisync_cursors`.
  */
-import type { Database } from "better-sqlite3";
-import { ensureInternalTables } from "./internal.js";
+import type { Database, Statement } from "better-sqlite3";
+import { ensureInternalTables, statementCache } from "./internal.js";
 import { compareStamp, hlcToMs } from "../log/hlc.js";
 
 export const KIND_WRITE = 1;
@@ -174,12 +174,16 @@ const toVersion = (r: Row): Version => ({
 
 /** Typed access to files.db; every method is synchronous and may run inside a caller's transaction. */
 export class FileStateStore {
+  /** Cached statements on this store's connection (also used by FolderSync). */
+  readonly sql: (sql: string) => Statement;
+
   constructor(readonly db: Database) {
     ensureFileTables(db);
+    this.sql = statementCache(db);
   }
 
   versions(path: string): Version[] {
-    return (this.db.prepare("SELECT * FROM file_versions WHERE path = ?").all(path) as Row[]).map(toVersion);
+    return (this.sql("SELECT * FROM file_versions WHERE path = ?").all(path) as Row[]).map(toVersion);
   }
 
   /** Adds a version; false when it was already known (idempotent replay). */
@@ -193,7 +197,7 @@ export class FileStateStore {
   }
 
   state(path: string): StateEntry | null {
-    const r = this.db.prepare("SELECT * FROM file_state WHERE path = ?").get(path) as Row | undefined;
+    const r = this.sql("SELECT * FROM file_state WHERE path = ?").get(path) as Row | undefined;
     if (!r) return null;
     return {
       path: r.path as string,
@@ -211,28 +215,28 @@ export class FileStateStore {
   }
 
   setPending(path: string, pending: boolean, problem: string | null = null): void {
-    this.db.prepare("UPDATE file_state SET pending = ?, problem = ? WHERE path = ?").run(pending ? 1 : 0, problem, path);
+    this.sql("UPDATE file_state SET pending = ?, problem = ? WHERE path = ?").run(pending ? 1 : 0, problem, path);
   }
 
   pendingPaths(limit = 1000): string[] {
-    return (this.db.prepare("SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?").all(limit) as { path: string }[]).map((r) => r.path);
+    return (this.sql("SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?").all(limit) as { path: string }[]).map((r) => r.path);
   }
 
   pendingCount(): number {
-    return Number((this.db.prepare("SELECT count(*) AS n FROM file_state WHERE pending = 1").get() as { n: number }).n);
+    return Number((this.sql("SELECT count(*) AS n FROM file_state WHERE pending = 1").get() as { n: number }).n);
   }
 
   problemCount(): number {
-    return Number((this.db.prepare("SELECT count(*) AS n FROM file_state WHERE pending = 1 AND problem IS NOT NULL").get() as { n: number }).n);
+    return Number((this.sql("SELECT count(*) AS n FROM file_state WHERE pending = 1 AND problem IS NOT NULL").get() as { n: number }).n);
   }
 
   index(path: string): IndexEntry | null {
-    const r = this.db.prepare("SELECT * FROM file_index WHERE path = ?").get(path) as Row | undefined;
+    const r = this.sql("SELECT * FROM file_index WHERE path = ?").get(path) as Row | undefined;
     return r ? toIndex(r) : null;
   }
 
   allIndex(): IndexEntry[] {
-    return (this.db.prepare("SELECT * FROM file_index ORDER BY path").all() as Row[]).map(toIndex);
+    return (this.sql("SELECT * FROM file_index ORDER BY path").all() as Row[]).map(toIndex);
   }
 
   setIndex(e: IndexEntry): void {
@@ -246,7 +250,7 @@ export class FileStateStore {
   }
 
   dropIndex(path: string): void {
-    this.db.prepare("DELETE FROM file_index WHERE path = ?").run(path);
+    this.sql("DELETE FROM file_index WHERE path = ?").run(path);
   }
 
   /**
@@ -270,10 +274,10 @@ export class FileStateStore {
     const kept = keptConflicts(losers);
     for (const l of losers) {
       const copy = conflictName(path, l.hlc, l.origin);
-      const made = !!this.db.prepare("SELECT 1 FROM file_conflicts WHERE path = ? AND hlc = ? AND origin = ?").get(path, l.hlc, l.origin);
+      const made = !!this.sql("SELECT 1 FROM file_conflicts WHERE path = ? AND hlc = ? AND origin = ?").get(path, l.hlc, l.origin);
       if (kept.has(l)) {
         if (made) continue;
-        this.db.prepare("INSERT INTO file_conflicts(path, hlc, origin, copy) VALUES (?,?,?,?)").run(path, l.hlc, l.origin, copy);
+        this.sql("INSERT INTO file_conflicts(path, hlc, origin, copy) VALUES (?,?,?,?)").run(path, l.hlc, l.origin, copy);
         if (this.addVersion({ ...l, path: copy, baseHlc: 0, baseOrigin: "", derived: true })) this.recompute(copy, changed);
       } else if (made) {
         // Superseded (same content as a newer loser, or over the cap): every node
@@ -286,15 +290,15 @@ export class FileStateStore {
   }
 
   conflictCount(): number {
-    return Number((this.db.prepare("SELECT count(*) AS n FROM file_conflicts").get() as { n: number }).n);
+    return Number((this.sql("SELECT count(*) AS n FROM file_conflicts").get() as { n: number }).n);
   }
 
   refuse(origin: string, seq: number, path: string | null, reason: string): void {
-    this.db.prepare("INSERT INTO file_refused(origin, seq, path, reason, at_ms) VALUES (?,?,?,?,?)").run(origin, seq, path, reason, Date.now());
+    this.sql("INSERT INTO file_refused(origin, seq, path, reason, at_ms) VALUES (?,?,?,?,?)").run(origin, seq, path, reason, Date.now());
   }
 
   refused(limit = 50): { origin: string; seq: number; path: string | null; reason: string }[] {
-    return this.db.prepare("SELECT origin, seq, path, reason FROM file_refused ORDER BY id DESC LIMIT ?").all(limit) as {
+    return this.sql("SELECT origin, seq, path, reason FROM file_refused ORDER BY id DESC LIMIT ?").all(limit) as {
       origin: string;
       seq: number;
       path: string | null;
@@ -303,7 +307,7 @@ export class FileStateStore {
   }
 
   refusedCount(): number {
-    return Number((this.db.prepare("SELECT count(*) AS n FROM file_refused").get() as { n: number }).n);
+    return Number((this.sql("SELECT count(*) AS n FROM file_refused").get() as { n: number }).n);
   }
 }
 

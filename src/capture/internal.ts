@@ -3,7 +3,7 @@
  * so that capture, stamping, sealing and replay commit atomically with the app's
  * data. All are named _unisync_* and are never synced.
  */
-import type { Database } from "better-sqlite3";
+import type { Database, Statement } from "better-sqlite3";
 
 export const INTERNAL_DDL = `
 CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
@@ -69,4 +69,20 @@ export function changeWidth(db: Database): number {
 /** Widens the changes table so a trigger can write `needed` values. */
 export function ensureChangeWidth(db: Database, needed: number): void {
   for (let i = changeWidth(db); i < needed; i++) db.exec(`ALTER TABLE _unisync_changes ADD COLUMN v${i}`);
+}
+
+/**
+ * A prepared statement per SQL text, made once: preparing is far dearer than
+ * running, and per-file bookkeeping runs the same few statements thousands of times.
+ */
+export function statementCache(db: Database): (sql: string) => Statement {
+  const cache = new Map<string, Statement>();
+  return (sql) => {
+    let s = cache.get(sql);
+    if (!s) {
+      s = db.prepare(sql);
+      cache.set(sql, s);
+    }
+    return s;
+  };
 }
