@@ -4,6 +4,7 @@
  * log with its exact storage class and bits, and replay into a second node must
  * reproduce the tables exactly.
  */
+import Database from "better-sqlite3";
 import { execFileSync } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -128,5 +129,31 @@ describe("capture through the app's SQLite", () => {
 
   it("decodeSegment refuses bytes that are not a segment", () => {
     expect(() => decodeSegment(Buffer.from([0xff, 0xff, 0xff, 0xff, 0x0f]))).toThrow();
+  });
+});
+
+describe("wide tables", () => {
+  it("captures updates of tables with more columns than an integer mask holds", async () => {
+    const store = new FileStore(join(root, "wide-store"));
+    const cols = Array.from({ length: 80 }, (_, i) => `c${i} TEXT`).join(", ");
+    const paths = ["wa.db", "wb.db"].map((f) => join(root, f));
+    for (const p of paths) python(p, `c.execute('CREATE TABLE wide(id INTEGER PRIMARY KEY, ${cols})')`);
+    const a = openSync(paths[0], "a", store);
+    const b = openSync(paths[1], "b", store);
+    python(paths[0], "c.execute('INSERT INTO wide(id, c0, c79) VALUES (1, \\'first\\', \\'last\\')')\nc.execute('UPDATE wide SET c70 = \\'x\\' WHERE id = 1')");
+    a.sealPending();
+    await a.upload();
+    await b.pull("a");
+    // b changes another column concurrently-late: per-column merge keeps both edits.
+    b.db.prepare("UPDATE wide SET c5 = 'from b' WHERE id = 1").run();
+    b.sealPending();
+    await b.upload();
+    await a.pull("b");
+    a.close();
+    b.close();
+    expect(compareDatabases(paths)).toEqual([]);
+    const db = new Database(paths[0], { readonly: true });
+    expect(db.prepare("SELECT c0, c5, c70, c79 FROM wide").get()).toEqual({ c0: "first", c5: "from b", c70: "x", c79: "last" });
+    db.close();
   });
 });
