@@ -11,9 +11,9 @@
  * Reproduce with SEED=<printed seed>; KEEP_CLUSTER=1 keeps folders, logs and the store.
  */
 import { afterAll, describe, expect, it } from "vitest";
-import { existsSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { dirname, join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { compareToJournal, readJournal, type JournalEntry } from "./helpers/checker.js";
 import { appSucceeded, Cluster, integrityCheck, killAllChildren, runApp, waitFor, type AppRun } from "./helpers/cluster.js";
@@ -135,6 +135,33 @@ function startFlask(c: Cluster, name: string, nodeNo: number, sleepMs: number): 
   ], join(dir, "apps.log"));
 }
 
+/**
+ * Writes files into an instance folder every ~40 ms: new ones, and rewrites of
+ * earlier ones (atomically, as apps should). Returns the final content of each.
+ */
+function startFileWriter(instance: string, rand: () => number): { stop(): Promise<Map<string, string>> } {
+  const expected = new Map<string, string>();
+  let running = true;
+  const loop = (async () => {
+    for (let i = 0; running; i++) {
+      const rel = i > 5 && rand() < 0.4 ? [...expected.keys()][Math.floor(rand() * expected.size)] : `docs/batch ${i % 7}/file-${i}.txt`;
+      const content = `${rel} version ${i} ${"x".repeat(Math.floor(rand() * 3000))}`;
+      mkdirSync(dirname(join(instance, rel)), { recursive: true });
+      writeFileSync(join(instance, `${rel}.tmp`), content);
+      renameSync(join(instance, `${rel}.tmp`), join(instance, rel));
+      expected.set(rel, content);
+      await sleep(40);
+    }
+  })();
+  return {
+    stop: async () => {
+      running = false;
+      await loop;
+      return expected;
+    },
+  };
+}
+
 function journals(c: Cluster): JournalEntry[] {
   return [...c.nodes.values()].flatMap((n) =>
     ["rw.jsonl", "flask.jsonl"].flatMap((f) => (existsSync(join(n.dir, f)) ? readJournal(join(n.dir, f), true) : [])),
@@ -178,6 +205,8 @@ describe("crash safety", () => {
     // A writes fast; B slower, so A also applies B's segments while it gets killed.
     const writerA = startWriter(c, "a", 1, 10);
     const writerB = startWriter(c, "b", 2, 80);
+    // Files too: A's folder changes all the time while A is killed.
+    const files = startFileWriter(c.instance("a"), rand);
 
     // Kill -9 schedule over ~20 s: A four times, B once, at random moments.
     const events = [
@@ -196,9 +225,23 @@ describe("crash safety", () => {
     await sleep(2000);
     await stopWriter(writerA);
     await stopWriter(writerB);
+    const expected = await files.stop();
     expect(c.unexpectedExits).toEqual([]);
     expect(c.node("a").starts).toBe(5);
     expect(c.node("b").starts).toBe(2);
+
+    // Every file A wrote reaches B with its last content, and nothing else appears.
+    const onB = (rel: string) => {
+      try {
+        return readFileSync(c.instance("b", rel), "utf8");
+      } catch {
+        return null;
+      }
+    };
+    await waitFor(() => [...expected].every(([rel, content]) => onB(rel) === content), 60_000).catch(() => undefined);
+    const wrong = [...expected].filter(([rel, content]) => onB(rel) !== content).map(([rel]) => rel);
+    expect(wrong, `files not (or not finally) on b`).toEqual([]);
+    expect(readdirSync(c.instance("b", "docs"), { recursive: true }).filter((f) => String(f).endsWith(".tmp"))).toEqual([]);
 
     await finalChecks(c, ["data.db"], () => sealedPerLog(c), async () => fileStoreKeys(storeDir));
   }, 150_000);
