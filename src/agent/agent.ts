@@ -7,7 +7,7 @@
 import { mkdirSync } from "node:fs";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
-import { decodeName } from "../log/keys.js";
+import { listOrigins } from "../log/keys.js";
 import { LogForkError, type Outbox } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
@@ -173,15 +173,7 @@ export class Agent {
 
   /** Origins are the folders under log/ in the store, except our own. */
   private async refreshOrigins(): Promise<void> {
-    const origins: string[] = [];
-    let after: string | undefined;
-    for (;;) {
-      const page = await this.store.list("log/", { delimiter: "/", startAfter: after, limit: 1000 });
-      for (const p of page.prefixes) origins.push(decodeName(p.slice("log/".length, -1)));
-      if (!page.next) break;
-      after = page.next;
-    }
-    this.origins = origins.filter((o) => o !== this.config.node);
+    this.origins = (await listOrigins(this.store)).filter((o) => o !== this.config.node);
     this.storeOk();
   }
 

@@ -3,7 +3,7 @@
  * page by page and one segment at a time (verified like replay does), and prints
  * the changes that match the filters: who changed which row or file, when.
  */
-import { decodeName, parseSegmentKey, streamPrefix } from "../log/keys.js";
+import { listOrigins, listStreams, parseSegmentKey, streamPrefix } from "../log/keys.js";
 import { hlcToIso, hlcToMs } from "../log/hlc.js";
 import { openSegment, OP_DELETE, OP_INSERT, type LogRecord } from "../log/segment.js";
 import { showValue } from "../log/value.js";
@@ -37,17 +37,6 @@ export interface AuditEntry {
   sha256?: string;
 }
 
-async function prefixes(store: ObjectStore, prefix: string): Promise<string[]> {
-  const out: string[] = [];
-  let after: string | undefined;
-  for (;;) {
-    const page = await store.list(prefix, { delimiter: "/", startAfter: after, limit: 1000 });
-    out.push(...page.prefixes.map((p) => decodeName(p.slice(prefix.length, -1))));
-    if (!page.next) return out;
-    after = page.next;
-  }
-}
-
 function keyMatches(filter: string, key: Record<string, string>): boolean {
   if (!filter.includes("=")) return Object.values(key).length === 1 && Object.values(key)[0] === filter;
   return filter.split(",").every((part) => {
@@ -76,9 +65,9 @@ function toEntry(origin: string, stream: string, seq: number, r: LogRecord): Aud
 
 /** Every change matching `filter`, in log order per origin and stream. */
 export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenerator<AuditEntry> {
-  const origins = (await prefixes(store, "log/")).filter((o) => !filter.origin || o === filter.origin);
+  const origins = (await listOrigins(store)).filter((o) => !filter.origin || o === filter.origin);
   for (const origin of origins) {
-    const streams = (await prefixes(store, `log/${encodeURIComponent(origin)}/`)).filter((s) => {
+    const streams = (await listStreams(store, origin)).filter((s) => {
       if (filter.path !== undefined) return s === FILES_STREAM;
       if (filter.table !== undefined || filter.key !== undefined) return s !== FILES_STREAM && (!filter.db || s === filter.db);
       return !filter.db || s === filter.db;

@@ -4,7 +4,7 @@ import { existsSync } from "node:fs";
 import { loadConfig } from "../agent/config.js";
 import { findDatabases } from "../agent/databases.js";
 import { listExcluded } from "../capture/folder.js";
-import { decodeName, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
+import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
 
@@ -22,11 +22,6 @@ interface DbReport {
   origins?: { origin: string; appliedSeq: number; appliedAt: string | null; waitingInStore?: number }[];
 }
 
-async function originsInStore(store: ObjectStore): Promise<string[]> {
-  const page = await store.list("log/", { delimiter: "/", limit: 1000 });
-  return page.prefixes.map((p) => decodeName(p.slice(4, -1)));
-}
-
 async function countAfter(store: ObjectStore, origin: string, stream: string, seq: number): Promise<number> {
   let n = 0;
   for await (const o of listAll(store, streamPrefix(origin, stream), `${seqFloorKey(origin, stream, seq)}~`)) if (parseSegmentKey(o.key)) n++;
@@ -41,7 +36,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
   const store = config.store ? openStore(config.store) : null;
   let storeOrigins: string[] = [];
   let storeError: string | undefined;
-  if (store) storeOrigins = await originsInStore(store).catch((err: Error) => ((storeError = err.message), []));
+  if (store) storeOrigins = await listOrigins(store).catch((err: Error) => ((storeError = err.message), []));
   const found = findDatabases(config.instanceDir, config.databases, true);
   const reports: DbReport[] = [];
   for (const { path, stream } of found.synced) {

@@ -3,6 +3,8 @@
  * writers race for a key, and the zero-padded seq makes the listing sorted.
  *   log/<origin>/<stream>/<seq:20>-<sha256>.seg
  */
+import { listFolders, type ObjectStore } from "../store/store.js";
+
 const SEQ_DIGITS = 20;
 
 /** Stream and origin names become one key segment each: no '/', nothing unsafe. */
@@ -40,4 +42,14 @@ export function parseSegmentKey(key: string): SegmentName | null {
   const m = SEGMENT_FILE.exec(name);
   if (!m) return null;
   return { seq: Number(m[1]), sha256: m[2] };
+}
+
+/** Every origin that has written to the store (the folders under log/). */
+export async function listOrigins(store: ObjectStore): Promise<string[]> {
+  return (await listFolders(store, "log/")).map(decodeName);
+}
+
+/** Every stream one origin has written (its folders under log/<origin>/). */
+export async function listStreams(store: ObjectStore, origin: string): Promise<string[]> {
+  return (await listFolders(store, `log/${encodeName(origin)}/`)).map(decodeName);
 }

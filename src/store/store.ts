@@ -73,3 +73,15 @@ export async function* listAll(store: ObjectStore, prefix: string, startAfter?: 
     after = page.next;
   }
 }
+
+/** The folder names (common prefixes, without `prefix` and the trailing '/') under `prefix`, page by page. */
+export async function listFolders(store: ObjectStore, prefix: string): Promise<string[]> {
+  const out: string[] = [];
+  let after: string | undefined;
+  for (;;) {
+    const page = await store.list(prefix, { delimiter: "/", startAfter: after, limit: 1000 });
+    out.push(...page.prefixes.map((p) => p.slice(prefix.length, -1)));
+    if (!page.next) return out;
+    after = page.next;
+  }
+}
