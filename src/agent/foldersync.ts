@@ -21,6 +21,7 @@ import { STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
 import { getMeta, setMeta } from "../capture/internal.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import type { HybridClock } from "../log/hlc.js";
+import { Cursors, type Cursor } from "../log/cursors.js";
 import { Outbox } from "../log/outbox.js";
 import type { LogRecord } from "../log/segment.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
@@ -66,6 +67,7 @@ async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) 
 export class FolderSync {
   readonly db: Database.Database;
   readonly state: FileStateStore;
+  private readonly cursorStore: Cursors;
   readonly outbox: Outbox;
   readonly scanner: FolderScanner;
   private readonly materializer: Materializer;
@@ -103,6 +105,7 @@ export class FolderSync {
     this.db.pragma("synchronous = FULL");
     this.db.pragma("busy_timeout = 5000");
     this.state = new FileStateStore(this.db);
+    this.cursorStore = new Cursors(this.db);
     const enrolledAs = getMeta(this.db, "node");
     if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
     else if (enrolledAs !== o.node) {
@@ -373,14 +376,12 @@ export class FolderSync {
     return n;
   }
 
-  cursor(origin: string): { seq: number; key: string } {
-    const r = this.state.sql("SELECT seq, key FROM _unisync_cursors WHERE origin = ?").get(origin) as { seq: number; key: string } | undefined;
-    return r ? { seq: Number(r.seq), key: r.key } : { seq: 0, key: "" };
+  cursor(origin: string): Cursor {
+    return this.cursorStore.get(origin);
   }
 
-  cursors(): Map<string, { seq: number; key: string }> {
-    const rows = this.state.sql("SELECT origin, seq, key FROM _unisync_cursors").all() as { origin: string; seq: number; key: string }[];
-    return new Map(rows.map((r) => [r.origin, { seq: Number(r.seq), key: r.key }]));
+  cursors(): Map<string, Cursor> {
+    return this.cursorStore.all();
   }
 
   /** Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied. */
@@ -420,12 +421,7 @@ export class FolderSync {
               if (added) this.state.recompute(f.path);
               applied++;
             });
-            this.db
-              .prepare(
-                "INSERT INTO _unisync_cursors(origin, seq, key, applied_ms, last_hlc) VALUES (?, ?, ?, ?, ?) " +
-                  "ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq, key = excluded.key, applied_ms = excluded.applied_ms, last_hlc = excluded.last_hlc",
-              )
-              .run(origin, s.seq, s.key, Date.now(), this.o.clock.current);
+            this.cursorStore.set(origin, s.seq, s.key, this.o.clock.current);
             setMeta(this.db, "hlc", this.o.clock.current);
           })
           .immediate();

@@ -9,14 +9,12 @@ import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange } from "./merge.js";
+import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "./bag.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 
-export interface Cursor {
-  seq: number;
-  key: string;
-}
+export type { Cursor };
 
 export interface ApplyOutcome {
   applied: number;
@@ -47,8 +45,7 @@ function unfit(rec: LogRecord, tables: Map<string, TableAccess>): string | null 
 }
 
 export class Applier {
-  private readonly getCursor: Statement;
-  private readonly putCursor: Statement;
+  private readonly cursorStore: Cursors;
   private readonly park: Statement;
 
   constructor(
@@ -63,24 +60,18 @@ export class Applier {
     private readonly maxDriftMs: number = 5 * 60_000,
     private readonly now: () => number = Date.now,
   ) {
-    this.getCursor = db.prepare("SELECT seq, key FROM _unisync_cursors WHERE origin = ?");
-    this.putCursor = db.prepare(
-      "INSERT INTO _unisync_cursors(origin, seq, key, applied_ms, last_hlc) VALUES (?, ?, ?, ?, ?) " +
-        "ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq, key = excluded.key, applied_ms = excluded.applied_ms, last_hlc = excluded.last_hlc",
-    );
+    this.cursorStore = new Cursors(db);
     this.park = db.prepare(
       "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     );
   }
 
   cursor(origin: string): Cursor {
-    const r = this.getCursor.get(origin) as { seq: number; key: string } | undefined;
-    return r ? { seq: Number(r.seq), key: r.key } : { seq: 0, key: "" };
+    return this.cursorStore.get(origin);
   }
 
   cursors(): Map<string, Cursor> {
-    const rows = this.db.prepare("SELECT origin, seq, key FROM _unisync_cursors").all() as { origin: string; seq: number; key: string }[];
-    return new Map(rows.map((r) => [r.origin, { seq: Number(r.seq), key: r.key }]));
+    return this.cursorStore.all();
   }
 
   /**
@@ -105,7 +96,7 @@ export class Applier {
           this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
         }
       });
-      this.putCursor.run(segment.origin, segment.seq, key, Date.now(), lastHlc);
+      this.cursorStore.set(segment.origin, segment.seq, key, lastHlc);
     } finally {
       this.db.prepare("DELETE FROM _unisync_applying").run();
     }
