@@ -7,7 +7,7 @@ import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
-import { ensureInternalTables, getMeta, setMeta } from "../capture/internal.js";
+import { claimForNode, ensureInternalTables, getMeta, NodeIdentityError, setMeta } from "../capture/internal.js";
 import { discoverTables, schemaVersion } from "../capture/schema.js";
 import { installTriggers } from "../capture/triggers.js";
 import type { HybridClock } from "../log/hlc.js";
@@ -42,7 +42,7 @@ export interface DbSyncOptions {
 /** How often parked records are retried besides after schema changes (constraint clashes may clear). */
 const PARKED_RETRY_MS = 10_000;
 
-export class NodeIdentityError extends Error {}
+export { NodeIdentityError };
 
 export class DbSync {
   readonly db: Database.Database;
@@ -112,14 +112,7 @@ export class DbSync {
     this.db.pragma("foreign_keys = OFF");
     this.db.pragma("recursive_triggers = OFF");
     ensureInternalTables(this.db);
-    const enrolledAs = getMeta(this.db, "node");
-    if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
-    else if (enrolledAs !== o.node) {
-      throw new NodeIdentityError(
-        `${o.path} belongs to node "${String(enrolledAs)}" but this agent runs as "${o.node}". ` +
-          `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
-      );
-    }
+    claimForNode(this.db, o.path, o.node);
   }
 
   get stream(): string {

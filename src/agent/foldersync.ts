@@ -18,7 +18,7 @@ import type { Logger } from "pino";
 import { FolderScanner, type Excluded, type Observation } from "../capture/folder.js";
 import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../capture/filestate.js";
 import { STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
-import { getMeta, setMeta } from "../capture/internal.js";
+import { claimForNode, getMeta, setMeta } from "../capture/internal.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import type { HybridClock } from "../log/hlc.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
@@ -106,11 +106,11 @@ export class FolderSync {
     this.db.pragma("busy_timeout = 5000");
     this.state = new FileStateStore(this.db);
     this.cursorStore = new Cursors(this.db);
-    const enrolledAs = getMeta(this.db, "node");
-    if (enrolledAs === undefined) setMeta(this.db, "node", o.node);
-    else if (enrolledAs !== o.node) {
+    try {
+      claimForNode(this.db, join(dir, "files.db"), o.node);
+    } catch (err) {
       this.db.close();
-      throw new Error(`${dir}/files.db belongs to node "${String(enrolledAs)}" but this agent runs as "${o.node}"`);
+      throw err;
     }
     o.clock.observe(Number(getMeta(this.db, "hlc") ?? 0));
     this.outbox = new Outbox(this.db, o.node, FILES_STREAM);

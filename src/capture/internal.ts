@@ -86,3 +86,20 @@ export function statementCache(db: Database): (sql: string) => Statement {
     return s;
   };
 }
+
+/** A state file enrolled under another node name than this agent's. */
+export class NodeIdentityError extends Error {}
+
+/**
+ * Enrols `db` (whose file is `path`) under `node` the first time, and refuses it
+ * afterwards for any other node name: its seqs and clocks belong to that node.
+ */
+export function claimForNode(db: Database, path: string, node: string): void {
+  const enrolledAs = getMeta(db, "node");
+  if (enrolledAs === undefined) return setMeta(db, "node", node);
+  if (enrolledAs === node) return;
+  throw new NodeIdentityError(
+    `${path} belongs to node "${String(enrolledAs)}" but this agent runs as "${node}". ` +
+      `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
+  );
+}
