@@ -1,8 +1,11 @@
 /**
- * Property test of invariants 1-3: three nodes write at random (inserts with
- * values of every storage class, updates of rows other nodes made, deletes),
- * exchange segments in random interleavings, with segments applied twice, and
- * must end with identical tables. Rerun a failure with SEED=<printed seed>.
+ * Property test of invariants 1-3 and 6: three nodes write at random (inserts
+ * with values of every storage class, inserts that let SQLite pick the id and so
+ * collide across nodes, children pointing at them, updates of rows other nodes
+ * made, deletes with ON DELETE CASCADE), exchange segments in random
+ * interleavings, with segments applied twice, and must end with identical
+ * tables, every row that no node deleted, and every child still pointing at the
+ * row its node gave it. Rerun a failure with SEED=<printed seed>.
  */
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
@@ -15,10 +18,13 @@ import { appConnection, openSync } from "./helpers/node.js";
 import { mulberry32, randomValue } from "./helpers/random.js";
 
 const root = mkdtempSync(join(tmpdir(), "unisync-conv-"));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
+// TRACE=1 prints every write and exchange and keeps the databases (path printed).
+const trace = process.env.TRACE ? (...a: unknown[]) => console.log(...a) : () => {};
+afterAll(() => (process.env.TRACE ? console.log(`kept ${root}`) : rmSync(root, { recursive: true, force: true })));
 
 const SCHEMA = `
-CREATE TABLE item(id INTEGER PRIMARY KEY, a, b REAL, c TEXT, d BLOB, e INTEGER);
+CREATE TABLE item(id INTEGER PRIMARY KEY, a, b REAL, c TEXT, d BLOB, e INTEGER, tag TEXT);
+CREATE TABLE part(id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES item(id) ON DELETE CASCADE, ptag TEXT);
 CREATE TABLE doc(uid TEXT PRIMARY KEY, body, n) ;
 CREATE TABLE edge(src INTEGER, dst TEXT, w, PRIMARY KEY(src, dst)) WITHOUT ROWID;
 CREATE TABLE note(who, what);
@@ -38,6 +44,9 @@ async function run(seed: number, steps: number) {
     return { name, path, app, sync: openSync(path, name, store) };
   });
   let counter = 0;
+  // Tags name rows across nodes (ids may move): every tag inserted and never deleted must survive.
+  const insertedTags = new Set<string>();
+  const deletedTags = new Set<string>();
   const value = () => randomValue(rand);
   // In a table without a key, rows that differ only in the sign of a zero are equal
   // copies to SQL (nothing can select one of them), so those values stay unsigned.
@@ -64,7 +73,23 @@ async function run(seed: number, steps: number) {
         for (let k = 0; k < 1 + Math.floor(rand() * 3); k++) {
           const op = rand();
           const id = BigInt(nodes.indexOf(n) + 1) * 1_000_000n + BigInt(++counter);
-          if (op < 0.4) n.app.prepare("INSERT INTO item(id, a, b, c, d, e) VALUES (?, ?, ?, ?, ?, ?)").run(id, value(), rand() * 1e6, `t${counter}`, Buffer.from([counter % 256]), value());
+          const tag = `${n.name}-${counter}`;
+          if (op < 0.2) {
+            n.app.prepare("INSERT INTO item(id, a, b, c, d, e, tag) VALUES (?, ?, ?, ?, ?, ?, ?)").run(id, value(), rand() * 1e6, `t${counter}`, Buffer.from([counter % 256]), value(), tag);
+            trace(n.name, "insert item", id, tag);
+            insertedTags.add(tag);
+          } else if (op < 0.4) {
+            // The id SQLite picks (max + 1): nodes that have not heard each other pick the same.
+            const ins = n.app.prepare("INSERT INTO item(a, b, c, tag) VALUES (?, ?, ?, ?)").run(value(), rand(), `t${counter}`, tag);
+            trace(n.name, "insert item", ins.lastInsertRowid, tag);
+            insertedTags.add(tag);
+            const items = rows(n.app, "SELECT id, tag FROM item");
+            if (items.length && rand() < 0.6) {
+              const [itemId, itemTag] = pick(items);
+              const p = n.app.prepare("INSERT INTO part(item_id, ptag) VALUES (?, ?)").run(itemId, itemTag);
+              trace(n.name, "insert part", p.lastInsertRowid, "->", itemId, itemTag);
+            }
+          }
           else if (op < 0.5) n.app.prepare("INSERT INTO doc VALUES (?, ?, ?)").run(`${n.name}-${counter}`, value(), value());
           else if (op < 0.55) n.app.prepare("INSERT OR IGNORE INTO edge VALUES (?, ?, ?)").run(BigInt(Math.floor(rand() * 5)), pick(["x", "y", "z"]), value());
           else if (op < 0.6) n.app.prepare("INSERT INTO note VALUES (?, ?)").run(n.name, bagValue());
@@ -75,8 +100,13 @@ async function run(seed: number, steps: number) {
             const uids = rows(n.app, "SELECT uid FROM doc");
             if (uids.length) n.app.prepare("UPDATE doc SET n = ? WHERE uid = ?").run(value(), pick(uids)[0]);
           } else {
-            const ids = rows(n.app, "SELECT id FROM item");
-            if (ids.length) n.app.prepare("DELETE FROM item WHERE id = ?").run(pick(ids)[0]);
+            const items = rows(n.app, "SELECT id, tag FROM item");
+            if (items.length) {
+              const [itemId, itemTag] = pick(items);
+              n.app.prepare("DELETE FROM item WHERE id = ?").run(itemId);
+              trace(n.name, "delete item", itemId, itemTag);
+              deletedTags.add(String(itemTag));
+            }
             const edges = rows(n.app, "SELECT src, dst FROM edge");
             if (edges.length && rand() < 0.3) n.app.prepare("DELETE FROM edge WHERE src = ? AND dst = ?").run(...pick(edges));
             const edges2 = rows(n.app, "SELECT src, dst FROM edge");
@@ -90,8 +120,11 @@ async function run(seed: number, steps: number) {
     } else if (r < 0.75) {
       n.sync.sealPending();
       await n.sync.upload();
+      trace(n.name, "shipped");
     } else if (r < 0.95) {
-      await n.sync.pull(pick(names.filter((x) => x !== n.name)), 1 + Math.floor(rand() * 3));
+      const from = pick(names.filter((x) => x !== n.name));
+      const applied = await n.sync.pull(from, 1 + Math.floor(rand() * 3));
+      trace(n.name, "pulled", applied, "records from", from);
     } else {
       // Forget the last applied segment: it is applied again, and must change nothing.
       n.sync.db.prepare("UPDATE _unisync_cursors SET seq = seq - 1 WHERE seq > 0").run();
@@ -109,13 +142,23 @@ async function run(seed: number, steps: number) {
       for (const o of names) if (o !== n.name) while ((await n.sync.pull(o, 50)) > 0);
     }
   }
+  const lost: string[] = [];
   for (const n of nodes) {
     expect(n.sync.problems.size).toBe(0);
     expect(n.sync.parkedCount()).toBe(0);
+    const tags = rows(n.app, "SELECT tag FROM item WHERE tag IS NOT NULL").map((r) => String(r[0]));
+    expect(tags.length, `${n.name}: a tag appears twice`).toBe(new Set(tags).size);
+    const present = new Set(tags);
+    for (const t of insertedTags) if (!deletedTags.has(t) && !present.has(t)) lost.push(`${n.name} lost row ${t}`);
+    // A child points at the row its node gave it, or at nothing if that row was deleted.
+    for (const [partId, itemId, ptag] of rows(n.app, "SELECT part.id, part.item_id, part.ptag FROM part")) {
+      const at = rows(n.app, `SELECT tag FROM item WHERE id = ${String(itemId)}`)[0];
+      if (at ? at[0] !== ptag : !deletedTags.has(String(ptag))) lost.push(`${n.name}: part ${String(partId)} of ${String(ptag)} points at ${at ? String(at[0]) : "nothing"}`);
+    }
     n.sync.close();
     n.app.close();
   }
-  return compareDatabases(nodes.map((n) => n.path));
+  return [...lost, ...compareDatabases(nodes.map((n) => n.path))];
 }
 
 describe("convergence", () => {

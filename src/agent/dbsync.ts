@@ -14,8 +14,9 @@ import type { HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
-import { Applier, retryParked } from "../replay/apply.js";
+import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
+import { lineageName, Relocator } from "../replay/relocate.js";
 import { RowStateStore } from "../replay/state.js";
 import { TableAccess } from "../replay/table.js";
 import type { ObjectStore } from "../store/store.js";
@@ -51,6 +52,7 @@ export class DbSync {
   private readonly drain: ChangeDrain;
   readonly outbox: Outbox;
   private readonly applier: Applier;
+  private readonly relocator: Relocator;
   private tables = new Map<string, TableAccess>();
   private lastSchemaVersion = -1;
   private lastDataVersion = -1;
@@ -77,8 +79,16 @@ export class DbSync {
     o.clock.observe(lastHlc);
     this.states = new RowStateStore(this.db);
     const bag = (this.bag = new BagStore(this.db));
-    const keyless = (table: string) => this.tables.get(table)?.shape.hasDeclaredKey === false;
-    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, keyless);
+    const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, (m) => {
+      // A tombstone moving (an id reused after a delete) is routine, not a collision.
+      if (!m.live) return;
+      o.metrics.inc("unisync_rows_moved_total");
+      this.log.warn(
+        { table: m.table, from: String(m.from), to: String(m.to), lineage: lineageName(m.lineage), keptBy: lineageName(m.winner) },
+        "id collision: two nodes created different rows with the same id; this one moved (see `unisync conflicts`)",
+      );
+    }));
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, (t) => this.tables.get(t)?.shape);
     this.outbox = new Outbox(this.db, o.node, o.stream);
     this.applier = new Applier(
       this.db,
@@ -86,6 +96,7 @@ export class DbSync {
       this.states,
       bag,
       () => this.tables,
+      relocator,
       (p) => {
         o.metrics.inc("unisync_records_parked_total");
         if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
@@ -146,11 +157,14 @@ export class DbSync {
 
   private lastParkedRetry = 0;
 
-  /** Applies parked records that can apply now (schema caught up, clash cleared, clock reached). */
-  retryParked(): number {
-    this.lastParkedRetry = Date.now();
-    if (!this.db.prepare("SELECT 1 FROM _unisync_parked LIMIT 1").get()) return 0;
-    const n = retryParked(this.db, this.applier, decodeSegment, () => this.sealEverything());
+  /**
+   * Applies parked records that can apply now (schema caught up, clash cleared,
+   * clock reached, referenced row arrived); `reasonPrefix` limits it to one kind.
+   */
+  retryParked(reasonPrefix = ""): number {
+    if (!reasonPrefix) this.lastParkedRetry = Date.now();
+    if (!this.db.prepare("SELECT 1 FROM _unisync_parked WHERE substr(reason, 1, ?) = ? LIMIT 1").get(reasonPrefix.length, reasonPrefix)) return 0;
+    const n = retryParked(this.db, this.applier, decodeSegment, () => this.sealEverything(), reasonPrefix);
     if (n > 0) this.log.info({ records: n }, "applied parked records");
     return n;
   }
@@ -172,6 +186,8 @@ export class DbSync {
     }
     const entry = this.outbox.seal(batch.records, Date.now());
     this.drain.removeThrough(batch.lastId);
+    // Rows pointing at a lineage a local insert displaced follow it once the tables and the state agree again.
+    if (!this.hasPending()) this.relocator.followDeferred();
     setMeta(this.db, "hlc", this.o.clock.current);
     this.o.metrics.inc("unisync_records_captured_total", batch.records.length);
     this.log.debug({ seq: entry.seq, records: entry.records, bytes: entry.bytes.length }, "sealed segment");
@@ -186,7 +202,6 @@ export class DbSync {
     while (this.sealBatch() > 0 || this.hasPending());
   }
 
-  /** Seals everything captured so far, one transaction per segment. */
   /**
    * Seals what was captured, one transaction per segment, at most `maxBatches`
    * of them: the capture loop passes a small number so that the app gets its
@@ -251,6 +266,8 @@ export class DbSync {
       this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
       this.o.metrics.inc("unisync_segments_applied_total");
     }
+    // Children that arrived before their parent wait for it: the parent may be in what just applied.
+    if (applied > 0) this.retryParked(WAITING_FOR_ROW);
     this.tailProblems.update(origin, problem());
     return applied;
   }

@@ -10,7 +10,7 @@ import { rowIdentity, type SqlValue } from "../log/value.js";
 import type { BagStore } from "../replay/bag.js";
 import type { RowStateStore } from "../replay/state.js";
 import { quoteIdent } from "./schema.js";
-import { CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./triggers.js";
+import { BASELINE_MASK, CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;
 
@@ -39,7 +39,7 @@ export function baselineTable(
   const next = db.prepare(`SELECT ${orderSql}, ${cols} FROM ${t} WHERE ${after} ORDER BY ${orderSql} LIMIT ${CHUNK}`).raw(true).safeIntegers(true);
   const slots = shape.columns.map((_, i) => `v${i}`).join(", ");
   const record = db.prepare(
-    `INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots}) VALUES (?, ?, ?, NULL, ${shape.columns.map(() => "?").join(", ")})`,
+    `INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots}) VALUES (?, ?, ?, ?, ${shape.columns.map(() => "?").join(", ")})`,
   );
   const keyIdx = shape.key.map((k) => shape.columns.indexOf(k));
   // Tables without a key may hold equal rows: record the copies beyond the counted ones.
@@ -61,7 +61,7 @@ export function baselineTable(
       for (const row of rows) {
         const values = row.slice(order.length);
         if (!unrecorded(values)) continue;
-        record.run(capId, CHANGE_INSERT, Date.now(), ...values);
+        record.run(capId, CHANGE_INSERT, Date.now(), BASELINE_MASK, ...values);
         recorded++;
       }
       if (rows.length > 0) position = rows[rows.length - 1].slice(0, order.length);

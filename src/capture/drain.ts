@@ -7,10 +7,12 @@ import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { mergeChange } from "../replay/merge.js";
+import { mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
 import type { BagStore } from "../replay/bag.js";
+import { enrolmentLineage, intKey, type Relocator } from "../replay/relocate.js";
 import type { RowStateStore } from "../replay/state.js";
-import { CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
+import type { TableShape } from "./schema.js";
+import { BASELINE_MASK, CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {
   table: string;
@@ -20,8 +22,11 @@ interface CaptureGeneration {
 
 type ChangeRow = unknown[]; // id, cap, op, ms, mask, v0..vN (raw row)
 
-/** A row change as captured; keyless updates also carry the values before it. */
-type CapturedChange = RowChange & { oldValues?: SqlValue[] };
+/**
+ * A row change as captured; keyless updates also carry the values before it,
+ * and inserts recorded by enrolment say so (their lineage is named by their values).
+ */
+type CapturedChange = RowChange & { oldValues?: SqlValue[]; enrolment?: boolean };
 
 export interface DrainedBatch {
   records: LogRecord[];
@@ -49,8 +54,9 @@ export class ChangeDrain {
     private readonly clock: HybridClock,
     private readonly states: RowStateStore,
     private readonly bag: BagStore,
-    /** True for tables without a declared key, whose rows are bag instances (see bag.ts). */
-    private readonly keyless: (table: string) => boolean,
+    private readonly relocator: Relocator,
+    /** The current shape of a synced table. */
+    private readonly shapeOf: (table: string) => TableShape | undefined,
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
@@ -76,13 +82,13 @@ export class ChangeDrain {
     const n = g.columns.length;
     const values = slots.slice(0, n);
     const base = { table: g.table, columns: g.columns, key: g.key };
-    if (op === CHANGE_INSERT) return [{ ...base, op: OP_INSERT, values, changed: [] }];
+    if (op === CHANGE_INSERT) return [{ ...base, op: OP_INSERT, values, changed: [], enrolment: mask === BASELINE_MASK }];
     if (op === CHANGE_DELETE) return [{ ...base, op: OP_DELETE, values, changed: [] }];
     const changed = g.columns.map((_, i) => i).filter((i) => maskHasColumn(mask, i));
     if (changed.length === 0) return [];
     const oldKey = slots.slice(n, n + g.key.length);
     // Without a declared key the "key" is every column: the copy changes in place.
-    if (this.keyless(g.table)) return [{ ...base, op: OP_UPDATE, values, changed, oldValues: oldKey }];
+    if (this.shapeOf(g.table)?.hasDeclaredKey === false) return [{ ...base, op: OP_UPDATE, values, changed, oldValues: oldKey }];
     const newKey = g.key.map((k) => values[g.columns.indexOf(k)]);
     if (rowIdentity(oldKey, false).equals(rowIdentity(newKey, false))) return [{ ...base, op: OP_UPDATE, values, changed }];
     const oldValues = values.slice();
@@ -114,8 +120,8 @@ export class ChangeDrain {
         lastId = after;
         for (const change of this.toRowChanges(g, Number(op), mask, slots)) {
           const hlc = this.clock.tick(ms === null ? undefined : Number(ms));
-          const { oldValues, ...row } = change;
-          this.fold(row, hlc, oldValues);
+          const { oldValues, enrolment, ...row } = change;
+          this.fold(row, hlc, (r) => records.push(r), oldValues, enrolment);
           records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
@@ -125,10 +131,14 @@ export class ChangeDrain {
     return { records, lastId, bytes };
   }
 
-  /** Records a local change in the merge state; the table already holds it. */
-  private fold(change: RowChange, hlc: number, oldValues?: SqlValue[]): void {
+  /**
+   * Records a local change in the merge state (the table already holds it),
+   * and names in the record the row's lineage and those its references point at.
+   */
+  private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], enrolment = false): void {
     const stamp = { hlc, origin: this.origin };
-    if (this.keyless(change.table)) {
+    const shape = this.shapeOf(change.table);
+    if (shape?.hasDeclaredKey === false) {
       if (change.op === OP_INSERT) this.bag.record(change.table, stamp, "insert", change.values, stamp);
       else {
         // The app changed one of the equal copies: name the oldest live one.
@@ -142,17 +152,88 @@ export class ChangeDrain {
     }
     const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
-    const prior = this.states.get(change.table, pk);
+    let prior = this.states.get(change.table, pk);
     // A fresh insert needs no current row to merge against (mergeChange's fast path).
     const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, change.values[i]]));
-    const { state } = mergeChange(prior, asRow, {
+    let lineage: Lineage | undefined;
+    const key = intKey(keyValues[0]);
+    if (shape?.autoId && key !== null) {
+      if (change.op === OP_INSERT) {
+        // Every insert starts a lineage, one epoch above whatever this node held
+        // at the key (a row it deleted, or replaced), which moves away (relocate.ts).
+        lineage = { ...(enrolment ? enrolmentLineage(change.values) : stamp), epoch: (prior?.lineage?.epoch ?? 0) + 1 };
+        if (prior?.lineage) {
+          if (prior.alive) emit(this.replacedRow(change, prior));
+          this.relocator.makeRoom(change.table, lineage, key);
+          prior = null;
+        }
+      } else lineage = prior?.lineage ?? undefined;
+      if (lineage) {
+        change.instance = { hlc: lineage.hlc, origin: lineage.origin };
+        change.epoch = lineage.epoch;
+        const born = this.relocator.bornKey(change.table, lineage, key);
+        if (born !== key) change.bornKey = born;
+      }
+    }
+    if (change.op !== OP_INSERT && prior?.incarnation) change.incarnation = prior.incarnation;
+    const { state } = mergeChange(prior, prior === null && change.op === OP_INSERT ? null : asRow, {
       op: change.op,
       stamp,
       columns: change.columns,
       values: change.values,
       changed: change.changed,
+      lineage,
+      incarnation: change.incarnation,
     });
+    if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);
+  }
+
+  /**
+   * An insert over a live row (INSERT OR REPLACE, whose delete fires no
+   * trigger) removed that row: say so with a delete, folded here, so other
+   * nodes do not keep it at the key the old lineage moves to.
+   */
+  private replacedRow(insert: RowChange, prior: NonNullable<ReturnType<RowStateStore["get"]>>): LogRecord {
+    const hlc = this.clock.tick();
+    const lineage = prior.lineage as Lineage;
+    const row: RowChange = {
+      ...insert,
+      op: OP_DELETE,
+      changed: [],
+      instance: { hlc: lineage.hlc, origin: lineage.origin },
+      epoch: lineage.epoch,
+      incarnation: prior.incarnation ?? undefined,
+    };
+    const keyValues = insert.key.map((k) => insert.values[insert.columns.indexOf(k)]);
+    const key = intKey(keyValues[0]) as bigint;
+    const born = this.relocator.bornKey(insert.table, lineage, key);
+    if (born !== key) row.bornKey = born;
+    const pk = rowIdentity(keyValues, false);
+    const stamp = { hlc, origin: this.origin };
+    const { state } = mergeChange(prior, null, { op: OP_DELETE, stamp, columns: row.columns, values: row.values, changed: [], incarnation: row.incarnation });
+    this.states.put(insert.table, pk, state);
+    return { hlc, row };
+  }
+
+  /**
+   * Names the lineage of each row a foreign key the change wrote points at, in
+   * the record and in the state (a column an update did not write keeps its reference).
+   */
+  private addRefs(shape: TableShape, change: RowChange, state: { refs: Record<string, Stamp> | null }): void {
+    if (change.op === OP_DELETE) return;
+    for (const fk of shape.foreignKeys) {
+      const parent = this.shapeOf(fk.table);
+      const i = change.columns.indexOf(fk.column);
+      if (change.op === OP_UPDATE && !change.changed.includes(i)) continue;
+      const value = i < 0 ? null : intKey(change.values[i]);
+      if (!parent?.autoId || value === null) continue;
+      const lineage = this.states.get(parent.name, rowIdentity([value], false))?.lineage;
+      if (!lineage) continue;
+      const born = this.relocator.bornKey(parent.name, lineage, value);
+      (change.refs ??= []).push({ column: fk.column, lineage, bornKey: born === value ? undefined : born });
+      state.refs = { ...state.refs, [fk.column]: lineage };
+    }
   }
 
   removeThrough(lastId: number): void {

@@ -22,11 +22,23 @@ CREATE TABLE IF NOT EXISTS _unisync_capture(
 CREATE TABLE IF NOT EXISTS _unisync_changes(
   id INTEGER PRIMARY KEY, cap INTEGER NOT NULL, op INTEGER NOT NULL, ms INTEGER, mask);
 -- Merge state per row: existence clock, clocks of columns written since the
--- last full write, and the values of a deleted row (so a newer update can revive it).
+-- last full write, the values of a deleted row (so a newer update can revive it),
+-- the row's lineage and references (id collisions) and its incarnation (merge.ts).
 CREATE TABLE IF NOT EXISTS _unisync_rows(
   tbl TEXT NOT NULL, pk BLOB NOT NULL, hlc INTEGER NOT NULL, origin TEXT NOT NULL,
   alive INTEGER NOT NULL, base_hlc INTEGER NOT NULL, base_origin TEXT NOT NULL,
-  cols TEXT, dead BLOB, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
+  cols TEXT, dead BLOB, lin_hlc INTEGER, lin_origin TEXT, lin_epoch INTEGER, refs TEXT,
+  inc_hlc INTEGER, inc_origin TEXT, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
+-- Rows moved by an id collision (src/replay/relocate.ts): where each losing
+-- lineage lives now, the key it was created at, and the lineage that kept it.
+CREATE TABLE IF NOT EXISTS _unisync_moves(
+  tbl TEXT NOT NULL, lin_hlc INTEGER NOT NULL, lin_origin TEXT NOT NULL, born_key NOT NULL, key NOT NULL,
+  from_key NOT NULL, winner_hlc INTEGER NOT NULL, winner_origin TEXT NOT NULL, moved_ms INTEGER NOT NULL,
+  -- 0 when only a deleted row's tombstone moved (an id reused after a delete).
+  live INTEGER NOT NULL,
+  -- 0 while the rows pointing at the moved one still wait to follow it.
+  followed INTEGER NOT NULL,
+  PRIMARY KEY(tbl, lin_hlc, lin_origin)) WITHOUT ROWID;
 -- Rows of tables without a declared key: one entry per copy ("instance", named
 -- by its insert's clock and origin) with its current values and their clock.
 CREATE TABLE IF NOT EXISTS _unisync_bag(
@@ -49,6 +61,11 @@ CREATE TABLE IF NOT EXISTS _unisync_parked(
 
 export function ensureInternalTables(db: Database): void {
   db.exec(INTERNAL_DDL);
+  // Databases enrolled before lineages existed get the columns (NULL: no lineage).
+  const rowCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_rows)").all() as { name: string }[]).map((c) => c.name));
+  for (const [c, type] of [["lin_hlc", "INTEGER"], ["lin_origin", "TEXT"], ["lin_epoch", "INTEGER"], ["refs", "TEXT"], ["inc_hlc", "INTEGER"], ["inc_origin", "TEXT"]]) {
+    if (!rowCols.has(c)) db.exec(`ALTER TABLE _unisync_rows ADD COLUMN ${c} ${type}`);
+  }
 }
 
 export function getMeta(db: Database, key: string): unknown {

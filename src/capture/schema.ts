@@ -18,6 +18,20 @@ export interface TableShape {
   defaults: Record<string, string | null>;
   /** Columns with BLOB affinity (no declared type, or BLOB): the only ones that keep -0.0. */
   keepsSignedZero: string[];
+  /**
+   * The key is an INTEGER PRIMARY KEY of a rowid table: an id the app usually
+   * lets SQLite pick (max + 1), which two offline nodes pick alike. Such rows
+   * carry lineages and move on an id collision (src/replay/relocate.ts).
+   */
+  autoId: boolean;
+  /** Single-column foreign keys: column → referenced table and column (null: its primary key). */
+  foreignKeys: ForeignKey[];
+}
+
+export interface ForeignKey {
+  column: string;
+  table: string;
+  to: string | null;
 }
 
 /** SQLite's affinity rule 3: a type naming no INT/CHAR/CLOB/TEXT but BLOB, or no type at all. */
@@ -49,6 +63,13 @@ interface TableListRow {
   wr: number;
 }
 
+interface ForeignKeyRow {
+  id: number;
+  table: string;
+  from: string;
+  to: string | null;
+}
+
 interface ColumnRow {
   name: string;
   type: string;
@@ -63,6 +84,10 @@ export function readTableShape(db: Database, name: string, withoutRowid: boolean
   const stored = cols.filter((c) => c.hidden === 0);
   const keyCols = stored.filter((c) => c.pk > 0).sort((a, b) => a.pk - b.pk);
   const columns = stored.map((c) => c.name);
+  const fkRows = db.prepare(`PRAGMA main.foreign_key_list(${quoteIdent(name)})`).all() as ForeignKeyRow[];
+  const fkParts = new Map<number, ForeignKeyRow[]>();
+  for (const r of fkRows) fkParts.set(r.id, [...(fkParts.get(r.id) ?? []), r]);
+  const foreignKeys = [...fkParts.values()].filter((parts) => parts.length === 1).map(([r]) => ({ column: r.from, table: r.table, to: r.to }));
   return {
     name,
     columns,
@@ -71,6 +96,9 @@ export function readTableShape(db: Database, name: string, withoutRowid: boolean
     withoutRowid,
     defaults: Object.fromEntries(stored.map((c) => [c.name, c.dflt_value])),
     keepsSignedZero: stored.filter((c) => hasBlobAffinity(c.type ?? "")).map((c) => c.name),
+    // Only the exact type name INTEGER makes a column the rowid (SQLite's rule).
+    autoId: !withoutRowid && keyCols.length === 1 && (keyCols[0].type ?? "").trim().toUpperCase() === "INTEGER",
+    foreignKeys,
   };
 }
 

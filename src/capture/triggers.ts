@@ -9,6 +9,8 @@ import { ensureChangeWidth } from "./internal.js";
 import { quoteIdent, type TableShape } from "./schema.js";
 
 export const CHANGE_INSERT = 1;
+/** The mask of an insert recorded by the enrolment pass (baseline.ts), not by a trigger. */
+export const BASELINE_MASK = -1n;
 export const CHANGE_UPDATE = 2;
 export const CHANGE_DELETE = 3;
 

@@ -11,7 +11,12 @@ import { compress, decompress } from "zstd-napi";
 import { packageRoot } from "./paths.js";
 import type { SqlValue } from "./value.js";
 
-export const FORMAT_VERSION = 1;
+/**
+ * Version 2 added row lineages, born keys and references (id collisions).
+ * Version 1 segments still read: their rows simply have no lineage.
+ */
+export const FORMAT_VERSION = 2;
+const READABLE_VERSIONS = [1, 2];
 
 export type RowOp = 1 | 2 | 3;
 export const OP_INSERT: RowOp = 1;
@@ -26,8 +31,28 @@ export interface RowChange {
   key: string[];
   /** UPDATE: indexes into columns that the change wrote. */
   changed: number[];
-  /** UPDATE/DELETE in a table without a key: the copy (its insert's clock and origin) it changed. */
+  /**
+   * Which entity the change is about. Tables without a key: the copy (its
+   * insert's clock and origin) an UPDATE/DELETE changed. Tables with an
+   * INTEGER PRIMARY KEY: the row's lineage (see src/replay/relocate.ts).
+   */
   instance?: { hlc: number; origin: string };
+  /** The key the lineage was created at, when it is not the row's key now. */
+  bornKey?: SqlValue;
+  /** Lineages of the rows that foreign-key columns point at. */
+  refs?: RowRef[];
+  /** UPDATE/DELETE: the insert that made the row this change saw (see merge.ts). */
+  incarnation?: { hlc: number; origin: string };
+  /** With a lineage: its epoch at its born key (see relocate.ts). */
+  epoch?: number;
+}
+
+/** A foreign-key column's value as a reference to a row lineage. */
+export interface RowRef {
+  column: string;
+  lineage: { hlc: number; origin: string };
+  /** The lineage's creation key, when it is not the column's value. */
+  bornKey?: SqlValue;
 }
 
 export interface FileChange {
@@ -133,6 +158,16 @@ export function encodeSegment(seg: Segment): Buffer {
         changed: r.row.changed,
         instanceHlc: r.row.instance?.hlc,
         instanceOrigin: r.row.instance?.origin,
+        bornKey: r.row.bornKey === undefined ? undefined : toWire(r.row.bornKey),
+        incarnationHlc: r.row.incarnation?.hlc,
+        epoch: r.row.epoch,
+        incarnationOrigin: r.row.incarnation?.origin,
+        refs: r.row.refs?.map((f) => ({
+          column: f.column,
+          lineageHlc: f.lineage.hlc,
+          lineageOrigin: f.lineage.origin,
+          bornKey: f.bornKey === undefined ? undefined : toWire(f.bornKey),
+        })),
       },
       file: r.file,
     })),
@@ -151,6 +186,11 @@ interface WireRecord {
     changed?: number[];
     instanceHlc?: LongLike;
     instanceOrigin?: string;
+    bornKey?: WireValue;
+    incarnationHlc?: LongLike;
+    epoch?: number;
+    incarnationOrigin?: string;
+    refs?: { column?: string; lineageHlc?: LongLike; lineageOrigin?: string; bornKey?: WireValue }[];
   };
   file?: {
     path?: string;
@@ -181,8 +221,10 @@ export function decodeSegment(bytes: Buffer): Segment {
   } catch (err) {
     throw new CorruptSegmentError(`malformed protobuf: ${(err as Error).message}`, { cause: err });
   }
-  if (wire.formatVersion !== FORMAT_VERSION) {
-    throw new CorruptSegmentError(`unsupported segment format version ${wire.formatVersion ?? "(none)"}; this unisync reads version ${FORMAT_VERSION}`);
+  if (!READABLE_VERSIONS.includes(wire.formatVersion ?? 0)) {
+    throw new CorruptSegmentError(
+      `unsupported segment format version ${wire.formatVersion ?? "(none)"}; this unisync reads versions ${READABLE_VERSIONS.join(", ")}`,
+    );
   }
   return {
     origin: wire.origin ?? "",
@@ -199,6 +241,16 @@ export function decodeSegment(bytes: Buffer): Segment {
         key: r.row.key ?? [],
         changed: r.row.changed ?? [],
         instance: r.row.instanceOrigin ? { hlc: longToNumber(r.row.instanceHlc), origin: r.row.instanceOrigin } : undefined,
+        bornKey: r.row.bornKey && has(r.row, "bornKey") ? fromWire(r.row.bornKey) : undefined,
+        epoch: r.row.epoch || undefined,
+        incarnation: r.row.incarnationOrigin ? { hlc: longToNumber(r.row.incarnationHlc), origin: r.row.incarnationOrigin } : undefined,
+        refs: r.row.refs?.length
+          ? r.row.refs.map((f) => ({
+              column: f.column ?? "",
+              lineage: { hlc: longToNumber(f.lineageHlc), origin: f.lineageOrigin ?? "" },
+              bornKey: f.bornKey && has(f, "bornKey") ? fromWire(f.bornKey) : undefined,
+            }))
+          : undefined,
       } : undefined,
       file: r.file ? {
         path: r.file.path ?? "",

@@ -8,13 +8,17 @@ import type { Database, Statement } from "better-sqlite3";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { mergeChange } from "./merge.js";
+import { clockOf, mergeChange } from "./merge.js";
+import { intKey, lineageName, type Relocator } from "./relocate.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "./bag.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 
 export type { Cursor };
+
+/** Reason prefix of records parked until the row they point at arrives (retried after each pull that applied something). */
+export const WAITING_FOR_ROW = "waiting for the row";
 
 export interface ApplyOutcome {
   applied: number;
@@ -55,6 +59,7 @@ export class Applier {
     private readonly bag: BagStore,
     /** Current local tables by name; replaced by the owner when the schema changes. */
     private readonly tables: () => Map<string, TableAccess>,
+    private readonly relocator: Relocator,
     private readonly onParked: (p: ParkedRecord) => void,
     /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
     private readonly maxDriftMs: number = 5 * 60_000,
@@ -116,17 +121,33 @@ export class Applier {
     if (!row) return null;
     const access = this.tables().get(row.table) as TableAccess;
     if (!access.shape.hasDeclaredKey) return this.applyToBag(origin, rec, access);
-    const keyValues = row.key.map((k) => row.values[row.columns.indexOf(k)]);
+    let values = row.values;
+    try {
+      const placed = this.placeRow(row, access);
+      if (typeof placed === "string") return placed;
+      values = placed;
+    } catch (err) {
+      return `moving a row after an id collision failed: ${(err as Error).message}`;
+    }
+    const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
     const current = access.find(row.key, keyValues);
     const prior = this.states.get(row.table, pk);
+    const stamp = { hlc: rec.hlc, origin };
     const { state, write } = mergeChange(prior, current, {
       op: row.op,
-      stamp: { hlc: rec.hlc, origin },
+      stamp,
       columns: row.columns,
-      values: row.values,
+      values,
       changed: row.changed,
+      lineage: access.shape.autoId && row.instance ? { ...row.instance, epoch: row.epoch ?? 1 } : undefined,
+      incarnation: row.incarnation,
     });
+    // A reference is this record's when the column's value is: the state keeps whose row it points at.
+    for (const ref of row.refs ?? []) {
+      const c = clockOf(state, ref.column);
+      if (c.origin === origin && (c.hlc === rec.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
+    }
     try {
       if (write.kind === "insert") access.insert(write.values);
       else if (write.kind === "update") access.update(row.key, keyValues, write.values);
@@ -137,6 +158,43 @@ export class Applier {
     }
     this.states.put(row.table, pk, state);
     return null;
+  }
+
+  /**
+   * The record's values with its references pointed at where their rows live
+   * here, and its key at where its lineage lives (resolving an id collision).
+   * Returns a reason to wait when a referenced row has not arrived yet.
+   */
+  private placeRow(row: RowChange, access: TableAccess): SqlValue[] | string {
+    let values = row.values;
+    const tables = this.tables();
+    for (const ref of row.refs ?? []) {
+      const i = row.columns.indexOf(ref.column);
+      const fk = access.shape.foreignKeys.find((f) => f.column === ref.column);
+      const parent = fk ? tables.get(fk.table) : undefined;
+      const value = i < 0 ? null : intKey(values[i]);
+      const born = ref.bornKey === undefined ? value : intKey(ref.bornKey);
+      // A parent without lineages here (or a changed schema) leaves the value as it is.
+      if (!fk || !parent?.shape.autoId || value === null || born === null) continue;
+      const at = this.relocator.locate(parent.shape.name, ref.lineage, born);
+      if (at === null) return `${WAITING_FOR_ROW} of "${fk.table}" that "${ref.column}" points at (${lineageName(ref.lineage)}), which has not arrived yet`;
+      if (at !== value) {
+        if (values === row.values) values = row.values.slice();
+        values[i] = at;
+      }
+    }
+    if (access.shape.autoId && row.instance) {
+      const i = row.columns.indexOf(row.key[0]);
+      const key = intKey(values[i]);
+      const born = row.bornKey === undefined ? key : intKey(row.bornKey);
+      if (key === null || born === null) return `key "${row.key[0]}" of "${row.table}" is not an integer`;
+      const at = this.relocator.place(access, { ...row.instance, epoch: row.epoch ?? 1 }, born);
+      if (at !== key) {
+        if (values === row.values) values = row.values.slice();
+        values[i] = at;
+      }
+    }
+    return values;
   }
 
   /** Tables without a key: merge into the named copy, then match the table's copies to the bag. */
@@ -173,8 +231,10 @@ export class Applier {
  * Retries parked records; returns how many applied now. `first` runs at the
  * start of each transaction (the caller folds pending local captures there).
  */
-export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, first: () => void): number {
-  const rows = db.prepare("SELECT id, origin, record FROM _unisync_parked ORDER BY id").all() as { id: number; origin: string; record: Buffer }[];
+export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, first: () => void, reasonPrefix = ""): number {
+  const rows = db
+    .prepare("SELECT id, origin, record FROM _unisync_parked WHERE substr(reason, 1, ?) = ? ORDER BY id")
+    .all(reasonPrefix.length, reasonPrefix) as { id: number; origin: string; record: Buffer }[];
   let done = 0;
   for (const r of rows) {
     const rec = decode(r.record).records[0];

@@ -1,8 +1,11 @@
 /**
  * The merge rule, as a pure function so that every node computes the same result
  * whatever order records arrive in (a state-based CRDT):
- *  - a row's existence is a last-writer-wins register over its inserts, updates
- *    (alive) and deletes (dead), ordered by (HLC, origin);
+ *  - a row's existence belongs to its newest *incarnation* (the newest insert
+ *    at its key, by (HLC, origin)); within it, existence is a last-writer-wins
+ *    register over the updates (alive) and deletes (dead) that name it. A
+ *    change that names an older incarnation does not touch existence: a delete
+ *    by a node that never saw the row re-inserted does not remove it;
  *  - each column is a last-writer-wins register over the writes to it (an insert
  *    writes every column, an update the columns it changed);
  *  - values a record carries but did not write (an update's unchanged columns, a
@@ -19,6 +22,14 @@ export interface Stamp {
   origin: string;
 }
 
+/**
+ * A row's lineage (relocate.ts): the insert that created it, and its epoch, the
+ * number of lineages its writer had seen at its key before it, plus one.
+ */
+export interface Lineage extends Stamp {
+  epoch: number;
+}
+
 export interface RowState {
   /** Clock of the operation that decided existence. */
   exists: Stamp;
@@ -33,6 +44,15 @@ export interface RowState {
   cols: Record<string, Stamp | null>;
   /** Values of a row while it is deleted (so a newer write can revive it). */
   dead: Map<string, SqlValue> | null;
+  /**
+   * Tables with an INTEGER PRIMARY KEY: the insert that first created a row at
+   * this key (null for rows recorded before lineages existed). See relocate.ts.
+   */
+  lineage: Lineage | null;
+  /** Foreign-key columns → the lineage of the row each points at. */
+  refs: Record<string, Stamp> | null;
+  /** The newest insert at this key (null: not known, for rows recorded before incarnations existed). */
+  incarnation: Stamp | null;
 }
 
 export interface IncomingChange {
@@ -42,6 +62,9 @@ export interface IncomingChange {
   values: SqlValue[];
   /** Indexes into columns written by an UPDATE. */
   changed: number[];
+  lineage?: Lineage;
+  /** UPDATE/DELETE: the incarnation the writer saw (undefined: not known). */
+  incarnation?: Stamp;
 }
 
 export type TableWrite =
@@ -107,11 +130,12 @@ export function mergeChange(
       cols[c] = null;
       values.set(c, change.values[i]);
     });
-    return { state: { exists: change.stamp, alive: true, base: change.stamp, cols, dead: null }, write: { kind: "insert", values } };
+    const state = { exists: change.stamp, alive: true, base: change.stamp, cols, dead: null, lineage: change.lineage ?? null, refs: null, incarnation: change.stamp };
+    return { state, write: { kind: "insert", values } };
   }
   const state: RowState = prior
-    ? { ...prior, cols: { ...prior.cols }, dead: prior.dead }
-    : { exists: NEVER, alive: false, base: NEVER, cols: {}, dead: null };
+    ? { ...prior, cols: { ...prior.cols }, dead: prior.dead, lineage: prior.lineage ?? change.lineage ?? null }
+    : { exists: NEVER, alive: false, base: NEVER, cols: {}, dead: null, lineage: change.lineage ?? null, refs: null, incarnation: null };
   // The table is the truth about whether the row is there now (a row the state
   // has not seen yet, such as one awaiting its baseline, is still updated in place).
   const wasAlive = current !== null;
@@ -134,7 +158,13 @@ export function mergeChange(
     else if (!values.has(column)) offer(column, value, weak);
   });
 
-  if (newer(change.stamp, state.exists)) {
+  const incarnation = change.op === OP_INSERT ? change.stamp : change.incarnation;
+  if (incarnation && (!state.incarnation || newer(incarnation, state.incarnation))) {
+    // A newer incarnation starts existence afresh (a delete may name one before its insert arrives).
+    state.incarnation = incarnation;
+    state.exists = change.stamp;
+    state.alive = change.op !== OP_DELETE;
+  } else if ((!incarnation || !state.incarnation || !newer(state.incarnation, incarnation)) && newer(change.stamp, state.exists)) {
     state.exists = change.stamp;
     state.alive = change.op !== OP_DELETE;
   }

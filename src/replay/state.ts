@@ -11,6 +11,12 @@ interface StateRow {
   base_origin: string;
   cols: string | null;
   dead: Buffer | null;
+  lin_hlc: number | bigint | null;
+  lin_origin: string | null;
+  lin_epoch: number | bigint | null;
+  refs: string | null;
+  inc_hlc: number | bigint | null;
+  inc_origin: string | null;
 }
 
 function encodeDead(values: Map<string, SqlValue>): Buffer {
@@ -29,12 +35,21 @@ function decodeDead(bytes: Buffer): Map<string, SqlValue> {
 export class RowStateStore {
   private readonly getStmt: Statement;
   private readonly putStmt: Statement;
+  private readonly deleteStmt: Statement;
 
   constructor(db: Database) {
-    this.getStmt = db.prepare("SELECT hlc, origin, alive, base_hlc, base_origin, cols, dead FROM _unisync_rows WHERE tbl = ? AND pk = ?");
-    this.putStmt = db.prepare(
-      "INSERT OR REPLACE INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    this.getStmt = db.prepare(
+      "SELECT hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin FROM _unisync_rows WHERE tbl = ? AND pk = ?",
     );
+    this.putStmt = db.prepare(
+      "INSERT OR REPLACE INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin) " +
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    );
+    this.deleteStmt = db.prepare("DELETE FROM _unisync_rows WHERE tbl = ? AND pk = ?");
+  }
+
+  delete(table: string, pk: Buffer): void {
+    this.deleteStmt.run(table, pk);
   }
 
   get(table: string, pk: Buffer): RowState | null {
@@ -51,6 +66,9 @@ export class RowStateStore {
       base: { hlc: Number(r.base_hlc), origin: r.base_origin },
       cols,
       dead: r.dead ? decodeDead(r.dead) : null,
+      lineage: r.lin_origin === null ? null : { hlc: Number(r.lin_hlc), origin: r.lin_origin, epoch: Number(r.lin_epoch ?? 1) },
+      refs: r.refs ? (JSON.parse(r.refs) as Record<string, Stamp>) : null,
+      incarnation: r.inc_origin === null ? null : { hlc: Number(r.inc_hlc), origin: r.inc_origin },
     };
   }
 
@@ -68,6 +86,11 @@ export class RowStateStore {
         if (this.allBase.size < 1000) this.allBase.set(names, cols);
       }
     } else if (entries.length) cols = JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, st ? [st.hlc, st.origin] : 0])));
-    this.putStmt.run(table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols, s.dead ? encodeDead(s.dead) : null);
+    const refs = s.refs && Object.keys(s.refs).length ? JSON.stringify(s.refs) : null;
+    this.putStmt.run(
+      table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols,
+      s.dead ? encodeDead(s.dead) : null, s.lineage?.hlc ?? null, s.lineage?.origin ?? null, s.lineage?.epoch ?? null, refs,
+      s.incarnation?.hlc ?? null, s.incarnation?.origin ?? null,
+    );
   }
 }

@@ -54,6 +54,13 @@ export class TableAccess {
     return new Map(this.shape.columns.map((c, i) => [c, row[i]]));
   }
 
+  /** Every row whose `column` equals `value` (children of a moved row; rare, so no index is assumed). */
+  rowsWhere(column: string, value: SqlValue): Map<string, SqlValue>[] {
+    const cols = this.shape.columns.map(quoteIdent).join(", ");
+    const rows = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${quoteIdent(column)} = ?`, true).raw(true).all(value) as SqlValue[][];
+    return rows.map((row) => new Map(this.shape.columns.map((c, i) => [c, row[i]])));
+  }
+
   /** How many rows hold exactly these values in these columns (for tables without a key). */
   copies(key: string[], keyValues: SqlValue[]): number {
     return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...this.keyArgs(keyValues)));

@@ -1,0 +1,145 @@
+/**
+ * Id collisions (issue 4, DESIGN.md invariant 6): nodes that insert offline
+ * pick the same INTEGER PRIMARY KEY for different rows. Every node must end
+ * with every row, at the same ids, and children must follow a moved parent,
+ * whatever order the segments arrive in.
+ */
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, describe, expect, it } from "vitest";
+import type { DbSync } from "../src/agent/dbsync.js";
+import { FileStore } from "../src/store/file.js";
+import { compareDatabases } from "./helpers/checker.js";
+import { appConnection, openSync } from "./helpers/node.js";
+
+const root = mkdtempSync(join(tmpdir(), "unisync-coll-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const SCHEMA = `
+CREATE TABLE team(id INTEGER PRIMARY KEY, name TEXT);
+CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id) ON DELETE CASCADE, name TEXT);
+CREATE TABLE membership(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY KEY(team_id, tag)) WITHOUT ROWID;
+`;
+
+let n = 0;
+function cluster(names: string[]) {
+  const dir = join(root, `c${++n}`);
+  mkdirSync(dir, { recursive: true });
+  const store = new FileStore(join(dir, "store"));
+  const nodes = names.map((name) => {
+    const path = join(dir, `${name}.db`);
+    const app = appConnection(path);
+    app.exec(SCHEMA);
+    return { name, path, app, sync: openSync(path, name, store) };
+  });
+  const ship = async (node: { sync: DbSync }) => {
+    node.sync.sealPending();
+    await node.sync.upload();
+  };
+  const pullAll = async (node: { sync: DbSync; name: string }, from = names) => {
+    for (const o of from) if (o !== node.name) while ((await node.sync.pull(o, 50)) > 0);
+    node.sync.retryParked();
+  };
+  const settle = async () => {
+    for (let round = 0; round < 2; round++) {
+      for (const x of nodes) await ship(x);
+      for (const x of nodes) await pullAll(x);
+    }
+  };
+  const close = () => nodes.forEach((x) => (x.sync.close(), x.app.close()));
+  return { nodes, ship, pullAll, settle, close };
+}
+
+const all = (db: ReturnType<typeof appConnection>, sql: string) => db.prepare(sql).all() as Record<string, unknown>[];
+
+describe("id collisions", () => {
+  it("two nodes insert id 1 offline: both rows survive at the same ids everywhere, children follow", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds'); INSERT INTO player(team_id, name) VALUES (1, 'ann')");
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO player(team_id, name) VALUES (1, 'bob'); INSERT INTO membership VALUES (1, 'x')");
+    await c.ship(a);
+    await c.ship(b);
+    // c hears b first, then a: the opposite order from a's and b's own.
+    await c.pullAll(cc, ["b"]);
+    await c.pullAll(cc, ["a"]);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const teams = all(x.app, "SELECT id, name FROM team ORDER BY name");
+      expect(teams.map((t) => t.name)).toEqual(["blues", "reds"]);
+      const byName = new Map(teams.map((t) => [t.name, t.id]));
+      // Each player still belongs to the team its node gave it.
+      const players = all(x.app, "SELECT team_id, name FROM player ORDER BY name");
+      expect(players).toEqual([
+        { team_id: byName.get("reds"), name: "ann" },
+        { team_id: byName.get("blues"), name: "bob" },
+      ]);
+      expect(all(x.app, "SELECT team_id, tag FROM membership")).toEqual([{ team_id: byName.get("blues"), tag: "x" }]);
+      expect(all(x.app, "PRAGMA foreign_key_check")).toEqual([]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
+    // The earlier insert kept id 1; the moves are recorded.
+    const moves = all(a.app, "SELECT tbl, from_key, key FROM _unisync_moves ORDER BY tbl");
+    expect(moves.map((m) => m.tbl)).toEqual(["player", "team"]);
+    c.close();
+  });
+
+  it("a child written by a third node that saw only the losing parent follows it", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    b.app.exec("INSERT INTO team(name) VALUES ('blues')");
+    await c.ship(b);
+    await c.pullAll(cc, ["b"]);
+    // c adds a player to b's team 1; a (earlier clock? no: later) also made team 1.
+    cc.app.exec("INSERT INTO player(id, team_id, name) VALUES (100, 1, 'cid')");
+    await c.ship(cc);
+    a.app.exec("INSERT INTO team(id, name) VALUES (1, 'reds')");
+    await c.ship(a);
+    // a hears c's child before b's team: the child waits for its parent.
+    await c.pullAll(a, ["c"]);
+    expect(a.sync.parkedCount()).toBe(1);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(all(x.app, "SELECT team_id FROM player WHERE name = 'cid'")).toEqual([{ team_id: blues }]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
+    c.close();
+  });
+
+  it("re-inserting an id after deleting it is the same row, not a collision", async () => {
+    const c = cluster(["a", "b"]);
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('one')");
+    await c.settle();
+    b.app.exec("DELETE FROM team WHERE id = 1");
+    await c.settle();
+    a.app.exec("INSERT INTO team(name) VALUES ('two')"); // SQLite reuses id 1
+    await c.settle();
+    for (const x of c.nodes) expect(all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 1n, name: "two" }]);
+    // Only the deleted row's tombstone moved (so a late update cannot revive it over "two").
+    expect(all(a.app, "SELECT live FROM _unisync_moves")).toEqual([{ live: 0n }]);
+    c.close();
+  });
+
+  it("the loser's origin never comes back: its row still reaches every node", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')");
+    b.app.exec("INSERT INTO team(name) VALUES ('blues')");
+    await c.ship(a);
+    await c.ship(b);
+    b.sync.close(); // b is gone for good
+    for (const x of [a, cc]) await c.pullAll(x);
+    for (const x of [a, cc]) {
+      expect(all(x.app, "SELECT name FROM team ORDER BY name").map((r) => r.name)).toEqual(["blues", "reds"]);
+    }
+    expect(compareDatabases([a.path, cc.path])).toEqual([]);
+    a.sync.close();
+    cc.sync.close();
+    for (const x of c.nodes) x.app.close();
+  });
+});
