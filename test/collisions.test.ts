@@ -20,6 +20,8 @@ const SCHEMA = `
 CREATE TABLE team(id INTEGER PRIMARY KEY, name TEXT);
 CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id) ON DELETE CASCADE, name TEXT);
 CREATE TABLE membership(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY KEY(team_id, tag)) WITHOUT ROWID;
+CREATE TABLE account(id INTEGER PRIMARY KEY, name TEXT UNIQUE, email TEXT);
+CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
 `;
 
 let n = 0;
@@ -122,6 +124,31 @@ describe("id collisions", () => {
     for (const x of c.nodes) expect(all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 1n, name: "two" }]);
     // Only the deleted row's tombstone moved (so a late update cannot revive it over "two").
     expect(all(a.app, "SELECT live FROM _unisync_moves")).toEqual([{ live: 0n }]);
+    c.close();
+  });
+
+  it("two nodes create the same unique name: every node keeps the first, the other is set aside, nothing wedges", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO account(id, name, email) VALUES (10, 'alice', 'a@a'); INSERT INTO code VALUES ('x', 'same')");
+    b.app.exec("INSERT INTO account(id, name, email) VALUES (20, 'alice', 'b@b'); INSERT INTO code VALUES ('y', 'same')");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      expect(all(x.app, "SELECT name FROM account")).toEqual([{ name: "alice" }]);
+      expect(all(x.app, "SELECT count(*) AS n FROM code")).toEqual([{ n: 1n }]);
+      expect(all(x.app, "SELECT tbl FROM _unisync_conflicts ORDER BY tbl")).toEqual([{ tbl: "account" }, { tbl: "code" }]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
+    // The set-aside row comes back when a change ends the clash.
+    const aside = all(a.app, "SELECT id FROM account")[0].id === 10n ? b : a;
+    const asideId = aside === a ? 10 : 20;
+    aside.sync.db.prepare("DELETE FROM _unisync_applying").run();
+    // Its origin no longer has it in the table; the app renames it through a fresh insert of the same id.
+    aside.app.prepare("INSERT INTO account(id, name, email) VALUES (?, 'alice2', 'x@x')").run(asideId);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) expect(all(x.app, "SELECT name FROM account ORDER BY name").map((r) => r.name)).toEqual(["alice", "alice2"]);
     c.close();
   });
 

@@ -102,6 +102,13 @@ export class DbSync {
         if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
         this.log.warn(p, "record parked: cannot apply it yet");
       },
+      (table, key, keptKey) => {
+        o.metrics.inc("unisync_rows_set_aside_total");
+        this.log.warn(
+          { table, key: key.map(String), kept: keptKey.map(String) },
+          "unique clash: two nodes created rows with the same unique values; the later one is set aside (see `unisync conflicts`)",
+        );
+      },
       o.maxClockDriftMs,
     );
   }
@@ -187,7 +194,11 @@ export class DbSync {
     const entry = this.outbox.seal(batch.records, Date.now());
     this.drain.removeThrough(batch.lastId);
     // Rows pointing at a lineage a local insert displaced follow it once the tables and the state agree again.
-    if (!this.hasPending()) this.relocator.followDeferred();
+    if (!this.hasPending()) {
+      this.relocator.followDeferred();
+      // A local write may have ended a unique clash: a row set aside comes back.
+      this.applier.restoreAside();
+    }
     setMeta(this.db, "hlc", this.o.clock.current);
     this.o.metrics.inc("unisync_records_captured_total", batch.records.length);
     this.log.debug({ seq: entry.seq, records: entry.records, bytes: entry.bytes.length }, "sealed segment");

@@ -45,6 +45,12 @@ CREATE TABLE IF NOT EXISTS _unisync_bag(
   tbl TEXT NOT NULL, inst BLOB NOT NULL, vid BLOB NOT NULL, vals BLOB NOT NULL,
   hlc INTEGER NOT NULL, origin TEXT NOT NULL, alive INTEGER NOT NULL, PRIMARY KEY(tbl, inst)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _unisync_bag_vid ON _unisync_bag(tbl, vid, alive);
+-- Rows set aside because they clash on a UNIQUE constraint with a row created
+-- earlier (src/replay/apply.ts): every node keeps the same one; these wait here,
+-- with their values, for an operator (\`unisync conflicts\`).
+CREATE TABLE IF NOT EXISTS _unisync_conflicts(
+  tbl TEXT NOT NULL, row_key BLOB NOT NULL, kept_key BLOB NOT NULL, vals BLOB NOT NULL, detected_ms INTEGER NOT NULL,
+  PRIMARY KEY(tbl, row_key)) WITHOUT ROWID;
 -- Sealed segments waiting for upload. A retry uploads exactly these bytes.
 CREATE TABLE IF NOT EXISTS _unisync_outbox(
   seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);

@@ -7,9 +7,10 @@
 import type { Database, Statement } from "better-sqlite3";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
-import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, mergeChange } from "./merge.js";
-import { intKey, lineageName, type Relocator } from "./relocate.js";
+import { compareStamp } from "../log/hlc.js";
+import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import { clockOf, mergeChange, type RowState } from "./merge.js";
+import { intKey, lineageName, outranks, type Relocator } from "./relocate.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "./bag.js";
 import type { RowStateStore } from "./state.js";
@@ -61,11 +62,14 @@ export class Applier {
     private readonly tables: () => Map<string, TableAccess>,
     private readonly relocator: Relocator,
     private readonly onParked: (p: ParkedRecord) => void,
+    /** A row set aside after a UNIQUE clash (for the log and metrics). */
+    private readonly onSetAside: (table: string, key: SqlValue[], keptKey: SqlValue[]) => void,
     /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
     private readonly maxDriftMs: number = 5 * 60_000,
     private readonly now: () => number = Date.now,
   ) {
     this.cursorStore = new Cursors(db);
+    this.hasAside = !!db.prepare("SELECT 1 FROM _unisync_conflicts LIMIT 1").get();
     this.park = db.prepare(
       "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     );
@@ -132,9 +136,11 @@ export class Applier {
     const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
     const current = access.find(row.key, keyValues);
+    // A row set aside after a unique clash is not in the table: its values are kept aside.
+    const aside = current === null && this.hasAside ? this.asideValues(access, keyValues) : null;
     const prior = this.states.get(row.table, pk);
     const stamp = { hlc: rec.hlc, origin };
-    const { state, write } = mergeChange(prior, current, {
+    const { state, write } = mergeChange(prior, current ?? aside, {
       op: row.op,
       stamp,
       columns: row.columns,
@@ -148,16 +154,139 @@ export class Applier {
       const c = clockOf(state, ref.column);
       if (c.origin === origin && (c.hlc === rec.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
     }
-    try {
-      if (write.kind === "insert") access.insert(write.values);
+    const written = write.kind === "insert" || write.kind === "update" ? write.values : new Map<string, SqlValue>();
+    const full = new Map([...(current ?? aside ?? []), ...written]);
+    const writeTable = () => {
+      if (aside) {
+        // The row is not in the table: a write tries to bring it back whole, a delete ends it.
+        if (write.kind === "none") return;
+        if (write.kind !== "delete") access.insert(full);
+        this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(row.table, encodeValues(keyValues));
+      } else if (write.kind === "insert") access.insert(write.values);
       else if (write.kind === "update") access.update(row.key, keyValues, write.values);
       else if (write.kind === "delete") access.delete(row.key, keyValues);
+    };
+    try {
+      writeTable();
     } catch (err) {
+      const clash = write.kind === "insert" || write.kind === "update" ? (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE" : false;
+      const other = clash ? access.uniqueClash(full, row.key, keyValues) : null;
       // A failed statement changes nothing, so the state is not written either.
-      return `${(err as Error).message}`;
+      if (!other) return `${(err as Error).message}`;
+      try {
+        this.settleUniqueClash(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
+      } catch (err2) {
+        return `${(err2 as Error).message}`;
+      }
     }
     this.states.put(row.table, pk, state);
+    if (this.hasAside) this.restoreAside(row.table);
     return null;
+  }
+
+  /**
+   * Rows set aside come back once nothing clashes with them any more (the row
+   * that kept the values changed them, or was deleted); one created earlier than
+   * the row in its way takes its place. Runs after every write to a table that
+   * has rows aside, replayed or local, so every node reaches the same table.
+   */
+  restoreAside(table?: string): void {
+    if (!this.hasAside) return;
+    const rows = (
+      table === undefined
+        ? this.db.prepare("SELECT tbl, row_key FROM _unisync_conflicts").all()
+        : this.db.prepare("SELECT tbl, row_key FROM _unisync_conflicts WHERE tbl = ?").all(table)
+    ) as { tbl: string; row_key: Buffer }[];
+    if (rows.length === 0) {
+      this.hasAside = !!this.db.prepare("SELECT 1 FROM _unisync_conflicts LIMIT 1").get();
+      return;
+    }
+    const guard = !this.db.prepare("SELECT 1 FROM _unisync_applying").get();
+    if (guard) this.db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
+    try {
+      for (const r of rows) {
+        const access = this.tables().get(r.tbl);
+        if (!access) continue;
+        const keyValues = decodeValues(r.row_key);
+        const values = this.asideValues(access, keyValues);
+        const state = this.states.get(r.tbl, rowIdentity(keyValues, false));
+        if (!values || !state) continue;
+        const bringBack = () => {
+          access.insert(values);
+          this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(r.tbl, r.row_key);
+        };
+        try {
+          this.db.transaction(bringBack)();
+        } catch (err) {
+          if ((err as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") continue;
+          const other = access.uniqueClash(values, access.shape.key, keyValues);
+          if (other && this.createdFirst(access, state, this.states.get(r.tbl, rowIdentity(other, false)))) {
+            this.db.transaction(() => this.settleUniqueClash(access, { keyValues, state, values, inTable: false }, other, bringBack))();
+          }
+        }
+      }
+    } finally {
+      if (guard) this.db.prepare("DELETE FROM _unisync_applying").run();
+    }
+  }
+
+  /**
+   * Two rows clash on a UNIQUE constraint (two nodes both created user
+   * "alice"). Every node keeps the same one, the row created first (lineage
+   * rank, or first insert clock), whatever order they arrive in; the other is
+   * taken out of the table and kept, with its values, in _unisync_conflicts.
+   * Its merge state stays, so later changes to it still merge, and it comes
+   * back by itself if a change ends the clash.
+   */
+  private settleUniqueClash(
+    access: TableAccess,
+    incoming: { keyValues: SqlValue[]; state: RowState; values: Map<string, SqlValue>; inTable: boolean },
+    otherKey: SqlValue[],
+    writeTable: () => void,
+  ): void {
+    const key = access.shape.key;
+    const other = this.states.get(access.shape.name, rowIdentity(otherKey, false));
+    const otherRow = access.find(key, otherKey) as Map<string, SqlValue>;
+    if (this.createdFirst(access, incoming.state, other)) {
+      this.setAside(access, otherKey, otherRow, incoming.keyValues);
+      access.delete(key, otherKey);
+      writeTable();
+    } else {
+      this.setAside(access, incoming.keyValues, incoming.values, otherKey);
+      if (incoming.inTable) access.delete(key, incoming.keyValues);
+    }
+  }
+
+  /** Whether any row is set aside (read once, then kept up to date): most databases never have one. */
+  private hasAside = false;
+
+  private asideValues(access: TableAccess, keyValues: SqlValue[]): Map<string, SqlValue> | null {
+    const vals = this.db.prepare("SELECT vals FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").pluck(true).get(access.shape.name, encodeValues(keyValues)) as
+      | Buffer
+      | undefined;
+    if (!vals) return null;
+    const flat = decodeValues(vals);
+    const out = new Map<string, SqlValue>();
+    for (let i = 0; i + 1 < flat.length; i += 2) if (access.has(flat[i] as string)) out.set(flat[i] as string, flat[i + 1]);
+    return out;
+  }
+
+  /** Whether row a was created before row b (rows without a known creation count as oldest). */
+  private createdFirst(access: TableAccess, a: RowState, b: RowState | null): boolean {
+    if (access.shape.autoId && a.lineage && b?.lineage) return outranks(a.lineage, b.lineage);
+    const ia = a.incarnation ?? { hlc: 0, origin: "" };
+    const ib = b?.incarnation ?? { hlc: 0, origin: "" };
+    return compareStamp(ia.hlc, ia.origin, ib.hlc, ib.origin) < 0;
+  }
+
+  private setAside(access: TableAccess, keyValues: SqlValue[], values: Map<string, SqlValue>, keptKey: SqlValue[]): void {
+    const flat: SqlValue[] = [];
+    for (const [c, v] of values) flat.push(c, v);
+    this.db
+      .prepare("INSERT OR REPLACE INTO _unisync_conflicts(tbl, row_key, kept_key, vals, detected_ms) VALUES (?, ?, ?, ?, ?)")
+      .run(access.shape.name, encodeValues(keyValues), encodeValues(keptKey), encodeValues(flat), Date.now());
+    this.hasAside = true;
+    this.onSetAside(access.shape.name, keyValues, keptKey);
   }
 
   /**

@@ -73,7 +73,7 @@ export const sameLineage = (a: Stamp, b: Stamp) => a.hlc === b.hlc && a.origin =
 export const lineageName = (l: Stamp) => `${l.origin}@${l.hlc}`;
 
 /** Whether lineage a keeps a key that b also claims. */
-function outranks(a: Lineage, b: Lineage): boolean {
+export function outranks(a: Lineage, b: Lineage): boolean {
   if (a.epoch !== b.epoch) return a.epoch > b.epoch;
   return compareStamp(a.hlc, a.origin, b.hlc, b.origin) < 0;
 }

@@ -61,6 +61,37 @@ export class TableAccess {
     return rows.map((row) => new Map(this.shape.columns.map((c, i) => [c, row[i]])));
   }
 
+  /** Column lists of the table's UNIQUE constraints and indexes other than its key (read once). */
+  private uniqueSets: string[][] | null = null;
+
+  private uniqueColumns(): string[][] {
+    if (!this.uniqueSets) {
+      const indexes = this.db.prepare(`PRAGMA main.index_list(${this.t})`).all() as { name: string; unique: number; origin: string }[];
+      this.uniqueSets = indexes
+        .filter((i) => i.unique === 1 && i.origin !== "pk")
+        .map((i) => (this.db.prepare(`PRAGMA main.index_info(${quoteIdent(i.name)})`).all() as { name: string | null }[]).map((c) => c.name))
+        .filter((cols): cols is string[] => cols.length > 0 && cols.every((c) => c !== null && this.known.has(c)));
+    }
+    return this.uniqueSets;
+  }
+
+  /**
+   * The key of another row that holds the same values as `row` in the columns
+   * of a UNIQUE constraint (what made a write fail), or null.
+   */
+  uniqueClash(row: Map<string, SqlValue>, key: string[], keyValues: SqlValue[]): SqlValue[] | null {
+    const keyCols = key.map(quoteIdent).join(", ");
+    for (const cols of this.uniqueColumns()) {
+      const vals = cols.map((c) => row.get(c) ?? null);
+      if (vals.some((v) => v === null)) continue; // NULLs never clash in SQLite
+      const found = this.stmt(`SELECT ${keyCols} FROM ${this.t} WHERE ${cols.map((c) => `${quoteIdent(c)} = ?`).join(" AND ")} AND NOT (${this.where(key)})`, true)
+        .raw(true)
+        .get(...vals, ...keyValues) as SqlValue[] | undefined;
+      if (found) return found;
+    }
+    return null;
+  }
+
   /** How many rows hold exactly these values in these columns (for tables without a key). */
   copies(key: string[], keyValues: SqlValue[]): number {
     return Number(this.stmt(`SELECT count(*) FROM ${this.t} WHERE ${this.where(key)}`).pluck(true).get(...this.keyArgs(keyValues)));
