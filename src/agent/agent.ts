@@ -17,6 +17,7 @@ import { FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
 import { announceAgent, retireAgent } from "../snapshot/agentlink.js";
 import { SnapshotScheduler } from "../snapshot/scheduler.js";
+import { finishBootstrap, placeNewestSnapshot, type BootstrapSettings } from "../snapshot/bootstrap.js";
 import { join } from "node:path";
 
 /** Segments one database may seal per capture tick (the app's writes get the lock in between). */
@@ -99,6 +100,14 @@ export class Agent {
   async start(): Promise<void> {
     mkdirSync(stateDir(this.config.instanceDir), { recursive: true });
     announceAgent(this.config.instanceDir, { pid: process.pid, node: this.config.node, startedMs: this.startedMs });
+    // An empty node starts from the newest snapshot, placed before any stream is opened.
+    const boot: BootstrapSettings = { ...this.config, store: this.store, log: this.log };
+    const placed = this.config.bootstrap
+      ? await placeNewestSnapshot(boot).catch((err: Error) => {
+          this.log.error({ err: err.message }, "could not start from a snapshot; replaying the log from the start instead");
+          return null;
+        })
+      : null;
     this.rescanDatabases();
     if (this.config.syncFiles) {
       this.files = new FolderSync({
@@ -114,8 +123,13 @@ export class Agent {
         captureIntervalMs: this.config.captureIntervalMs,
         rescanMs: this.config.rescanMs,
       });
-      this.files.start();
     }
+    if (placed) {
+      await finishBootstrap(boot, { dbs: [...this.dbs.values()], files: this.files }).catch((err: Error) =>
+        this.log.error({ err: err.message }, "bootstrap replay stopped early; the pull loop carries on"),
+      );
+    }
+    this.files?.start();
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop(), this.snapshots.run());
   }
