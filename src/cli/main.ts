@@ -15,6 +15,7 @@ import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
 import { audit, formatEntry } from "./log.js";
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
+import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
 
 const HELP: Record<string, string> = {
@@ -29,6 +30,8 @@ Commands:
   verify INSTANCE_DIR OTHER_DIR compare this node's databases with another node's, table by table
   log [INSTANCE_DIR] [filters]  audit: who changed which row or file, when (read from the store)
   snapshot INSTANCE_DIR         take a snapshot now (--list: the store's snapshots)
+  replay --at TIME --into DIR   rebuild databases and folder as they were at TIME into DIR
+  restore INSTANCE_DIR --at TIME  put this node (and, through it, the cluster) back to TIME
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -70,6 +73,8 @@ table by table, by digests of the exact values (storage class and bits). Run it
 when both nodes are quiet. Exit code 0 when identical, 1 when not.`;
 
 HELP.snapshot = SNAPSHOT_HELP;
+HELP.replay = REPLAY_HELP;
+HELP.restore = RESTORE_HELP;
 
 HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
 
@@ -232,6 +237,8 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "verify") return await verify(rest);
     else if (command === "log") await auditLog(rest);
     else if (command === "snapshot") await snapshotCommand(rest, (a, o) => parse("snapshot", a, o));
+    else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
+    else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {
