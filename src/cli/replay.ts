@@ -107,10 +107,20 @@ export async function replayCommand(args: string[], parse: Parse): Promise<numbe
   return r.problems.length ? 1 : 0;
 }
 
-async function stopAgent(instanceDir: string, pid: number): Promise<void> {
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** SIGTERM, then wait until the process is gone (its connections closed), not just its pid file. */
+async function stopAgent(pid: number): Promise<void> {
   process.kill(pid, "SIGTERM");
   const deadline = Date.now() + 60_000;
-  while (runningAgent(instanceDir)) {
+  while (alive(pid)) {
     if (Date.now() > deadline) throw new Error(`the agent (pid ${pid}) did not stop within 60 s`);
     await new Promise((r) => setTimeout(r, 200));
   }
@@ -126,7 +136,7 @@ export async function restoreCommand(args: string[], parse: Parse): Promise<numb
   const agent = runningAgent(config.instanceDir);
   if (agent) {
     if (!values["stop-agent"]) throw new BadInputError(`the agent runs beside ${config.instanceDir} (pid ${agent.pid}); stop it first or pass --stop-agent`);
-    await stopAgent(config.instanceDir, agent.pid);
+    await stopAgent(agent.pid);
   }
   const aside = join(config.instanceDir, ".unisync", `restore-${Date.now()}`);
   const r = await rebuild(config, atMs, aside, !!values.json);
