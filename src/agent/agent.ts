@@ -15,6 +15,10 @@ import { findDatabases } from "./databases.js";
 import { DbSync, NodeIdentityError } from "./dbsync.js";
 import { FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
+import { announceAgent, retireAgent } from "../snapshot/agentlink.js";
+import { SnapshotScheduler } from "../snapshot/scheduler.js";
+import { finishBootstrap, placeNewestSnapshot, type BootstrapSettings } from "../snapshot/bootstrap.js";
+import { join } from "node:path";
 
 /** Segments one database may seal per capture tick (the app's writes get the lock in between). */
 const SEAL_TURN = 2;
@@ -74,15 +78,36 @@ export class Agent {
   private wake: (() => void) | null = null;
   /** Databases whose log was checked against the store (see Outbox.checkStoreAgrees). */
   private readonly storeChecked = new Set<string>();
+  readonly snapshots: SnapshotScheduler;
 
   constructor(
     readonly config: Config,
     readonly store: ObjectStore,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.snapshots = new SnapshotScheduler({
+      instanceDir: config.instanceDir,
+      workDir: join(stateDir(config.instanceDir), "snapshot-work"),
+      node: config.node,
+      store,
+      log,
+      intervalMs: config.snapshotIntervalMs,
+      sources: () => ({ dbs: [...this.dbs.values()], files: this.files }),
+      stopping: () => this.stopping,
+    });
+  }
 
   async start(): Promise<void> {
     mkdirSync(stateDir(this.config.instanceDir), { recursive: true });
+    announceAgent(this.config.instanceDir, { pid: process.pid, node: this.config.node, startedMs: this.startedMs });
+    // An empty node starts from the newest snapshot, placed before any stream is opened.
+    const boot: BootstrapSettings = { ...this.config, store: this.store, log: this.log };
+    const placed = this.config.bootstrap
+      ? await placeNewestSnapshot(boot).catch((err: Error) => {
+          this.log.error({ err: err.message }, "could not start from a snapshot; replaying the log from the start instead");
+          return null;
+        })
+      : null;
     this.rescanDatabases();
     if (this.config.syncFiles) {
       this.files = new FolderSync({
@@ -98,10 +123,15 @@ export class Agent {
         captureIntervalMs: this.config.captureIntervalMs,
         rescanMs: this.config.rescanMs,
       });
-      this.files.start();
     }
+    if (placed) {
+      await finishBootstrap(boot, { dbs: [...this.dbs.values()], files: this.files }).catch((err: Error) =>
+        this.log.error({ err: err.message }, "bootstrap replay stopped early; the pull loop carries on"),
+      );
+    }
+    this.files?.start();
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
-    this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop());
+    this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop(), this.snapshots.run());
   }
 
   /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
@@ -365,6 +395,7 @@ export class Agent {
       }
       db.close();
     }
+    retireAgent(this.config.instanceDir);
     this.log.info("stopped");
   }
 }

@@ -29,6 +29,10 @@ export interface Config {
   logLevel: string;
   /** Sync the files of the instance folder too (stream ".files"). */
   syncFiles: boolean;
+  /** Take a snapshot this often (ms); 0 turns automatic snapshots off. */
+  snapshotIntervalMs: number;
+  /** Restore the newest snapshot when the databases and folder are empty. */
+  bootstrap: boolean;
 }
 
 export class ConfigError extends Error {}
@@ -49,6 +53,8 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   rescanMs: 5000,
   logLevel: "info",
   syncFiles: true,
+  snapshotIntervalMs: 6 * 3600_000,
+  bootstrap: true,
 };
 
 type Kind = "string" | "number" | "boolean" | "string[]";
@@ -71,6 +77,8 @@ const KINDS: Record<keyof Config, Kind> = {
   rescanMs: "number",
   logLevel: "string",
   syncFiles: "boolean",
+  snapshotIntervalMs: "number",
+  bootstrap: "boolean",
 };
 
 export function stateDir(instanceDir: string): string {
@@ -138,6 +146,7 @@ function validate(c: Config): void {
   need(c.httpPort >= -1 && c.httpPort <= 65535, "httpPort", "must be a port number, 0 for any free port, or -1 for off");
   need(c.heartbeatMs >= 100, "heartbeatMs", "must be at least 100");
   need(c.rescanMs >= 100, "rescanMs", "must be at least 100");
+  need(c.snapshotIntervalMs === 0 || c.snapshotIntervalMs >= 1000, "snapshotIntervalMs", "must be 0 (off) or at least 1000");
   need(["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(c.logLevel), "logLevel", "must be one of fatal, error, warn, info, debug, trace, silent");
   for (const d of c.databases) {
     if (d.startsWith("/") || d.split(/[\\/]/).includes("..")) throw new ConfigError(`"databases": ${JSON.stringify(d)} must be a path inside the instance folder`);
@@ -210,7 +219,12 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   "logLevel": ${JSON.stringify(d.logLevel)},
   // Sync every file of the instance folder too, except SQLite databases and their
   // -wal/-shm/-journal files, logs, temp and swap files, and what .unisyncignore lists.
-  "syncFiles": ${d.syncFiles}
+  "syncFiles": ${d.syncFiles},
+  // Take a snapshot (database copies + folder manifest + version vector) this often (ms);
+  // new nodes start from the newest one, point-in-time restore from the one before T. 0 = off.
+  "snapshotIntervalMs": ${d.snapshotIntervalMs},
+  // On a node whose databases and folder are empty, restore the newest snapshot first.
+  "bootstrap": ${d.bootstrap}
 }
 `;
 }

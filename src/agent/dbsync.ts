@@ -254,8 +254,12 @@ export class DbSync {
     return n;
   }
 
-  /** Applies what the store holds from `origin` after our cursor; returns records applied. */
-  async pull(origin: string, maxSegments = 16): Promise<number> {
+  /**
+   * Applies what the store holds from `origin` after our cursor; returns records applied.
+   * `untilHlc` (point-in-time replay): only records stamped at or before it; an
+   * origin's clocks grow along its log, so the pull stops at the first later one.
+   */
+  async pull(origin: string, maxSegments = 16, untilHlc = Infinity): Promise<number> {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
@@ -264,11 +268,13 @@ export class DbSync {
     const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
     let applied = 0;
     for await (const s of segments) {
+      const segment = untilHlc === Infinity ? s.segment : { ...s.segment, records: s.segment.records.filter((r) => r.hlc <= untilHlc) };
+      if (segment.records.length === 0) break;
       this.refreshSchema();
       const outcome = this.db
         .transaction(() => {
           this.sealEverything();
-          const r = this.applier.applySegment(s.segment, s.key);
+          const r = this.applier.applySegment(segment, s.key);
           setMeta(this.db, "hlc", this.o.clock.current);
           return r;
         })
@@ -276,6 +282,7 @@ export class DbSync {
       applied += outcome.applied;
       this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
       this.o.metrics.inc("unisync_segments_applied_total");
+      if (segment.records.length < s.segment.records.length) break;
     }
     // Children that arrived before their parent wait for it: the parent may be in what just applied.
     if (applied > 0) this.retryParked(WAITING_FOR_ROW);

@@ -384,17 +384,22 @@ export class FolderSync {
     return this.cursorStore.all();
   }
 
-  /** Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied. */
-  pull(origin: string, maxSegments = 16): Promise<number> {
+  /**
+   * Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied.
+   * `untilHlc` (point-in-time replay): only records stamped at or before it (see DbSync.pull).
+   */
+  pull(origin: string, maxSegments = 16, untilHlc = Infinity): Promise<number> {
     return this.exclusive(async () => {
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments);
       let applied = 0;
       for await (const s of segments) {
+        const records = s.segment.records.filter((r) => r.hlc <= untilHlc);
+        if (records.length === 0) break;
         this.db
           .transaction(() => {
             if (this.cursor(origin).seq !== s.seq - 1) return;
-            s.segment.records.forEach((r, idx) => {
+            records.forEach((r, idx) => {
               this.o.clock.observe(r.hlc);
               const f = r.file;
               const why = f ? refuseReason(f, (rel) => this.scanner.exclusion(rel, false)) : "not a file record";
@@ -426,6 +431,7 @@ export class FolderSync {
           })
           .immediate();
         this.o.metrics.inc("unisync_segments_applied_total");
+        if (records.length < s.segment.records.length) break;
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
       this.tailProblems.update(origin, problem());

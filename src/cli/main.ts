@@ -14,6 +14,9 @@ import { startStatusServer } from "../web/server.js";
 import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
 import { audit, formatEntry } from "./log.js";
+import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
+import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
+import { BadInputError } from "./usage.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -26,6 +29,9 @@ Commands:
   status INSTANCE_DIR           databases, origins, cursors, lag, pending and parked changes
   verify INSTANCE_DIR OTHER_DIR compare this node's databases with another node's, table by table
   log [INSTANCE_DIR] [filters]  audit: who changed which row or file, when (read from the store)
+  snapshot INSTANCE_DIR         take a snapshot now (--list: the store's snapshots)
+  replay --at TIME --into DIR   rebuild databases and folder as they were at TIME into DIR
+  restore INSTANCE_DIR --at TIME  put this node (and, through it, the cluster) back to TIME
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -65,6 +71,10 @@ Compares every synced database of INSTANCE_DIR with the database of the same nam
 in OTHER_INSTANCE_DIR (another node's folder, e.g. on a shared mount or a copy),
 table by table, by digests of the exact values (storage class and bits). Run it
 when both nodes are quiet. Exit code 0 when identical, 1 when not.`;
+
+HELP.snapshot = SNAPSHOT_HELP;
+HELP.replay = REPLAY_HELP;
+HELP.restore = RESTORE_HELP;
 
 HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
 
@@ -226,10 +236,13 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "status") await statusCommand(rest, (a, o) => parse("status", a, o), HELP.status);
     else if (command === "verify") return await verify(rest);
     else if (command === "log") await auditLog(rest);
+    else if (command === "snapshot") await snapshotCommand(rest, (a, o) => parse("snapshot", a, o));
+    else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
+    else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {
-    if (err instanceof UsageError || err instanceof ConfigError || err instanceof StoreConfigError) {
+    if (err instanceof UsageError || err instanceof BadInputError || err instanceof ConfigError || err instanceof StoreConfigError) {
       console.error(`unisync: ${err.message}`);
       return 2;
     }

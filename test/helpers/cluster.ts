@@ -200,6 +200,17 @@ export class Cluster {
     return c;
   }
 
+  /** Adds a node with an empty instance folder to the running cluster and starts its agent. */
+  async addNode(name: string, timeoutMs = 60_000): Promise<void> {
+    if (this.nodes.has(name)) throw new Error(`node ${name} exists`);
+    const dir = join(this.root, name);
+    const instanceDir = join(dir, "instance");
+    mkdirSync(instanceDir, { recursive: true });
+    this.nodes.set(name, { name, dir, instanceDir, logFile: join(dir, "agent.log"), proc: null, logStart: 0, statusUrl: null, starts: 0, expectingExit: false });
+    this.spawnAgent(name);
+    await this.waitReady(name, timeoutMs);
+  }
+
   node(name: string): AgentNode {
     const n = this.nodes.get(name);
     if (!n) throw new Error(`no node ${name}`);

@@ -1,0 +1,94 @@
+/**
+ * The DbSyncs and FolderSync of one instance folder, opened without an agent:
+ * for `unisync snapshot` when no agent runs, and for rebuilding a state in a
+ * fresh folder. Each database gets exactly one connection (its DbSync's).
+ */
+import type { Logger } from "pino";
+import { findDatabases } from "../agent/databases.js";
+import { DbSync } from "../agent/dbsync.js";
+import { FolderSync } from "../agent/foldersync.js";
+import { Metrics } from "../agent/metrics.js";
+import { HybridClock } from "../log/hlc.js";
+import type { ObjectStore } from "../store/store.js";
+
+export interface StreamSettings {
+  instanceDir: string;
+  node: string;
+  store: ObjectStore;
+  log: Logger;
+  databases: string[];
+  excludeTables: string[];
+  batchMaxRecords: number;
+  batchMaxBytes: number;
+  busyTimeoutMs: number;
+  syncFiles: boolean;
+}
+
+export interface OpenStreams {
+  dbs: DbSync[];
+  files: FolderSync | null;
+  clock: HybridClock;
+  close(): Promise<void>;
+}
+
+export function openDbSync(s: StreamSettings, path: string, stream: string, clock: HybridClock, metrics: Metrics): DbSync {
+  const db = new DbSync({
+    path,
+    stream,
+    node: s.node,
+    store: s.store,
+    clock,
+    log: s.log,
+    metrics,
+    excludeTables: s.excludeTables,
+    maxRecords: s.batchMaxRecords,
+    maxBytes: s.batchMaxBytes,
+    busyTimeoutMs: s.busyTimeoutMs,
+    walMode: true,
+  });
+  try {
+    db.refreshSchema();
+  } catch (err) {
+    db.close();
+    throw err;
+  }
+  return db;
+}
+
+export function openFolderSync(s: StreamSettings, clock: HybridClock, metrics: Metrics, openDbs: () => ReadonlySet<string>): FolderSync {
+  return new FolderSync({
+    instanceDir: s.instanceDir,
+    node: s.node,
+    store: s.store,
+    clock,
+    log: s.log,
+    metrics,
+    openDbs,
+    maxRecords: s.batchMaxRecords,
+    captureIntervalMs: 50,
+    rescanMs: 3600_000,
+    watch: false,
+  });
+}
+
+export function openStreams(s: StreamSettings): OpenStreams {
+  const clock = new HybridClock();
+  const metrics = new Metrics();
+  const dbs: DbSync[] = [];
+  let files: FolderSync | null = null;
+  const close = async () => {
+    if (files) {
+      await files.stop();
+      files.close();
+    }
+    for (const d of dbs) d.close();
+  };
+  try {
+    for (const { path, stream } of findDatabases(s.instanceDir, s.databases).synced) dbs.push(openDbSync(s, path, stream, clock, metrics));
+    if (s.syncFiles) files = openFolderSync(s, clock, metrics, () => new Set(dbs.map((d) => d.db.name)));
+  } catch (err) {
+    void close();
+    throw err;
+  }
+  return { dbs, files, clock, close };
+}
