@@ -88,6 +88,26 @@ describe("id collisions", () => {
     c.close();
   });
 
+  it("a delete of an association row made before the move finds the row where it moved", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')");
+    await c.ship(a);
+    await c.pullAll(cc, ["a"]);
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO membership VALUES (1, 'x'); INSERT INTO membership VALUES (1, 'y')");
+    await c.ship(b);
+    await c.pullAll(cc, ["b"]); // c moves b's team and its memberships
+    b.app.exec("DELETE FROM membership WHERE tag = 'x'"); // b has not heard of a yet
+    await c.ship(b);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(all(x.app, "SELECT team_id, tag FROM membership")).toEqual([{ team_id: blues, tag: "y" }]);
+    }
+    c.close();
+  });
+
   it("a child written by a third node that saw only the losing parent follows it", async () => {
     const c = cluster(["a", "b", "c"]);
     const [a, b, cc] = c.nodes;

@@ -217,22 +217,23 @@ export class ChangeDrain {
   }
 
   /**
-   * Names the lineage of each row a foreign key the change wrote points at, in
-   * the record and in the state (a column an update did not write keeps its reference).
+   * Names the lineage of the row each foreign key of the change points at. The
+   * record carries every one (a receiver may need them to find the row, when a
+   * key column is a reference); the state keeps those the change wrote.
    */
   private addRefs(shape: TableShape, change: RowChange, state: { refs: Record<string, Stamp> | null }): void {
-    if (change.op === OP_DELETE) return;
     for (const fk of shape.foreignKeys) {
       const parent = this.shapeOf(fk.table);
       const i = change.columns.indexOf(fk.column);
-      if (change.op === OP_UPDATE && !change.changed.includes(i)) continue;
       const value = i < 0 ? null : intKey(change.values[i]);
       if (!parent?.autoId || value === null) continue;
-      const lineage = this.states.get(parent.name, rowIdentity([value], false))?.lineage;
-      if (!lineage) continue;
+      const at = this.states.get(parent.name, rowIdentity([value], false))?.lineage;
+      if (!at) continue;
+      const lineage = { hlc: at.hlc, origin: at.origin };
       const born = this.relocator.bornKey(parent.name, lineage, value);
       (change.refs ??= []).push({ column: fk.column, lineage, bornKey: born === value ? undefined : born });
-      state.refs = { ...state.refs, [fk.column]: lineage };
+      const wrote = change.op === OP_INSERT || (change.op === OP_UPDATE && change.changed.includes(i));
+      if (wrote) state.refs = { ...state.refs, [fk.column]: lineage };
     }
   }
 

@@ -17,6 +17,7 @@ import { audit, formatEntry } from "./log.js";
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
+import { conflictsCommand, CONFLICTS_HELP } from "./conflicts.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -28,6 +29,7 @@ Commands:
   run INSTANCE_DIR [STORE_URL]  run the agent beside the app (Ctrl-C / SIGTERM stops it cleanly)
   status INSTANCE_DIR           databases, origins, cursors, lag, pending and parked changes
   verify INSTANCE_DIR OTHER_DIR compare this node's databases with another node's, table by table
+  conflicts INSTANCE_DIR        rows moved by id collisions, set aside by unique clashes, parked
   log [INSTANCE_DIR] [filters]  audit: who changed which row or file, when (read from the store)
   snapshot INSTANCE_DIR         take a snapshot now (--list: the store's snapshots)
   replay --at TIME --into DIR   rebuild databases and folder as they were at TIME into DIR
@@ -73,6 +75,7 @@ table by table, by digests of the exact values (storage class and bits). Run it
 when both nodes are quiet. Exit code 0 when identical, 1 when not.`;
 
 HELP.snapshot = SNAPSHOT_HELP;
+HELP.conflicts = CONFLICTS_HELP;
 HELP.replay = REPLAY_HELP;
 HELP.restore = RESTORE_HELP;
 
@@ -236,6 +239,7 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "status") await statusCommand(rest, (a, o) => parse("status", a, o), HELP.status);
     else if (command === "verify") return await verify(rest);
     else if (command === "log") await auditLog(rest);
+    else if (command === "conflicts") await conflictsCommand(rest, (a, o) => parse("conflicts", a, o));
     else if (command === "snapshot") await snapshotCommand(rest, (a, o) => parse("snapshot", a, o));
     else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
     else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));

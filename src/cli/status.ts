@@ -7,6 +7,7 @@ import { listExcluded } from "../capture/folder.js";
 import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
+import { conflictCounts } from "./conflicts.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
@@ -20,6 +21,9 @@ interface DbReport {
   outboxSegments?: number;
   parked?: { origin: string; seq: number; table: string | null; reason: string }[];
   origins?: { origin: string; appliedSeq: number; appliedAt: string | null; waitingInStore?: number }[];
+  /** Rows moved by id collisions and set aside by unique clashes (details: unisync conflicts). */
+  moved?: number;
+  setAside?: number;
 }
 
 async function countAfter(store: ObjectStore, origin: string, stream: string, seq: number): Promise<number> {
@@ -71,6 +75,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
         outboxSegments: one<{ n: number }>("SELECT count(*) AS n FROM _unisync_outbox").n,
         parked: db.prepare("SELECT origin, seq, tbl AS 'table', reason FROM _unisync_parked ORDER BY id LIMIT 50").all() as DbReport["parked"],
         origins: originReports,
+        ...conflictCounts(db),
       });
     } finally {
       db.close();
@@ -88,6 +93,9 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     for (const o of r.origins ?? []) {
       const lag = o.waitingInStore === undefined ? "" : o.waitingInStore === 0 ? "  up to date" : `  ${o.waitingInStore} segment(s) waiting`;
       console.log(`  from ${o.origin}: applied through seq ${o.appliedSeq}${o.appliedAt ? ` at ${o.appliedAt}` : ""}${lag}`);
+    }
+    if (r.moved || r.setAside) {
+      console.log(`  merged: ${r.moved} row(s) moved by id collisions, ${r.setAside} set aside by unique clashes (unisync conflicts shows them)`);
     }
     if (r.parked?.length) {
       console.log(`  parked records (${r.parked.length}${r.parked.length === 50 ? "+" : ""}): kept and retried after each schema change`);

@@ -1,0 +1,152 @@
+/**
+ * `unisync conflicts`: what the merge rules resolved on this node, for an
+ * operator to review: rows moved by an id collision (two nodes created
+ * different rows with the same id), rows set aside by a unique clash (two
+ * nodes created rows with the same unique values), and records parked.
+ */
+import Database from "better-sqlite3";
+import { existsSync } from "node:fs";
+import { loadConfig } from "../agent/config.js";
+import { findDatabases } from "../agent/databases.js";
+import { hlcToIso } from "../log/hlc.js";
+import { quoteIdent } from "../capture/schema.js";
+import { decodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
+
+type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
+
+export const CONFLICTS_HELP = `Usage: unisync conflicts INSTANCE_DIR [--json]
+
+Lists what the merge rules resolved in each synced database of this node:
+  moved      two nodes created different rows with the same INTEGER PRIMARY KEY
+             while apart. Both rows are kept: the one created first keeps the id,
+             the other moved to a new id (the same on every node), and the rows
+             that pointed at it (foreign keys) moved with it.
+  set aside  two nodes created rows with the same values in a UNIQUE column. The
+             row created first stays; the other is kept here with all its values,
+             out of the table, on every node alike. It comes back by itself when
+             the clash ends (the kept row changes those values or is deleted).
+  parked     records that cannot apply yet (a table or column this node lacks,
+             a row they point at not yet arrived, a clock too far ahead).
+  --json    machine-readable output`;
+
+export interface MoveReport {
+  table: string;
+  from: string;
+  to: string;
+  /** The node and time that created the moved row. */
+  createdBy: string;
+  createdAt: string | null;
+  /** The node whose row holds the old id now. */
+  keptBy: string;
+  movedAt: string;
+}
+
+export interface SetAsideReport {
+  table: string;
+  key: string[];
+  keptKey: string[];
+  values: Record<string, string>;
+  detectedAt: string;
+}
+
+export interface ConflictReport {
+  stream: string;
+  moved: MoveReport[];
+  setAside: SetAsideReport[];
+  parked: number;
+}
+
+const createdAt = (hlc: number) => (hlc > 0 ? hlcToIso(hlc) : null);
+/** Lineages recorded at enrolment have hlc 0 and a content name: say so. */
+const createdBy = (origin: string) => (origin.startsWith("#") ? "(existing row at enrolment)" : origin);
+
+const hasTable = (db: Database.Database, t: string) => !!db.prepare("SELECT 1 FROM sqlite_master WHERE name = ?").get(t);
+
+/** How many rows were moved and are set aside in one enrolled database. */
+export function conflictCounts(db: Database.Database): { moved: number; setAside: number } {
+  const r = readConflicts(db, "", 100_000);
+  return { moved: r.moved.length, setAside: r.setAside.length };
+}
+
+/** Conflict details of one enrolled database (opened read-only). */
+export function readConflicts(db: Database.Database, stream: string, limit = 1000): ConflictReport {
+  const has = (t: string) => hasTable(db, t);
+  // A move is shown while its row exists: rows deleted since (or moved only as a
+  // tombstone) are history, which \`unisync log\` shows.
+  const moved: MoveReport[] = [];
+  if (has("_unisync_moves")) {
+    const moves = db.prepare("SELECT tbl, lin_hlc, lin_origin, from_key, key, moved_ms FROM _unisync_moves ORDER BY moved_ms").all() as {
+      tbl: string; lin_hlc: number | bigint; lin_origin: string; from_key: SqlValue; key: SqlValue; moved_ms: number | bigint;
+    }[];
+    const occupant = db.prepare("SELECT lin_origin FROM _unisync_rows WHERE tbl = ? AND pk = ?").pluck(true);
+    for (const m of moves) {
+      if (moved.length >= limit) break;
+      if (!db.prepare(`SELECT 1 FROM ${quoteIdent(m.tbl)} WHERE rowid = ?`).get(m.key)) continue;
+      const keeper = occupant.get(m.tbl, rowIdentity([m.from_key], false)) as string | undefined;
+      moved.push({
+        table: m.tbl,
+        from: showValue(m.from_key),
+        to: showValue(m.key),
+        createdBy: createdBy(m.lin_origin),
+        createdAt: createdAt(Number(m.lin_hlc)),
+        keptBy: keeper ? createdBy(keeper) : "(no row now)",
+        movedAt: new Date(Number(m.moved_ms)).toISOString(),
+      });
+    }
+  }
+  const setAside = has("_unisync_conflicts")
+    ? (
+        db.prepare("SELECT tbl, row_key, kept_key, vals, detected_ms FROM _unisync_conflicts ORDER BY detected_ms LIMIT ?").all(limit) as {
+          tbl: string;
+          row_key: Buffer;
+          kept_key: Buffer;
+          vals: Buffer;
+          detected_ms: number;
+        }[]
+      ).map((c) => {
+        const flat = decodeValues(c.vals);
+        const values: Record<string, string> = {};
+        for (let i = 0; i + 1 < flat.length; i += 2) values[String(flat[i])] = showValue(flat[i + 1]);
+        return {
+          table: c.tbl,
+          key: decodeValues(c.row_key).map(showValue),
+          keptKey: decodeValues(c.kept_key).map(showValue),
+          values,
+          detectedAt: new Date(Number(c.detected_ms)).toISOString(),
+        };
+      })
+    : [];
+  const parked = Number((db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number | bigint }).n);
+  return { stream, moved, setAside, parked };
+}
+
+export async function conflictsCommand(args: string[], parse: Parse): Promise<void> {
+  const { values, positionals } = parse(args, { json: { type: "boolean" } });
+  if (values.help) return console.log(CONFLICTS_HELP);
+  if (positionals.length !== 1) throw new Error(`conflicts needs INSTANCE_DIR\n\n${CONFLICTS_HELP}`);
+  const config = loadConfig({ instanceDir: positionals[0], store: "unused" }, undefined);
+  const reports: ConflictReport[] = [];
+  for (const { path, stream } of findDatabases(config.instanceDir, config.databases, true).synced) {
+    if (!existsSync(path)) continue;
+    const db = new Database(path, { readonly: true, fileMustExist: true });
+    db.defaultSafeIntegers(true);
+    try {
+      if (db.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_meta'").get()) reports.push(readConflicts(db, stream));
+    } finally {
+      db.close();
+    }
+  }
+  if (values.json) return console.log(JSON.stringify({ instanceDir: config.instanceDir, databases: reports }, null, 2));
+  if (reports.length === 0) return console.log("no enrolled database here yet (start the agent)");
+  for (const r of reports) {
+    console.log(`database ${r.stream}: ${r.moved.length} moved, ${r.setAside.length} set aside, ${r.parked} parked`);
+    for (const m of r.moved) {
+      console.log(`  moved     ${m.table} ${m.from} -> ${m.to}  (created by ${m.createdBy}${m.createdAt ? ` at ${m.createdAt}` : ""}; id ${m.from} now holds ${m.keptBy}'s row)`);
+    }
+    for (const s of r.setAside) {
+      const vals = Object.entries(s.values).map(([k, v]) => `${k}=${v}`).join(", ");
+      console.log(`  set aside ${s.table} (${s.key.join(", ")}) clashes with kept row (${s.keptKey.join(", ")}): ${vals}`);
+    }
+    if (r.parked) console.log(`  parked    ${r.parked} record(s): see \`unisync status\` for why`);
+  }
+}

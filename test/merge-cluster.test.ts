@@ -1,0 +1,131 @@
+/**
+ * Merge semantics end to end (issue 4): three agent processes on s3rver, and on
+ * each node a Flask-SQLAlchemy app with plain integer ids (SQLite picks max + 1),
+ * UNIQUE names, an association table, a nullable self-reference and ON DELETE
+ * CASCADE. First the nodes write while their agents are stopped (so nearly every
+ * new id collides and team names clash), then while they run. Afterwards:
+ *  - every node holds identical tables;
+ *  - every player that no node deleted exists exactly once, on the team its
+ *    node gave it (or, if that team was set aside by a name clash, at its id);
+ *  - integrity_check is clean and the only dangling references are to teams
+ *    set aside or deleted;
+ *  - `unisync conflicts` reports the same moves and set-aside rows on every node.
+ *
+ * KEEP_CLUSTER=1 keeps the folders and logs.
+ */
+import { execFileSync } from "node:child_process";
+import { readFileSync } from "node:fs";
+import { join } from "node:path";
+import Database from "better-sqlite3";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { appSucceeded, CLI, Cluster, ensureBuilt, integrityCheck, killAllChildren, runApp } from "./helpers/cluster.js";
+import { s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+
+const NODES = ["n1", "n2", "n3"];
+const DB = "league.db";
+let s3: S3rverHandle | undefined;
+let cluster: Cluster | undefined;
+let keep = !!process.env.KEEP_CLUSTER;
+
+beforeAll(async () => {
+  ensureBuilt();
+  s3 = await startS3rver();
+});
+
+afterAll(async () => {
+  await killAllChildren();
+  await cluster?.destroy(keep);
+  await s3?.stop({ keepData: keep });
+});
+
+interface Entry {
+  op: string;
+  table: string;
+  uid?: string;
+  team?: string;
+  cascade?: string[];
+}
+
+async function writeEverywhere(c: Cluster, phase: number, ops: number): Promise<void> {
+  const runs = NODES.map((n, i) => ({
+    name: `${n} phase ${phase}`,
+    run: runApp("flask_league.py", [c.instance(n), "--node", String(i + 1), "--seed", String(phase * 10 + i), "--ops", String(ops), "--journal-file", join(c.node(n).dir, "journal.jsonl")]),
+  }));
+  for (const r of runs) await appSucceeded(r.run, r.name);
+}
+
+const rows = (path: string, sql: string) => {
+  const db = new Database(path, { readonly: true });
+  try {
+    return db.prepare(sql).all() as Record<string, unknown>[];
+  } finally {
+    db.close();
+  }
+};
+
+describe("merge semantics with a Flask-SQLAlchemy app", () => {
+  it("keeps every row through id collisions, unique clashes and cascades", async () => {
+    process.env.SQLALCHEMY_SILENCE_UBER_WARNING = "1";
+    const c = (cluster = await Cluster.start({ nodes: NODES, store: s3StoreUrl((s3 as S3rverHandle).endpoint, (s3 as S3rverHandle).bucket, `merge-${Date.now()}`) }));
+    try {
+      for (const n of NODES) await appSucceeded(runApp("flask_league.py", [c.instance(n), "--init-only"]), `${n} init`);
+      await c.waitForQuiescence([DB], 30_000);
+      // Apart: every node picks ids 1, 2, 3... and the names team-0..11 on its own.
+      for (const n of NODES) await c.stop(n);
+      await writeEverywhere(c, 1, 60);
+      for (const n of NODES) await c.restart(n);
+      await c.waitForQuiescence([DB], 90_000);
+      // Together: writes race the agents.
+      await writeEverywhere(c, 2, 60);
+      await c.waitForQuiescence([DB], 90_000);
+      await c.waitForConvergence(c.paths(DB), 30_000);
+
+      const journal: Entry[] = NODES.flatMap((n) =>
+        readFileSync(join(c.node(n).dir, "journal.jsonl"), "utf8").split("\n").filter(Boolean).map((l) => JSON.parse(l) as Entry),
+      );
+      const deletedPlayers = new Set(journal.flatMap((e) => (e.table === "player" && e.op === "delete" ? [e.uid] : e.op === "delete" ? (e.cascade ?? []) : [])));
+      const deletedTeams = new Set(journal.filter((e) => e.table === "team" && e.op === "delete").map((e) => e.uid));
+      const insertedPlayers = journal.filter((e) => e.table === "player" && e.op === "insert");
+
+      const reports = NODES.map((n) => JSON.parse(execFileSync(process.execPath, [CLI, "conflicts", c.instance(n), "--json"]).toString()) as {
+        databases: { moved: { table: string; from: string; to: string }[]; setAside: { table: string; key: string[]; values: Record<string, string> }[] }[];
+      });
+      const summary = reports.map((r) => ({
+        moved: r.databases[0].moved.map((m) => `${m.table} ${m.from}->${m.to}`).sort(),
+        setAside: r.databases[0].setAside.map((s) => `${s.table} ${s.key.join(",")}`).sort(),
+      }));
+      // Apart, the nodes certainly picked the same ids: moves happened, and the same everywhere.
+      expect(summary[0].moved.length).toBeGreaterThan(0);
+      for (const s of summary) expect(s).toEqual(summary[0]);
+      const asideTeamUids = new Set(reports[0].databases[0].setAside.filter((s) => s.table === "team").map((s) => s.values.uid.replace(/^'|'$/g, "")));
+
+      for (const n of NODES) {
+        const path = c.instance(n, DB);
+        expect(integrityCheck(path)).toBe("ok");
+        const players = rows(path, "SELECT p.uid, p.team_id, t.uid AS team_uid FROM player p LEFT JOIN team t ON t.id = p.team_id");
+        const byUid = new Map<string, Record<string, unknown>>();
+        for (const p of players) {
+          expect(byUid.has(String(p.uid)), `${n}: player ${String(p.uid)} twice`).toBe(false);
+          byUid.set(String(p.uid), p);
+        }
+        const problems: string[] = [];
+        for (const e of insertedPlayers) {
+          const p = byUid.get(e.uid as string);
+          if (!p) {
+            if (!deletedPlayers.has(e.uid) && !deletedTeams.has(e.team)) problems.push(`${n}: player ${e.uid} lost`);
+            continue;
+          }
+          // The player is on the team its node gave it, unless that team is gone or set aside.
+          if (p.team_uid !== e.team && !deletedTeams.has(e.team) && !asideTeamUids.has(e.team as string)) {
+            problems.push(`${n}: player ${e.uid} is on team ${String(p.team_uid)}, not ${e.team}`);
+          }
+        }
+        expect(problems).toEqual([]);
+      }
+      expect(c.unexpectedExits).toEqual([]);
+    } catch (err) {
+      keep = true;
+      throw err;
+    }
+  }, 300_000);
+});
