@@ -459,6 +459,9 @@ export const folder: Bench = {
       ["initial", initialSync],
       ["edit_latency", editLatency],
     ] as const) {
+      // FOLDER_PARTS=small_files,large runs only those parts (when working on one of them).
+      const only = process.env.FOLDER_PARTS?.split(",");
+      if (only && !only.includes(name)) continue;
       try {
         results.push(...(await part(ctx)));
       } catch (err) {

@@ -218,8 +218,12 @@ export class FileStateStore {
     this.sql("UPDATE file_state SET pending = ?, problem = ? WHERE path = ?").run(pending ? 1 : 0, problem, path);
   }
 
-  pendingPaths(limit = 1000): string[] {
-    return (this.sql("SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?").all(limit) as { path: string }[]).map((r) => r.path);
+  /** Paths whose disk must still be made to match; `withProblems`: also those that failed before. */
+  pendingPaths(limit = 1000, withProblems = true): string[] {
+    const sql = withProblems
+      ? "SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?"
+      : "SELECT path FROM file_state WHERE pending = 1 AND problem IS NULL ORDER BY path LIMIT ?";
+    return (this.sql(sql).all(limit) as { path: string }[]).map((r) => r.path);
   }
 
   pendingCount(): number {

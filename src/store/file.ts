@@ -98,6 +98,40 @@ export class FileStore implements ObjectStore {
   async put(key: string, body: Buffer | Readable, size?: number): Promise<void> {
     const file = this.pathOf(key);
     const dir = path.dirname(file);
+    const tmp = await this.writeTemp(dir, key, body, size);
+    try {
+      await this.moveIntoPlace(tmp, file, key);
+    } catch (err) {
+      await unlink(tmp).catch(() => undefined);
+      throw mapFsError(err, `put ${key}`);
+    }
+  }
+
+  /**
+   * Writes `body` into folder `dir` of the store and names it only once it has
+   * ended and is durable: `keyFor()` then gives its key (inside `dir`), or null
+   * to drop it. A rename costs nothing here, so a caller can name an object
+   * after the hash of its content while reading that content only once.
+   */
+  async putThenName(dir: string, body: Readable, keyFor: () => Promise<string | null>): Promise<string | null> {
+    const folder = this.pathOf(dir);
+    const tmp = await this.writeTemp(folder, `${dir}/(unnamed)`, body);
+    try {
+      const key = await keyFor();
+      if (key === null) return null;
+      const file = this.pathOf(key);
+      if (path.dirname(file) !== folder) throw new Error(`putThenName: key ${key} is not in ${dir}/`);
+      await this.moveIntoPlace(tmp, file, key);
+      return key;
+    } catch (err) {
+      throw mapFsError(err, `put into ${dir}/`);
+    } finally {
+      await unlink(tmp).catch(() => undefined);
+    }
+  }
+
+  /** Streams `body` into a new temp file in `dir` and fsyncs it; returns its path. */
+  private async writeTemp(dir: string, key: string, body: Buffer | Readable, size?: number): Promise<string> {
     const tmp = path.join(dir, `${TMP_PREFIX}${randomBytes(8).toString("hex")}`);
     try {
       const fh = await this.createTemp(dir, tmp, key);
@@ -119,17 +153,22 @@ export class FileStore implements ObjectStore {
       } finally {
         await fh.close();
       }
-      await rename(tmp, file).catch((err: unknown) => {
-        if (errCode(err) === "EISDIR" || errCode(err) === "ENOTEMPTY" || errCode(err) === "EEXIST") {
-          throw new Error(`put ${key}: a directory of other keys already exists at ${file}`, { cause: err });
-        }
-        throw err;
-      });
-      await fsyncDir(dir);
+      return tmp;
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw mapFsError(err, `put ${key}`);
     }
+  }
+
+  /** Moves a durable temp file to its key's name and makes the rename durable. */
+  private async moveIntoPlace(tmp: string, file: string, key: string): Promise<void> {
+    await rename(tmp, file).catch((err: unknown) => {
+      if (errCode(err) === "EISDIR" || errCode(err) === "ENOTEMPTY" || errCode(err) === "EEXIST") {
+        throw new Error(`put ${key}: a directory of other keys already exists at ${file}`, { cause: err });
+      }
+      throw err;
+    });
+    await fsyncDir(path.dirname(file));
   }
 
   /** Makes the parent directories (fsyncing any it created) and opens the temp file. */
