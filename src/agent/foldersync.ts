@@ -306,7 +306,6 @@ export class FolderSync {
       this.dirty.clear();
       const changed: DiskEntry[] = [];
       await eachLimited(paths, 64, async (rel) => {
-        if (this.scanner.exclusion(rel, false) && this.scanner.exclusion(rel, true)) return;
         const l = await this.scanner.look(rel);
         if (l.kind === "absent") {
           if (this.state.index(rel)) this.fullScanDue = true;
@@ -314,7 +313,7 @@ export class FolderSync {
           if (this.scanner.exclusion(rel, true)) return;
           const { entries } = await this.scanner.walk(rel);
           for (const d of entries.values()) if (!this.scanner.unchangedSinceIndexed(d)) changed.push(d);
-        } else if (l.kind === "entry" && !this.scanner.exclusion(rel, false) && !this.scanner.unchangedSinceIndexed(l.entry)) {
+        } else if (l.kind === "entry" && !this.scanner.unchangedSinceIndexed(l.entry) && !this.scanner.exclusion(rel, false)) {
           changed.push(l.entry);
         }
       });

@@ -99,7 +99,7 @@ export type Look =
   | { kind: "absent" }
   | { kind: "dir" }
   | { kind: "excluded"; reason: string }
-  | { kind: "entry"; entry: DiskEntry };
+  | { kind: "entry"; entry: DiskEntry; st: Stats };
 
 /** Content read from a file: its hash, and the bytes themselves when it is small. */
 interface Content {
@@ -167,11 +167,11 @@ export class FolderScanner {
     if (st.isSymbolicLink()) {
       const t = await this.linkTarget(rel).catch((e: Error) => ({ reason: `unreadable symlink: ${e.message}` }));
       if ("reason" in t) return { kind: "excluded", reason: t.reason };
-      return { kind: "entry", entry: { rel, isLink: true, size: 0, mtimeMs: st.mtimeMs, ino: st.ino, mode: 0, link: t.link } };
+      return { kind: "entry", st, entry: { rel, isLink: true, size: 0, mtimeMs: st.mtimeMs, ino: st.ino, mode: 0, link: t.link } };
     }
     if (st.isFile()) {
       if (this.sqliteByHeader.get(rel) === statKey(st)) return { kind: "excluded", reason: SQLITE_BY_HEADER };
-      return { kind: "entry", entry: { rel, isLink: false, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, mode: st.mode & 0o777, link: "" } };
+      return { kind: "entry", st, entry: { rel, isLink: false, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, mode: st.mode & 0o777, link: "" } };
     }
     if (st.isDirectory()) return { kind: "dir" };
     return { kind: "excluded", reason: "not a regular file (device, socket or pipe)" };
@@ -343,14 +343,6 @@ export class FolderScanner {
       link: d.link,
       base: i ? { hlc: i.hlc, origin: i.origin } : { hlc: 0, origin: "" },
     };
-  }
-
-  /** Looks at one path now (used before replay touches it). */
-  async observePath(rel: string): Promise<Observation> {
-    const l = await this.look(rel);
-    if (l.kind === "dir") return { type: "excluded", rel, reason: "a folder is in the way" };
-    if (l.kind === "excluded") return { type: "excluded", rel, reason: l.reason };
-    return this.observe(rel, l.kind === "entry" ? l.entry : undefined);
   }
 
   /**

@@ -20,7 +20,7 @@ import type { Stats } from "node:fs";
 import { lstat, mkdir, open, readdir, realpath, rename, rmdir, symlink, unlink } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Logger } from "pino";
-import { isInside, type FolderScanner, type Observation } from "../capture/folder.js";
+import { isInside, type FolderScanner, type Look, type Observation } from "../capture/folder.js";
 import { KIND_DELETE, KIND_SYMLINK, KIND_WRITE, type FileStateStore, type IndexEntry, type StateEntry } from "../capture/filestate.js";
 import { STATE_DIR, TEMP_PREFIX, unsafePathReason } from "../capture/ignore.js";
 import { BlobIntegrityError, BlobMissingError, fetchBlob, fetchBlobToFile, SMALL_BLOB } from "../log/blobs.js";
@@ -100,13 +100,11 @@ export async function safeParent(root: string, rel: string, create: boolean): Pr
   return dir;
 }
 
-/** On a case-insensitive file system, another name of the same letters would be overwritten: refuse. */
+/**
+ * Something is at `name` in `dir`: on a case-insensitive file system it may be
+ * another name of the same letters, which must not be overwritten: refuse.
+ */
 async function caseClash(dir: string, name: string): Promise<string | null> {
-  try {
-    await lstat(join(dir, name));
-  } catch {
-    return null; // nothing there under any case
-  }
   const names = await readdir(dir);
   if (names.includes(name)) return null;
   const other = names.find((n) => n.toLowerCase() === name.toLowerCase());
@@ -233,11 +231,14 @@ export class Materializer {
       if (!s || !s.pending) return "done";
       const unsafe = unsafePathReason(rel);
       if (unsafe) return this.problem(rel, `unsafe path: ${unsafe}`);
+      let l: Look;
       let o: Observation;
       try {
-        o = await this.o.scanner.observePath(rel);
+        l = await this.o.scanner.look(rel);
+        if (l.kind === "dir") return this.problem(rel, "cannot write: a folder is in the way");
+        if (l.kind === "excluded") return this.problem(rel, `cannot write: ${l.reason}`);
+        o = await this.o.scanner.observe(rel, l.kind === "entry" ? l.entry : undefined);
       } catch (err) {
-        if (err instanceof UnsafePathError) return this.problem(rel, err.message);
         const code = (err as NodeJS.ErrnoException).code;
         if (code === "ENOTDIR" || code === "ELOOP") return this.problem(rel, `cannot look at ${rel}: ${code}`);
         throw err;
@@ -257,7 +258,7 @@ export class Materializer {
         if (o.matchesWinner) return "done";
       }
       if (o.type === "dropIndex") this.o.tx(() => state.dropIndex(rel));
-      return await this.stage(s, parents);
+      return await this.stage(s, parents, l.kind === "entry" ? l.st : null);
     }
     return "later";
   }
@@ -273,7 +274,8 @@ export class Materializer {
     return p;
   }
 
-  private async stage(s: StateEntry, parents: Map<string, Promise<string>>): Promise<Prepared> {
+  /** Phase 1 proper; `before` is what the target was when looked at (lstat), null when absent. */
+  private async stage(s: StateEntry, parents: Map<string, Promise<string>>, before: Stats | null): Promise<Prepared> {
     const rel = s.path;
     const abs = join(this.o.root, rel);
     let parent: string;
@@ -292,11 +294,9 @@ export class Materializer {
       }
       throw err;
     }
-    const before = await lstat(abs).catch(() => null);
-    if (before?.isDirectory()) return this.problem(rel, "a folder is in the way");
     if (s.kind === KIND_DELETE) return { s, abs, parent, before, tmp: null, index: null };
-
-    const clash = await caseClash(parent, basename(abs));
+    // Nothing there under any case (a case-insensitive disk would have found the other name): no clash.
+    const clash = before ? await caseClash(parent, basename(abs)) : null;
     if (clash) return this.problem(rel, clash);
     const tmp = join(parent, `${TEMP_PREFIX}${randomBytes(6).toString("hex")}`);
     let ok = false;

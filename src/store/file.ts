@@ -21,6 +21,11 @@ import {
 const TMP_PREFIX = ".tmp-";
 const DEFAULT_LIMIT = 1000;
 
+/** Unique among processes (random per process) and within one (a counter), without a random draw per put. */
+const TMP_ID = randomBytes(6).toString("hex");
+let tmpCounter = 0;
+const tempName = () => `${TMP_PREFIX}${TMP_ID}-${(tmpCounter++).toString(36)}`;
+
 /**
  * Bytewise (UTF-8) order of two strings. JS `<` compares UTF-16 code units, which
  * disagrees with UTF-8 only for astral characters versus U+E000..U+FFFF, so map
@@ -132,7 +137,7 @@ export class FileStore implements ObjectStore {
 
   /** Streams `body` into a new temp file in `dir` and fsyncs it; returns its path. */
   private async writeTemp(dir: string, key: string, body: Buffer | Readable, size?: number): Promise<string> {
-    const tmp = path.join(dir, `${TMP_PREFIX}${randomBytes(8).toString("hex")}`);
+    const tmp = path.join(dir, tempName());
     try {
       const fh = await this.createTemp(dir, tmp, key);
       let written = 0;
@@ -171,10 +176,16 @@ export class FileStore implements ObjectStore {
     await fsyncDir(path.dirname(file));
   }
 
-  /** Makes the parent directories (fsyncing any it created) and opens the temp file. */
+  /** Opens the temp file, first making its parent directories (fsyncing any it created) when they are missing. */
   private async createTemp(dir: string, tmp: string, key: string) {
     // A concurrent delete may remove a directory we just made while tidying; retry.
     for (let attempt = 0; ; attempt++) {
+      try {
+        return await open(tmp, "wx");
+      } catch (err) {
+        if (errCode(err) === "ENOTDIR") throw new Error(`put ${key}: a parent segment of the key is an existing object`, { cause: err });
+        if (errCode(err) !== "ENOENT" || attempt >= 5) throw err;
+      }
       let first: string | undefined;
       try {
         first = await mkdir(dir, { recursive: true });
@@ -190,11 +201,6 @@ export class FileStore implements ObjectStore {
           await fsyncDir(path.dirname(d));
           if (d === first || d.length <= this.root.length) break;
         }
-      }
-      try {
-        return await open(tmp, "wx");
-      } catch (err) {
-        if (errCode(err) !== "ENOENT" || attempt >= 5) throw err;
       }
     }
   }
@@ -401,8 +407,33 @@ function isMissing(err: unknown): boolean {
   return code === "ENOENT" || code === "ENOTDIR" || code === "EISDIR";
 }
 
-/** Makes a rename or new entry in `dir` durable; some filesystems cannot fsync directories. */
-export async function fsyncDir(dir: string): Promise<void> {
+/** Per directory: the fsync running now, and the one queued to start after it. */
+const dirSyncs = new Map<string, { running: Promise<void>; next: Promise<void> | null }>();
+
+function startDirSync(dir: string): Promise<void> {
+  const entry = { running: syncDirNow(dir), next: null as Promise<void> | null };
+  dirSyncs.set(dir, entry);
+  const done = () => {
+    if (dirSyncs.get(dir) === entry && entry.next === null) dirSyncs.delete(dir);
+  };
+  entry.running.then(done, done);
+  return entry.running;
+}
+
+/**
+ * Makes a rename or new entry in `dir` durable; some filesystems cannot fsync
+ * directories. Calls for one directory share fsyncs: a caller joins the next
+ * fsync to start (one already running may have begun before its entry was
+ * made), so many concurrent renames into one folder cost two fsyncs, not one each.
+ */
+export function fsyncDir(dir: string): Promise<void> {
+  const cur = dirSyncs.get(dir);
+  if (!cur) return startDirSync(dir);
+  cur.next ??= cur.running.catch(() => undefined).then(() => startDirSync(dir));
+  return cur.next;
+}
+
+async function syncDirNow(dir: string): Promise<void> {
   let fh;
   try {
     fh = await open(dir, "r");
