@@ -97,6 +97,7 @@ export class Agent {
         maxRecords: this.config.batchMaxRecords,
         captureIntervalMs: this.config.captureIntervalMs,
         rescanMs: this.config.rescanMs,
+        onSealed: () => this.wake?.(),
       });
       this.files.start();
     }

@@ -52,6 +52,8 @@ export interface FolderSyncOptions {
   watch?: boolean;
   /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
   maxClockDriftMs?: number;
+  /** Called when segments were sealed (the uploader need not wait for its next turn). */
+  onSealed?: () => void;
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -110,8 +112,13 @@ export class FolderSync {
   private watcher: FSWatcher | null = null;
   private loop: Promise<void> | null = null;
   private stopping = false;
-  /** Paths the watcher reported since they were last looked at (files or folders). */
-  private dirty = new Set<string>();
+  /**
+   * Paths the watcher reported (files or folders), with when to look at them:
+   * at once, or when a file being written will have been still for stableMs.
+   */
+  private readonly dirty = new Map<string, number>();
+  /** Ends the scan loop's sleep early (a watcher event). */
+  private wakeLoop: (() => void) | null = null;
   /** Something vanished, the rules changed or the watcher failed: walk everything. */
   private fullScanDue = true;
   private lastFullScan = 0;
@@ -207,7 +214,8 @@ export class FolderSync {
         const rel = p === root ? "" : toRel(p);
         // Deletes go through the full scan's mass-delete rule; rule changes affect every path.
         if (event === "unlink" || event === "unlinkDir" || rel === "" || rel.endsWith(".unisyncignore")) this.fullScanDue = true;
-        else this.dirty.add(rel);
+        else this.dirty.set(rel, Date.now());
+        this.wakeLoop?.();
       });
       watcher.on("ready", () => this.watchMissedFolders(watcher));
       watcher.on("error", (err) => {
@@ -258,7 +266,7 @@ export class FolderSync {
     while (!this.stopping) {
       try {
         if (this.fullScanDue || Date.now() - this.lastFullScan >= this.o.rescanMs) await this.scanOnce();
-        else if (this.dirty.size > 0) await this.captureDirty();
+        else if (this.nextDirty() <= Date.now()) await this.captureDirty();
         else if (this.state.pendingCount() > this.state.problemCount()) await this.exclusive(() => this.materializePending(false));
         backoff = 0;
       } catch (err) {
@@ -266,8 +274,28 @@ export class FolderSync {
         if ((err as Error).name === "StoreUnavailableError") this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "folder scan failed; retrying");
       }
-      await sleep(Math.max(this.o.captureIntervalMs, backoff));
+      // Until the next dirty path is due, or a watcher event, but at least every captureIntervalMs.
+      const wait = backoff || Math.min(this.o.captureIntervalMs, Math.max(0, this.nextDirty() - Date.now()));
+      if (wait > 0 || backoff) {
+        await new Promise<void>((resolve) => {
+          const t = setTimeout(resolve, wait);
+          this.wakeLoop = backoff
+            ? null
+            : () => {
+                clearTimeout(t);
+                resolve();
+              };
+        });
+      }
+      this.wakeLoop = null;
     }
+  }
+
+  /** When the earliest dirty path is due (Infinity: none). */
+  private nextDirty(): number {
+    let t = Infinity;
+    for (const due of this.dirty.values()) if (due < t) t = due;
+    return t;
   }
 
   /** One full pass over the folder; seals what changed. Returns the records sealed. */
@@ -299,11 +327,16 @@ export class FolderSync {
     });
   }
 
-  /** Looks at the paths the watcher reported (a folder: everything under it). */
+  /** Looks at the paths the watcher reported that are due (a folder: everything under it). */
   private captureDirty(): Promise<number> {
     return this.exclusive(async () => {
-      const paths = [...this.dirty];
-      this.dirty.clear();
+      const now = Date.now();
+      const paths: string[] = [];
+      for (const [rel, due] of this.dirty) {
+        if (due > now) continue;
+        paths.push(rel);
+        this.dirty.delete(rel);
+      }
       const changed: DiskEntry[] = [];
       await eachLimited(paths, 64, async (rel) => {
         const l = await this.scanner.look(rel);
@@ -328,34 +361,33 @@ export class FolderSync {
    */
   private async capture(entries: DiskEntry[]): Promise<number> {
     let sealed = 0;
-    let unstable = 0;
     let failure: unknown = null;
     const now = Date.now();
+    // Looked at again when it will have been still for stableMs, or after a tick.
+    const later = (d: DiskEntry) => this.dirty.set(d.rel, Math.max(d.mtimeMs + this.scanner.o.stableMs, Date.now() + this.o.captureIntervalMs));
     let i = 0;
     for (; i < entries.length && !this.stopping && !failure; i += CAPTURE_CHUNK) {
       const observations: Observation[] = [];
       await eachLimited(entries.slice(i, i + CAPTURE_CHUNK), PARALLEL, async (d) => {
         if (failure) {
-          this.dirty.add(d.rel);
+          later(d);
           return;
         }
         try {
           const o = await this.scanner.observe(d.rel, d, now);
-          if (o.type === "unstable") {
-            unstable++;
-            this.dirty.add(d.rel);
-          } else if (o.type !== "same") observations.push(o);
+          if (o.type === "unstable") later(d);
+          else if (o.type !== "same") observations.push(o);
         } catch (err) {
           // Most likely the store is down: the file is looked at again later.
           failure ??= err;
-          this.dirty.add(d.rel);
+          later(d);
         }
       });
       sealed += this.commit(observations);
     }
     // Not looked at (stopping, or the store failed): next time.
-    for (; i < entries.length; i++) this.dirty.add(entries[i]!.rel);
-    this.unstable = unstable;
+    for (; i < entries.length; i++) later(entries[i]!);
+    this.unstable = [...this.dirty.values()].filter((due) => due > Date.now()).length;
     if (failure) throw failure;
     return sealed;
   }
@@ -468,6 +500,7 @@ export class FolderSync {
     if (sealed) {
       this.o.metrics.inc("unisync_file_changes_captured_total", sealed);
       this.sealedSinceAsked += sealed;
+      this.o.onSealed?.();
     }
     return sealed;
   }

@@ -73,6 +73,8 @@ export const SMALL_BLOB = 1024 * 1024;
 const MIN_COMPRESS = 4096;
 /** Reads of large files: few, big chunks (the memory bound is a few of these). */
 const CHUNK = 1024 * 1024;
+/** Reads in flight ahead of the upload. */
+const READ_AHEAD = 2;
 
 /** Whether content whose first bytes are `sample` (of `size` in all) is stored compressed. */
 function compressPays(sample: Buffer, size: number): boolean {
@@ -161,20 +163,65 @@ export async function uploadFile(store: ObjectStore, file: string): Promise<Uplo
   const sample = await readSample(file);
   // A sample shorter than SAMPLE_BYTES is the whole file.
   const compressIt = compressPays(sample, sample.length < SAMPLE_BYTES ? sample.length : Infinity);
-  const tap = new HashTap();
-  const source = createReadStream(file, { highWaterMark: CHUNK });
+  const hashed = hashedChunks(file);
   const body: Readable = compressIt
-    ? pipeline(source, tap, new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
-    : pipeline(source, tap, new PassThrough(), () => undefined);
+    ? pipeline(Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 }), new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
+    : Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 });
   let sha256 = "";
   await store.putThenName("blobs", body, async () => {
-    sha256 = tap.digest();
+    sha256 = hashed.digest();
     // Raw bytes that start with the zstd magic would be misread: the file changed under us.
-    if (!compressIt && tap.head.subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
+    if (!compressIt && hashed.head().subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
     const key = blobKey(sha256);
     return (await store.head(key)) ? null : key;
   });
-  return { sha256, size: tap.size, head: tap.head };
+  return { sha256, size: hashed.size(), head: hashed.head() };
+}
+
+/**
+ * A file's chunks in order, read READ_AHEAD chunks ahead and each hashed as
+ * soon as its read completes: the hashing runs while the consumer writes
+ * earlier chunks, instead of after them (hashing is as slow as a local copy).
+ */
+function hashedChunks(file: string): { chunks: AsyncGenerator<Buffer>; digest(): string; size(): number; head(): Buffer } {
+  const hash = createHash("sha256");
+  let size = 0;
+  let head = Buffer.alloc(0);
+  async function* chunks(): AsyncGenerator<Buffer> {
+    const fh = await open(file, "r");
+    const queue: Promise<Buffer>[] = [];
+    let hashed: Promise<unknown> = Promise.resolve();
+    let pos = 0;
+    const issue = () => {
+      const buf = Buffer.allocUnsafe(CHUNK);
+      const read = fh.read(buf, 0, CHUNK, pos);
+      pos += CHUNK;
+      // Hash updates chained in file order, whatever order the reads complete in.
+      const chunk = hashed.then(() => read).then(({ bytesRead }) => {
+        const c = buf.subarray(0, bytesRead);
+        hash.update(c);
+        size += bytesRead;
+        if (head.length < 16) head = Buffer.concat([head, c.subarray(0, 16 - head.length)]);
+        return c;
+      });
+      hashed = chunk;
+      queue.push(chunk);
+    };
+    try {
+      for (let i = 0; i < READ_AHEAD; i++) issue();
+      for (;;) {
+        const c = await queue.shift()!;
+        if (c.length === 0) return;
+        issue();
+        yield c;
+      }
+    } finally {
+      // A consumer that stopped early leaves reads in flight: let them end before closing.
+      await Promise.all(queue.map((q) => q.catch(() => undefined)));
+      await fh.close();
+    }
+  }
+  return { chunks: chunks(), digest: () => hash.digest("hex"), size: () => size, head: () => head };
 }
 
 /**
