@@ -350,7 +350,10 @@ export class FolderSync {
           changed.push(l.entry);
         }
       });
-      return this.capture(changed);
+      const t0 = Date.now();
+      const n = await this.capture(changed);
+      this.log.debug({ reported: paths.length, changed: changed.length, sealed: n, ms: Date.now() - t0, waitedMs: t0 - now }, "looked at reported paths");
+      return n;
     });
   }
 
