@@ -3,7 +3,7 @@
  * shape as DbSync so the agent drives both the same way. Its stream is ".files"
  * (log/<origin>/%2Efiles/...), its state INSTANCE_DIR/.unisync/files.db.
  *
- * Capture: a chokidar watcher reports paths; the scan loop looks at those (and
+ * Capture: a watcher (capture/watch.ts) reports paths; the scan loop looks at those (and
  * walks the whole folder at start, every rescanMs, and whenever something
  * vanished, because watchers miss events and deletes need the mass-delete
  * rule). A changed file's content goes to the store as it is read; only then
@@ -15,11 +15,11 @@
 import { existsSync, mkdirSync, readdirSync, rmSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { watch, type FSWatcher } from "chokidar";
 import type { Logger } from "pino";
 import { FolderScanner, type DiskEntry, type Excluded, type Observation } from "../capture/folder.js";
 import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../capture/filestate.js";
-import { STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
+import { IGNORE_FILE, STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
+import { FolderWatcher } from "../capture/watch.js";
 import { claimForNode, getMeta, setMeta } from "../capture/internal.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";
@@ -48,7 +48,7 @@ export interface FolderSyncOptions {
   /** A file is read once its mtime is this old (ms). */
   stableMs?: number;
   massDeleteMin?: number;
-  /** Watch with chokidar (default true); the periodic rescan runs either way. */
+  /** Watch the folder (default true); the periodic rescan runs either way. */
   watch?: boolean;
   /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
   maxClockDriftMs?: number;
@@ -109,7 +109,7 @@ export class FolderSync {
   private readonly stagingDir: string;
   private readonly maxDriftMs: number;
   private chain: Promise<unknown> = Promise.resolve();
-  private watcher: FSWatcher | null = null;
+  private watcher: FolderWatcher | null = null;
   private loop: Promise<void> | null = null;
   private stopping = false;
   /**
@@ -157,6 +157,7 @@ export class FolderSync {
       openDbs: o.openDbs,
       stableMs: o.stableMs ?? 300,
       massDeleteMin: o.massDeleteMin ?? 10,
+      onFolder: (rel) => this.watcher?.add(rel),
     });
     this.materializer = new Materializer({
       root: o.instanceDir,
@@ -197,68 +198,25 @@ export class FolderSync {
 
   start(): void {
     if (this.o.watch !== false) {
-      const root = this.o.instanceDir;
-      const toRel = (p: string) => p.slice(root.length + 1).split("\\").join("/");
-      const watcher = watch(root, {
-        ignoreInitial: true,
-        followSymlinks: false,
-        atomic: false,
-        // Decided by name only: chokidar never gets to open a database or its companions.
-        ignored: (p: string, stats?: { isDirectory(): boolean }) => {
-          if (p === root) return false;
-          const rel = toRel(p);
-          return this.scanner.exclusion(rel, stats?.isDirectory() ?? false) !== null && !rel.endsWith(".unisyncignore");
+      this.watcher = new FolderWatcher(
+        this.o.instanceDir,
+        (rel) => this.reported(rel),
+        (err) => {
+          this.fullScanDue = true;
+          this.log.warn({ err: err.message }, "folder watcher error; the periodic rescan covers it");
         },
-      });
-      watcher.on("all", (event: string, p: string) => {
-        const rel = p === root ? "" : toRel(p);
-        // Deletes go through the full scan's mass-delete rule; rule changes affect every path.
-        if (event === "unlink" || event === "unlinkDir" || rel === "" || rel.endsWith(".unisyncignore")) this.fullScanDue = true;
-        else this.dirty.set(rel, Date.now());
-        this.wakeLoop?.();
-      });
-      watcher.on("ready", () => this.watchMissedFolders(watcher));
-      watcher.on("error", (err) => {
-        this.fullScanDue = true;
-        this.log.warn({ err: (err as Error).message }, "folder watcher error; the periodic rescan covers it");
-      });
-      this.watcher = watcher;
+      );
+      this.watcher.add("");
     }
     this.loop = this.scanLoop();
   }
 
-  /**
-   * Folders made while chokidar crawled the tree at start can be missed by it
-   * (no watch, so edits in them waited for the periodic rescan): add them, and
-   * walk everything once more for files made meanwhile.
-   */
-  private watchMissedFolders(watcher: FSWatcher): void {
-    const watched = new Set(Object.keys(watcher.getWatched()));
-    const missed: string[] = [];
-    const visit = (rel: string, depth: number) => {
-      if (depth > 64) return;
-      const abs = rel ? join(this.o.instanceDir, rel) : this.o.instanceDir;
-      let ents;
-      try {
-        ents = readdirSync(abs, { withFileTypes: true });
-      } catch {
-        return;
-      }
-      for (const e of ents) {
-        if (!e.isDirectory()) continue;
-        const r = rel ? `${rel}/${e.name}` : e.name;
-        if (this.scanner.exclusion(r, true)) continue;
-        const p = join(this.o.instanceDir, r);
-        if (!watched.has(p)) missed.push(p);
-        visit(r, depth + 1);
-      }
-    };
-    visit("", 0);
-    if (missed.length) {
-      this.log.debug({ folders: missed.length }, "watching folders made during the watcher's first crawl");
-      watcher.add(missed);
-    }
-    this.fullScanDue = true;
+  /** The watcher saw something change at `rel` (null: somewhere). */
+  private reported(rel: string | null): void {
+    if (rel === null || rel === IGNORE_FILE) this.fullScanDue = true; // rules changed: every path is affected
+    else if (!(this.scanner.exclusion(rel, false) && this.scanner.exclusion(rel, true))) this.dirty.set(rel, Date.now());
+    else return;
+    this.wakeLoop?.();
   }
 
   private async scanLoop(): Promise<void> {
@@ -306,6 +264,7 @@ export class FolderSync {
       this.fullScanDue = false;
       this.dirty.clear();
       const r = await this.scanner.scan();
+      this.watcher?.keepOnly(r.dirs);
       this.lastFullScan = Date.now();
       this.excluded = r.excluded;
       if (this.firstScan) {
@@ -341,7 +300,8 @@ export class FolderSync {
       await eachLimited(paths, 64, async (rel) => {
         const l = await this.scanner.look(rel);
         if (l.kind === "absent") {
-          if (this.state.index(rel)) this.fullScanDue = true;
+          // Deletes go through the full scan's mass-delete rule.
+          if (this.state.index(rel) || this.watcher?.has(rel)) this.fullScanDue = true;
         } else if (l.kind === "dir") {
           if (this.scanner.exclusion(rel, true)) return;
           const { entries } = await this.scanner.walk(rel);
@@ -683,7 +643,7 @@ export class FolderSync {
 
   async stop(): Promise<void> {
     this.stopping = true;
-    await this.watcher?.close();
+    this.watcher?.close();
     this.watcher = null;
     await this.loop;
     await this.chain;

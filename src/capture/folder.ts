@@ -81,11 +81,15 @@ export interface ScannerOptions {
   stableMs: number;
   /** Refuse to propagate deletes when at least this many indexed files vanish and they are most of them. */
   massDeleteMin: number;
+  /** Called for every folder the walk is about to list (the watcher starts watching it). */
+  onFolder?: (rel: string) => void;
 }
 
 export interface ScanResult {
   /** Entries whose metadata differs from the index: to be observed. */
   changed: DiskEntry[];
+  /** Every folder walked. */
+  dirs: Set<string>;
   /** Deletes and forgotten paths, after the mass-delete rule. */
   gone: Observation[];
   excluded: Excluded[];
@@ -181,11 +185,15 @@ export class FolderScanner {
    * The metadata walk of the folder, or of the subfolder `from`: every entry
    * that may be synced, plus what was excluded and why.
    */
-  async walk(from = ""): Promise<{ entries: Map<string, DiskEntry>; excluded: Excluded[]; unreadable: string[] }> {
+  async walk(from = ""): Promise<{ entries: Map<string, DiskEntry>; excluded: Excluded[]; unreadable: string[]; dirs: Set<string> }> {
     const entries = new Map<string, DiskEntry>();
     const excluded: Excluded[] = [];
     const unreadable: string[] = [];
+    const dirs = new Set<string>();
     const visit = async (dirRel: string): Promise<void> => {
+      // Watched before it is listed: whatever appears meanwhile is listed or reported.
+      this.o.onFolder?.(dirRel);
+      dirs.add(dirRel);
       let dirents;
       try {
         dirents = await readdir(join(this.o.root, dirRel), { withFileTypes: true });
@@ -220,7 +228,7 @@ export class FolderScanner {
       for (const s of subdirs) await visit(s);
     };
     await visit(from);
-    return { entries, excluded, unreadable };
+    return { entries, excluded, unreadable, dirs };
   }
 
   /** Whether `d` is what the index says the disk holds (nothing to read). */
@@ -352,10 +360,10 @@ export class FolderScanner {
    */
   async scan(): Promise<ScanResult> {
     if (!existsSync(this.o.root) || !statSync(this.o.root).isDirectory()) {
-      return { changed: [], gone: [], excluded: [], massDelete: `the instance folder ${this.o.root} is gone; not propagating any delete`, entries: 0 };
+      return { changed: [], dirs: new Set(), gone: [], excluded: [], massDelete: `the instance folder ${this.o.root} is gone; not propagating any delete`, entries: 0 };
     }
     await this.loadRules();
-    const { entries, excluded, unreadable } = await this.walk();
+    const { entries, excluded, unreadable, dirs } = await this.walk();
     const changed = [...entries.values()].filter((d) => !this.unchangedSinceIndexed(d));
     const excludedNow = new Set(excluded.map((e) => e.path));
     const gone: Observation[] = [];
@@ -387,7 +395,7 @@ export class FolderScanner {
         if (emptied || most) await unlink(allow).catch(() => undefined);
       }
     }
-    return { changed, gone, excluded, massDelete, entries: entries.size };
+    return { changed, dirs, gone, excluded, massDelete, entries: entries.size };
   }
 }
 
