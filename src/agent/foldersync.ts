@@ -56,8 +56,6 @@ export interface FolderSyncOptions {
   onSealed?: () => void;
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
 /** Files read and uploaded, or fetched and written, at once: per-file store and fsync latency overlap. */
 const PARALLEL = 16;
 /** Changed files observed and sealed per segment, so upload and replay start while a big change is read. */

@@ -61,10 +61,6 @@ export class FolderWatcher {
     for (const rel of [...this.watchers.keys()]) if (rel !== "" && !dirs.has(rel)) this.remove(rel);
   }
 
-  get size(): number {
-    return this.watchers.size;
-  }
-
   close(): void {
     this.closed = true;
     for (const w of this.watchers.values()) w.close();

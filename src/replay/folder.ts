@@ -5,10 +5,11 @@
  * unsafePathReason + exclusions) before its record was accepted; here every
  * parent folder is checked on disk to be a real folder (never a symlink) inside
  * the instance folder, created one level at a time. Content is fetched into a
- * temp file beside the target, verified by sha256 and size while streaming,
- * fsynced, given its mode and mtime, and renamed into place; then the folder is
- * fsynced. A blob that fails verification, or that turns out to be an SQLite
- * database, is never renamed into place.
+ * temp file beside the target, verified by sha256 and size, fsynced, given its
+ * mode and mtime, and renamed into place, a batch of paths at a time: every
+ * folder touched is fsynced once, and only then does one files.db transaction
+ * record the whole batch as in place. A blob that fails verification, or that
+ * turns out to be an SQLite database, is never renamed into place.
  *
  * Before touching a path, its disk entry is looked at again: a local edit that
  * the scanner has not captured yet is captured first (so it is merged, not
