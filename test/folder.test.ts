@@ -16,11 +16,12 @@ import { Metrics } from "../src/agent/metrics.js";
 import { conflictName, decide, FileStateStore, KIND_DELETE, KIND_WRITE, MAX_CONFLICT_COPIES, type Version } from "../src/capture/filestate.js";
 import { listExcluded } from "../src/capture/folder.js";
 import { builtinExclusion, IgnoreRules, unsafePathReason } from "../src/capture/ignore.js";
-import { blobKey, fetchBlobToFile, putBlobFromFile } from "../src/log/blobs.js";
+import { blobKey, fetchBlobToFile, putBlobFromFile, uploadFile } from "../src/log/blobs.js";
 import { HybridClock } from "../src/log/hlc.js";
 import { segmentKey } from "../src/log/keys.js";
 import { sealSegment, type LogRecord } from "../src/log/segment.js";
 import { FileStore } from "../src/store/file.js";
+import type { ObjectStore } from "../src/store/store.js";
 
 const log = pino({ level: "silent" });
 const sha = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
@@ -146,12 +147,13 @@ let root: string;
 let store: FileStore;
 const nodes: FolderSync[] = [];
 
-function node(name: string, opts: { stableMs?: number } = {}): FolderSync {
+function node(name: string, opts: { stableMs?: number; maxClockDriftMs?: number; watch?: boolean; rescanMs?: number } = {}): FolderSync {
   const dir = join(root, name);
   mkdirSync(dir, { recursive: true });
   const f = new FolderSync({
     instanceDir: dir, node: name, store, clock: new HybridClock(), log, metrics: new Metrics(), openDbs: () => new Set(),
-    maxRecords: 1000, captureIntervalMs: 20, rescanMs: 1000, stableMs: opts.stableMs ?? 0, watch: false,
+    maxRecords: 1000, captureIntervalMs: 20, rescanMs: opts.rescanMs ?? 1000, stableMs: opts.stableMs ?? 0, watch: opts.watch ?? false,
+    maxClockDriftMs: opts.maxClockDriftMs,
   });
   nodes.push(f);
   return f;
@@ -342,6 +344,70 @@ describe("folder sync between nodes (file store)", () => {
   });
 });
 
+describe("folder sync at volume and over time", () => {
+  it("writes many files in batches, across folders, with no echo and nothing left pending", async () => {
+    const a = node("a");
+    const b = node("b");
+    const A = join(root, "a");
+    const want: Record<string, string> = {};
+    for (let d = 0; d < 5; d++) {
+      mkdirSync(join(A, `in box/d${d}/deep`), { recursive: true });
+      for (let i = 0; i < 130; i++) {
+        const rel = `in box/d${d}/${i % 3 ? "" : "deep/"}f${i}.json`;
+        const body = randomBytes(100 + (i % 5) * 3000).toString("base64");
+        writeFileSync(join(A, rel), body);
+        want[rel] = sha(body);
+      }
+    }
+    await sync([a, b], 2);
+    const sb = snapshot(join(root, "b"));
+    expect(Object.keys(sb).length).toBe(Object.keys(want).length);
+    for (const [rel, h] of Object.entries(want)) expect(sb[rel]?.split(":")[0], rel).toBe(h);
+    expect(b.pendingChanges()).toBe(0);
+    expect(b.outbox.nextSeq()).toBe(1); // nothing it wrote was captured again
+    expect(a.outbox.nextSeq()).toBe(2); // 650 records in one segment, not one per file
+  });
+
+  it("parks file records from a clock too far ahead until ours catches up", async () => {
+    const b = node("b", { maxClockDriftMs: 200 });
+    await store.put(blobKey(sha("later")), Buffer.from("later"));
+    await store.put(blobKey(sha("now")), Buffer.from("now"));
+    const file = (path: string, body: string, hlc: number): LogRecord => ({ hlc, file: { path, kind: 1, size: body.length, mode: 0o644, mtimeMs: Date.now(), sha256: sha(body) } });
+    const { bytes, sha256 } = sealSegment({
+      origin: "fast", stream: ".files", seq: 1, createdMs: Date.now(),
+      records: [file("later.txt", "later", (Date.now() + 1500) * 1024), file("now.txt", "now", Date.now() * 1024)],
+    });
+    await store.put(segmentKey("fast", ".files", 1, sha256), bytes);
+    await b.pull("fast");
+    const B = join(root, "b");
+    expect(readFileSync(join(B, "now.txt"), "utf8")).toBe("now");
+    expect(existsSync(join(B, "later.txt"))).toBe(false);
+    expect(b.parkedCount()).toBe(1);
+    expect(b.cursor("fast").seq).toBe(1); // the stream goes on; only the record waits
+    await new Promise((r) => setTimeout(r, 1400));
+    await b.scanOnce();
+    expect(readFileSync(join(B, "later.txt"), "utf8")).toBe("later");
+    expect(b.parkedCount()).toBe(0);
+  });
+
+  it("with the watcher: looks at reported paths only, including folders made right after start", async () => {
+    const a = node("a", { watch: true, rescanMs: 60_000 });
+    a.start();
+    const A = join(root, "a");
+    mkdirSync(join(A, "x/y/z"), { recursive: true });
+    writeFileSync(join(A, "x/y/z/early.txt"), "early");
+    const sealed = async (n: number) => {
+      for (let t = 0; t < 150 && a.outbox.nextSeq() - 1 < n; t++) await new Promise((r) => setTimeout(r, 20));
+      return a.outbox.nextSeq() - 1;
+    };
+    expect(await sealed(1)).toBeGreaterThanOrEqual(1);
+    await new Promise((r) => setTimeout(r, 300));
+    const before = a.outbox.nextSeq() - 1;
+    writeFileSync(join(A, "x/y/z/early.txt"), "edited");
+    expect(await sealed(before + 1)).toBe(before + 1); // well before the 60 s rescan
+  });
+});
+
 describe("hostile segments are refused without writing anything", () => {
   async function plant(records: LogRecord[], seq = 1): Promise<void> {
     const { bytes, sha256 } = sealSegment({ origin: "evil", stream: ".files", seq, createdMs: Date.now(), records });
@@ -396,11 +462,33 @@ describe("hostile segments are refused without writing anything", () => {
     expect(readdirSync(B, { recursive: true }).filter((n) => String(n).includes(".unisync-tmp-"))).toEqual([]);
   });
 
+  it("a large file is hashed on its way into the store, once, on either kind of store", async () => {
+    const f = join(root, "large.bin");
+    const data = randomBytes(3 * 1024 * 1024);
+    writeFileSync(f, data);
+    expect(await uploadFile(store, f)).toMatchObject({ sha256: sha(data), size: data.length });
+    const stored = await store.get(blobKey(sha(data)));
+    expect(stored?.equals(data)).toBe(true);
+    expect(readdirSync(join(root, "store", "blobs")).filter((n) => n.startsWith(".tmp-"))).toEqual([]);
+    // A store that cannot name an object after writing it (S3) hashes first, then streams once.
+    const text = Buffer.from("compressible ".repeat(300_000));
+    writeFileSync(f, text);
+    const plain: ObjectStore = {
+      description: "no putThenName", put: store.put.bind(store), get: store.get.bind(store), getStream: store.getStream.bind(store),
+      head: store.head.bind(store), list: store.list.bind(store), delete: store.delete.bind(store),
+    };
+    expect(await uploadFile(plain, f)).toMatchObject({ sha256: sha(text), size: text.length });
+    expect((await store.head(blobKey(sha(text))))!.size).toBeLessThan(text.length / 10);
+    mkdirSync(join(root, "out"));
+    await fetchBlobToFile(store, sha(text), text.length, join(root, "out", "t"));
+    expect(readFileSync(join(root, "out", "t")).equals(text)).toBe(true);
+  });
+
   it("blob helpers verify while streaming", async () => {
     const f = join(root, "src.bin");
     const data = randomBytes(3 * 1024 * 1024);
     writeFileSync(f, data);
-    mkdirSync(join(root, "out"));
+    mkdirSync(join(root, "out"), { recursive: true });
     expect(await putBlobFromFile(store, f, sha(data), data.length)).toBe("uploaded");
     expect(await putBlobFromFile(store, f, sha(data), data.length)).toBe("exists");
     await fetchBlobToFile(store, sha(data), data.length, join(root, "out", "x"));

@@ -122,6 +122,7 @@ export class Agent {
         maxRecords: this.config.batchMaxRecords,
         captureIntervalMs: this.config.captureIntervalMs,
         rescanMs: this.config.rescanMs,
+        onSealed: () => this.wake?.(),
       });
     }
     if (placed) {

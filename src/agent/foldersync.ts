@@ -3,27 +3,29 @@
  * shape as DbSync so the agent drives both the same way. Its stream is ".files"
  * (log/<origin>/%2Efiles/...), its state INSTANCE_DIR/.unisync/files.db.
  *
- * Capture: a chokidar watcher marks the folder dirty; a scan loop walks it
- * (also every rescanMs, because watchers miss events) and seals each batch of
- * changes into the outbox in the transaction that records them, with the blobs
- * they need listed beside the segment. Upload puts those blobs first, then the
- * segment. Pull applies other origins' segments (records and cursor in one
- * transaction), then makes the disk match every path whose winner moved.
+ * Capture: a watcher (capture/watch.ts) reports paths; the scan loop looks at those (and
+ * walks the whole folder at start, every rescanMs, and whenever something
+ * vanished, because watchers miss events and deletes need the mass-delete
+ * rule). A changed file's content goes to the store as it is read; only then
+ * is its record sealed into the outbox, in the transaction that records it, so
+ * a segment never names a blob the store lacks. Pull applies other origins'
+ * segments (records and cursor in one transaction), then makes the disk match
+ * every path whose winner moved, in batches (replay/folder.ts).
  */
-import { existsSync, mkdirSync, readdirSync, unlinkSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, rmSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { watch, type FSWatcher } from "chokidar";
 import type { Logger } from "pino";
-import { FolderScanner, type Excluded, type Observation } from "../capture/folder.js";
+import { FolderScanner, type DiskEntry, type Excluded, type Observation } from "../capture/folder.js";
 import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../capture/filestate.js";
-import { STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
+import { IGNORE_FILE, STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
+import { FolderWatcher } from "../capture/watch.js";
 import { claimForNode, getMeta, setMeta } from "../capture/internal.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
-import type { HybridClock } from "../log/hlc.js";
+import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import { Outbox } from "../log/outbox.js";
-import type { LogRecord } from "../log/segment.js";
+import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
 import type { ObjectStore } from "../store/store.js";
@@ -46,22 +48,43 @@ export interface FolderSyncOptions {
   /** A file is read once its mtime is this old (ms). */
   stableMs?: number;
   massDeleteMin?: number;
-  /** Watch with chokidar (default true); the periodic rescan runs either way. */
+  /** Watch the folder (default true); the periodic rescan runs either way. */
   watch?: boolean;
+  /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
+  maxClockDriftMs?: number;
+  /** Called when segments were sealed (the uploader need not wait for its next turn). */
+  onSealed?: () => void;
 }
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-
-/** Blob transfers and file writes in flight at once: per-file store and fsync latency overlap. */
-const PARALLEL = 8;
+/** Files read and uploaded, or fetched and written, at once: per-file store and fsync latency overlap. */
+const PARALLEL = 16;
+/** Changed files observed and sealed per segment, so upload and replay start while a big change is read. */
+const CAPTURE_CHUNK = 1000;
+/** Paths written per materializer batch: one folder fsync and one files.db commit each. */
+const WRITE_BATCH = 512;
+/** Paths written per call, so a long backlog does not hold off capture. */
+const WRITE_TURN = 4096;
 
 /** Runs `fn` over `items` with at most `limit` running at once; rejects with the first error. */
 async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
   let next = 0;
   const worker = async () => {
-    while (next < items.length) await fn(items[next++]);
+    while (next < items.length) await fn(items[next++]!);
   };
   await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+}
+
+/** Splits paths into batches in which no two differ only in case (on a case-insensitive disk they are one file). */
+function caseSafeBatches(paths: readonly string[], size: number): string[][] {
+  const batches: { paths: string[]; lower: Set<string> }[] = [];
+  for (const p of paths) {
+    const l = p.toLowerCase();
+    let b = batches.find((x) => x.paths.length < size && !x.lower.has(l));
+    if (!b) batches.push((b = { paths: [], lower: new Set() }));
+    b.paths.push(p);
+    b.lower.add(l);
+  }
+  return batches.map((b) => b.paths);
 }
 
 export class FolderSync {
@@ -80,12 +103,22 @@ export class FolderSync {
   }
 
   private readonly log: Logger;
+  /** Only segments sealed by versions that staged blobs need this (see upload()). */
   private readonly stagingDir: string;
+  private readonly maxDriftMs: number;
   private chain: Promise<unknown> = Promise.resolve();
-  private watcher: FSWatcher | null = null;
+  private watcher: FolderWatcher | null = null;
   private loop: Promise<void> | null = null;
   private stopping = false;
-  private dirty = true;
+  /**
+   * Paths the watcher reported (files or folders), with when to look at them:
+   * at once, or when a file being written will have been still for stableMs.
+   */
+  private readonly dirty = new Map<string, number>();
+  /** Ends the scan loop's sleep early (a watcher event). */
+  private wakeLoop: (() => void) | null = null;
+  /** Something vanished, the rules changed or the watcher failed: walk everything. */
+  private fullScanDue = true;
   private lastFullScan = 0;
   private sealedSinceAsked = 0;
   private unstable = 0;
@@ -97,9 +130,10 @@ export class FolderSync {
   constructor(private readonly o: FolderSyncOptions) {
     this.log = o.log.child({ files: FILES_STREAM });
     this.tailProblems = new TailProblems(this.log, "file replay");
+    this.maxDriftMs = o.maxClockDriftMs ?? 5 * 60_000;
     const dir = join(o.instanceDir, STATE_DIR);
+    mkdirSync(dir, { recursive: true });
     this.stagingDir = join(dir, "staging");
-    mkdirSync(this.stagingDir, { recursive: true });
     this.db = new Database(join(dir, "files.db"));
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = FULL");
@@ -117,10 +151,11 @@ export class FolderSync {
     this.scanner = new FolderScanner({
       root: o.instanceDir,
       state: this.state,
-      stagingDir: this.stagingDir,
+      store: o.store,
       openDbs: o.openDbs,
       stableMs: o.stableMs ?? 300,
       massDeleteMin: o.massDeleteMin ?? 10,
+      onFolder: (rel) => this.watcher?.add(rel),
     });
     this.materializer = new Materializer({
       root: o.instanceDir,
@@ -130,6 +165,7 @@ export class FolderSync {
       log: this.log,
       commitLocal: (obs) => this.commit(obs),
       tx: (fn) => this.db.transaction(fn).immediate(),
+      parallel: PARALLEL,
     });
     this.cleanStaging();
   }
@@ -138,9 +174,14 @@ export class FolderSync {
     return FILES_STREAM;
   }
 
-  /** Staged copies no sealed segment needs any more, and half-written temp copies, go. */
+  /** Blobs used to be staged here until their segment went up; what no sealed segment needs goes. */
   private cleanStaging(): void {
+    if (!existsSync(this.stagingDir)) return;
     const needed = new Set((this.state.sql("SELECT DISTINCT sha256 FROM file_blobs").all() as { sha256: string }[]).map((r) => r.sha256));
+    if (needed.size === 0) {
+      rmSync(this.stagingDir, { recursive: true, force: true });
+      return;
+    }
     for (const name of readdirSync(this.stagingDir)) {
       if (!needed.has(name)) unlinkSync(join(this.stagingDir, name));
     }
@@ -155,47 +196,74 @@ export class FolderSync {
 
   start(): void {
     if (this.o.watch !== false) {
-      const root = this.o.instanceDir;
-      this.watcher = watch(root, {
-        ignoreInitial: true,
-        followSymlinks: false,
-        atomic: false,
-        // Decided by name only: chokidar never gets to open a database or its companions.
-        ignored: (p: string, stats?: { isDirectory(): boolean }) => {
-          if (p === root) return false;
-          const rel = p.slice(root.length + 1).split("\\").join("/");
-          return this.scanner.exclusion(rel, stats?.isDirectory() ?? false) !== null && !rel.endsWith(".unisyncignore");
+      this.watcher = new FolderWatcher(
+        this.o.instanceDir,
+        (rel) => this.reported(rel),
+        (err) => {
+          this.fullScanDue = true;
+          this.log.warn({ err: err.message }, "folder watcher error; the periodic rescan covers it");
         },
-      });
-      this.watcher.on("all", () => {
-        this.dirty = true;
-      });
-      this.watcher.on("error", (err) => this.log.warn({ err: (err as Error).message }, "folder watcher error; the periodic rescan covers it"));
+      );
+      this.watcher.add("");
     }
     this.loop = this.scanLoop();
   }
 
+  /** The watcher saw something change at `rel` (null: somewhere). */
+  private reported(rel: string | null): void {
+    if (rel === null || rel === IGNORE_FILE) this.fullScanDue = true; // rules changed: every path is affected
+    else if (!(this.scanner.exclusion(rel, false) && this.scanner.exclusion(rel, true))) this.dirty.set(rel, Date.now());
+    else return;
+    this.wakeLoop?.();
+  }
+
   private async scanLoop(): Promise<void> {
+    let backoff = 0;
     while (!this.stopping) {
-      if (this.dirty || this.unstable > 0 || Date.now() - this.lastFullScan >= this.o.rescanMs) {
-        this.dirty = false;
-        try {
-          await this.scanOnce();
-        } catch (err) {
-          this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "folder scan failed; retrying");
-        }
+      try {
+        if (this.fullScanDue || Date.now() - this.lastFullScan >= this.o.rescanMs) await this.scanOnce();
+        else if (this.nextDirty() <= Date.now()) await this.captureDirty();
+        else if (this.state.pendingCount() > this.state.problemCount()) await this.exclusive(() => this.materializePending(false));
+        backoff = 0;
+      } catch (err) {
+        backoff = Math.min(Math.max(backoff * 2, 250), 10_000);
+        if ((err as Error).name === "StoreUnavailableError") this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
+        else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "folder scan failed; retrying");
       }
-      await sleep(this.o.captureIntervalMs);
+      // Until the next dirty path is due, or a watcher event, but at least every captureIntervalMs.
+      const wait = backoff || Math.min(this.o.captureIntervalMs, Math.max(0, this.nextDirty() - Date.now()));
+      if (wait > 0 || backoff) {
+        await new Promise<void>((resolve) => {
+          const t = setTimeout(resolve, wait);
+          this.wakeLoop = backoff
+            ? null
+            : () => {
+                clearTimeout(t);
+                resolve();
+              };
+        });
+      }
+      this.wakeLoop = null;
     }
+  }
+
+  /** When the earliest dirty path is due (Infinity: none). */
+  private nextDirty(): number {
+    let t = Infinity;
+    for (const due of this.dirty.values()) if (due < t) t = due;
+    return t;
   }
 
   /** One full pass over the folder; seals what changed. Returns the records sealed. */
   scanOnce(): Promise<number> {
     return this.exclusive(async () => {
       const t0 = Date.now();
+      // Everything is looked at now; events from here on are new.
+      this.fullScanDue = false;
+      this.dirty.clear();
       const r = await this.scanner.scan();
+      this.watcher?.keepOnly(r.dirs);
       this.lastFullScan = Date.now();
-      this.unstable = r.unstable;
       this.excluded = r.excluded;
       if (this.firstScan) {
         this.firstScan = false;
@@ -207,11 +275,82 @@ export class FolderSync {
         else if (this.massDelete) this.log.info("mass delete condition cleared");
         this.massDelete = r.massDelete;
       }
-      const n = this.commit(r.observations);
-      // Paths still waiting for a write (e.g. they were unstable) get another try.
-      await this.materializePending();
+      let n = await this.capture(r.changed);
+      n += this.commit(r.gone);
+      this.retryParked();
+      // Paths still waiting for a write (e.g. they were unstable, or their blob was missing) get another try.
+      await this.materializePending(true);
       return n;
     });
+  }
+
+  /** Looks at the paths the watcher reported that are due (a folder: everything under it). */
+  private captureDirty(): Promise<number> {
+    return this.exclusive(async () => {
+      const now = Date.now();
+      const paths: string[] = [];
+      for (const [rel, due] of this.dirty) {
+        if (due > now) continue;
+        paths.push(rel);
+        this.dirty.delete(rel);
+      }
+      const changed: DiskEntry[] = [];
+      await eachLimited(paths, 64, async (rel) => {
+        const l = await this.scanner.look(rel);
+        if (l.kind === "absent") {
+          // Deletes go through the full scan's mass-delete rule.
+          if (this.state.index(rel) || this.watcher?.has(rel)) this.fullScanDue = true;
+        } else if (l.kind === "dir") {
+          if (this.scanner.exclusion(rel, true)) return;
+          const { entries } = await this.scanner.walk(rel);
+          for (const d of entries.values()) if (!this.scanner.unchangedSinceIndexed(d)) changed.push(d);
+        } else if (l.kind === "entry" && !this.scanner.unchangedSinceIndexed(l.entry) && !this.scanner.exclusion(rel, false)) {
+          changed.push(l.entry);
+        }
+      });
+      const t0 = Date.now();
+      const n = await this.capture(changed);
+      this.log.debug({ reported: paths.length, changed: changed.length, sealed: n, ms: Date.now() - t0, waitedMs: t0 - now }, "looked at reported paths");
+      return n;
+    });
+  }
+
+  /**
+   * Observes changed entries (reading and storing their content) and seals
+   * them, a segment per CAPTURE_CHUNK. A file not stable yet stays dirty for the
+   * next look. Caller holds the exclusive section. Returns the records sealed.
+   */
+  private async capture(entries: DiskEntry[]): Promise<number> {
+    let sealed = 0;
+    let failure: unknown = null;
+    const now = Date.now();
+    // Looked at again when it will have been still for stableMs, or after a tick.
+    const later = (d: DiskEntry) => this.dirty.set(d.rel, Math.max(d.mtimeMs + this.scanner.o.stableMs, Date.now() + this.o.captureIntervalMs));
+    let i = 0;
+    for (; i < entries.length && !this.stopping && !failure; i += CAPTURE_CHUNK) {
+      const observations: Observation[] = [];
+      await eachLimited(entries.slice(i, i + CAPTURE_CHUNK), PARALLEL, async (d) => {
+        if (failure) {
+          later(d);
+          return;
+        }
+        try {
+          const o = await this.scanner.observe(d.rel, d, now);
+          if (o.type === "unstable") later(d);
+          else if (o.type !== "same") observations.push(o);
+        } catch (err) {
+          // Most likely the store is down: the file is looked at again later.
+          failure ??= err;
+          later(d);
+        }
+      });
+      sealed += this.commit(observations);
+    }
+    // Not looked at (stopping, or the store failed): next time.
+    for (; i < entries.length; i++) later(entries[i]!);
+    this.unstable = [...this.dirty.values()].filter((due) => due > Date.now()).length;
+    if (failure) throw failure;
+    return sealed;
   }
 
   /** Temp files of a replay that died half-way (only this agent writes them). */
@@ -248,8 +387,8 @@ export class FolderSync {
 
   /**
    * Records observations: index refreshes, and local writes and deletes as new
-   * versions sealed into the outbox (one transaction per segment, with the
-   * blobs the segment needs). Returns the records sealed.
+   * versions sealed into the outbox (one transaction per segment). Their blobs
+   * are in the store already. Returns the records sealed.
    */
   commit(observations: Observation[]): number {
     const { state } = this;
@@ -273,7 +412,6 @@ export class FolderSync {
       this.db
         .transaction(() => {
           const records: LogRecord[] = [];
-          const blobs = new Map<string, number>();
           for (const o of chunk) {
             if (o.type !== "write" && o.type !== "delete") continue;
             const hlc = this.o.clock.tick();
@@ -294,10 +432,8 @@ export class FolderSync {
               derived: false,
             });
             state.recompute(o.rel);
-            if (w) {
-              state.setIndex({ path: o.rel, size: w.kind === KIND_WRITE ? w.size : 0, mtimeMs: w.mtimeExact, ino: w.ino, mode: w.mode, sha256: w.sha256, link: w.link, hlc, origin: this.o.node });
-              if (w.kind === KIND_WRITE) blobs.set(w.sha256, w.size);
-            } else state.dropIndex(o.rel);
+            if (w) state.setIndex({ path: o.rel, size: w.kind === KIND_WRITE ? w.size : 0, mtimeMs: w.mtimeExact, ino: w.ino, mode: w.mode, sha256: w.sha256, link: w.link, hlc, origin: this.o.node });
+            else state.dropIndex(o.rel);
             const s = state.state(o.rel);
             if (s && s.hlc === hlc && s.origin === this.o.node) state.setPending(o.rel, false);
             records.push({
@@ -316,8 +452,6 @@ export class FolderSync {
             });
           }
           const entry = this.outbox.seal(records, Date.now());
-          const ins = this.state.sql("INSERT OR IGNORE INTO file_blobs(seq, sha256, size) VALUES (?, ?, ?)");
-          for (const [sha, size] of blobs) ins.run(entry.seq, sha, size);
           setMeta(this.db, "hlc", this.o.clock.current);
           this.log.debug({ seq: entry.seq, records: records.length }, "sealed file changes");
         })
@@ -327,6 +461,7 @@ export class FolderSync {
     if (sealed) {
       this.o.metrics.inc("unisync_file_changes_captured_total", sealed);
       this.sealedSinceAsked += sealed;
+      this.o.onSealed?.();
     }
     return sealed;
   }
@@ -338,42 +473,34 @@ export class FolderSync {
     return n;
   }
 
-  /** Uploads up to `max` sealed segments in seq order, each after the blobs it needs; returns segments uploaded. */
+  /** Uploads up to `max` sealed segments in seq order; returns segments uploaded. */
   async upload(max = Number.MAX_SAFE_INTEGER): Promise<number> {
     let n = 0;
     while (n < max) {
       const entry = this.outbox.oldest(1)[0];
       if (!entry) return n;
-      const blobs = this.state.sql("SELECT sha256, size FROM file_blobs WHERE seq = ?").all(entry.seq) as { sha256: string; size: number }[];
-      // Every blob before the segment that names it; blobs are content-addressed, so order among them does not matter.
-      await eachLimited(blobs, PARALLEL, async (b) => {
-        const staged = join(this.stagingDir, b.sha256);
-        if (existsSync(staged)) {
-          const r = await putBlobFromFile(this.o.store, staged, b.sha256, Number(b.size));
-          if (r === "uploaded") {
-            this.o.metrics.inc("unisync_blobs_uploaded_total");
-            this.o.metrics.inc("unisync_blob_bytes_uploaded_total", Number(b.size));
-          }
-        } else if (!(await this.o.store.head(blobKey(b.sha256)))) {
-          throw new Error(`blob ${b.sha256} of file segment ${entry.seq} is neither staged nor in the store`);
-        }
-      });
+      await this.uploadStagedBlobs(entry.seq);
       await this.outbox.upload(this.o.store, entry);
-      this.db.transaction(() => this.state.sql("DELETE FROM file_blobs WHERE seq = ?").run(entry.seq)).immediate();
-      for (const b of blobs) {
-        if (!this.state.sql("SELECT 1 FROM file_blobs WHERE sha256 = ?").get(b.sha256)) {
-          try {
-            unlinkSync(join(this.stagingDir, b.sha256));
-          } catch {
-            // already gone
-          }
-        }
-      }
       n++;
       this.o.metrics.inc("unisync_segments_uploaded_total");
       this.o.metrics.inc("unisync_bytes_uploaded_total", entry.bytes.length);
     }
     return n;
+  }
+
+  /**
+   * Segments sealed by an earlier version of unisync name blobs it had staged
+   * (file_blobs) instead of storing them at capture: those go up first.
+   */
+  private async uploadStagedBlobs(seq: number): Promise<void> {
+    const blobs = this.state.sql("SELECT sha256, size FROM file_blobs WHERE seq = ?").all(seq) as { sha256: string; size: number }[];
+    if (blobs.length === 0) return;
+    await eachLimited(blobs, PARALLEL, async (b) => {
+      const staged = join(this.stagingDir, b.sha256);
+      if (existsSync(staged)) await putBlobFromFile(this.o.store, staged, b.sha256, Number(b.size));
+      else if (!(await this.o.store.head(blobKey(b.sha256)))) throw new Error(`blob ${b.sha256} of file segment ${seq} is neither staged nor in the store`);
+    });
+    this.db.transaction(() => this.state.sql("DELETE FROM file_blobs WHERE seq = ?").run(seq)).immediate();
   }
 
   cursor(origin: string): Cursor {
@@ -399,34 +526,12 @@ export class FolderSync {
         this.db
           .transaction(() => {
             if (this.cursor(origin).seq !== s.seq - 1) return;
+            let lastHlc = 0;
             records.forEach((r, idx) => {
-              this.o.clock.observe(r.hlc);
-              const f = r.file;
-              const why = f ? refuseReason(f, (rel) => this.scanner.exclusion(rel, false)) : "not a file record";
-              if (why || !f) {
-                this.state.refuse(origin, s.seq, f?.path ?? null, why ?? "not a file record");
-                this.log.error({ origin, seq: s.seq, idx, path: f?.path, reason: why }, "file record refused; nothing written");
-                this.o.metrics.inc("unisync_file_records_refused_total");
-                return;
-              }
-              const added = this.state.addVersion({
-                path: f.path,
-                hlc: r.hlc,
-                origin,
-                kind: f.kind,
-                baseHlc: f.baseHlc ?? 0,
-                baseOrigin: f.baseOrigin ?? "",
-                sha256: f.kind === KIND_WRITE ? f.sha256 : "",
-                size: f.kind === KIND_WRITE ? f.size : 0,
-                mode: f.mode & 0o777,
-                mtimeMs: f.mtimeMs,
-                link: f.linkTarget ?? "",
-                derived: false,
-              });
-              if (added) this.state.recompute(f.path);
-              applied++;
+              lastHlc = Math.max(lastHlc, r.hlc);
+              if (this.applyRecord(origin, s.seq, idx, r)) applied++;
             });
-            this.cursorStore.set(origin, s.seq, s.key, this.o.clock.current);
+            this.cursorStore.set(origin, s.seq, s.key, lastHlc);
             setMeta(this.db, "hlc", this.o.clock.current);
           })
           .immediate();
@@ -435,32 +540,95 @@ export class FolderSync {
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
       this.tailProblems.update(origin, problem());
-      await this.materializePending();
+      this.retryParked();
+      await this.materializePending(true);
       return applied;
     });
   }
 
-  /** Makes the disk match every pending winner (bounded per call). Caller holds the exclusive section. */
-  private async materializePending(): Promise<void> {
-    // Paths that differ only in case go to the same worker, one after the other, so
-    // the case-clash check never races with itself on a case-insensitive file system.
-    const lanes = new Map<string, string[]>();
-    for (const rel of this.state.pendingPaths(1000)) {
-      const lane = rel.toLowerCase();
-      lanes.set(lane, [...(lanes.get(lane) ?? []), rel]);
+  /**
+   * One remote record into the versions (inside the caller's transaction).
+   * Unsafe records are refused for good; records from a clock too far ahead
+   * wait in _unisync_parked, as rows do. Returns whether it was applied.
+   */
+  private applyRecord(origin: string, seq: number, idx: number, r: LogRecord, parked = false): boolean {
+    const f = r.file;
+    const why = f ? refuseReason(f, (rel) => this.scanner.exclusion(rel, false)) : "not a file record";
+    if (why || !f) {
+      this.state.refuse(origin, seq, f?.path ?? null, why ?? "not a file record");
+      this.log.error({ origin, seq, idx, path: f?.path, reason: why }, "file record refused; nothing written");
+      this.o.metrics.inc("unisync_file_records_refused_total");
+      return false;
     }
-    await eachLimited([...lanes.values()], PARALLEL, async (paths) => {
-      for (const rel of paths) {
-        if (this.stopping) return;
-        try {
-          const r = await this.materializer.materialize(rel);
-          if (r === "done") this.o.metrics.inc("unisync_files_written_total");
-        } catch (err) {
-          this.log.error({ path: rel, err: (err as Error).message }, "could not write file; will retry");
-          this.state.setPending(rel, true, (err as Error).message);
-        }
+    // A node whose clock runs far ahead would win every conflict while it stays ahead.
+    const aheadMs = hlcToMs(r.hlc) - Date.now();
+    if (aheadMs > this.maxDriftMs) {
+      if (!parked) {
+        const reason = `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`;
+        const bytes = encodeSegment({ origin, stream: FILES_STREAM, seq, createdMs: 0, records: [r] });
+        this.state
+          .sql("INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+          .run(origin, seq, idx, FILES_STREAM, reason, r.hlc, bytes, Date.now());
+        this.log.warn({ origin, seq, idx, path: f.path, reason }, "file record parked");
+        this.o.metrics.inc("unisync_clock_drift_records_total");
       }
+      return false;
+    }
+    this.o.clock.observe(r.hlc);
+    const added = this.state.addVersion({
+      path: f.path,
+      hlc: r.hlc,
+      origin,
+      kind: f.kind,
+      baseHlc: f.baseHlc ?? 0,
+      baseOrigin: f.baseOrigin ?? "",
+      sha256: f.kind === KIND_WRITE ? f.sha256 : "",
+      size: f.kind === KIND_WRITE ? f.size : 0,
+      mode: f.mode & 0o777,
+      mtimeMs: f.mtimeMs,
+      link: f.linkTarget ?? "",
+      derived: false,
     });
+    if (added) this.state.recompute(f.path);
+    return true;
+  }
+
+  /** Parked records whose time has come (our clock caught up) are applied. Caller holds the exclusive section. */
+  private retryParked(): void {
+    const due = (Date.now() + this.maxDriftMs) * 1024;
+    const rows = this.state.sql("SELECT id, origin, seq, idx, record FROM _unisync_parked WHERE hlc <= ? ORDER BY id").all(due) as {
+      id: number;
+      origin: string;
+      seq: number;
+      idx: number;
+      record: Buffer;
+    }[];
+    if (rows.length === 0) return;
+    this.db
+      .transaction(() => {
+        for (const p of rows) {
+          const r = decodeSegment(p.record).records[0];
+          if (!r || this.applyRecord(p.origin, Number(p.seq), Number(p.idx), r, true) || !r.file) {
+            this.state.sql("DELETE FROM _unisync_parked WHERE id = ?").run(p.id);
+          }
+        }
+        setMeta(this.db, "hlc", this.o.clock.current);
+      })
+      .immediate();
+  }
+
+  /**
+   * Makes the disk match pending winners, a batch at a time, up to WRITE_TURN
+   * paths. `withProblems`: also paths that failed before (a blob not uploaded
+   * yet...). Caller holds the exclusive section.
+   */
+  private async materializePending(withProblems: boolean): Promise<void> {
+    const paths = this.state.pendingPaths(WRITE_TURN, withProblems);
+    for (const batch of caseSafeBatches(paths, WRITE_BATCH)) {
+      if (this.stopping) return;
+      const n = await this.materializer.materialize(batch);
+      if (n) this.o.metrics.inc("unisync_files_written_total", n);
+    }
   }
 
   /** Paths whose disk does not match the winner yet, plus files waiting to be stable. */
@@ -468,9 +636,9 @@ export class FolderSync {
     return this.state.pendingCount() + this.unstable;
   }
 
-  /** Paths that cannot be written (refused or failing), like parked records. */
+  /** Paths that cannot be written (refused or failing) and records waiting for our clock, like parked records. */
   parkedCount(): number {
-    return this.state.problemCount();
+    return this.state.problemCount() + Number((this.state.sql("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number }).n);
   }
 
   refusedCount(): number {
@@ -479,7 +647,7 @@ export class FolderSync {
 
   async stop(): Promise<void> {
     this.stopping = true;
-    await this.watcher?.close();
+    this.watcher?.close();
     this.watcher = null;
     await this.loop;
     await this.chain;

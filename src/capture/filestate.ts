@@ -188,11 +188,9 @@ export class FileStateStore {
 
   /** Adds a version; false when it was already known (idempotent replay). */
   addVersion(v: Version): boolean {
-    const r = this.db
-      .prepare(
-        "INSERT OR IGNORE INTO file_versions(path, hlc, origin, kind, base_hlc, base_origin, sha256, size, mode, mtime_ms, link, derived) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-      )
-      .run(v.path, v.hlc, v.origin, v.kind, v.baseHlc, v.baseOrigin, v.sha256 || null, v.size, v.mode, v.mtimeMs, v.link || null, v.derived ? 1 : 0);
+    const r = this.sql(
+      "INSERT OR IGNORE INTO file_versions(path, hlc, origin, kind, base_hlc, base_origin, sha256, size, mode, mtime_ms, link, derived) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+    ).run(v.path, v.hlc, v.origin, v.kind, v.baseHlc, v.baseOrigin, v.sha256 || null, v.size, v.mode, v.mtimeMs, v.link || null, v.derived ? 1 : 0);
     return r.changes > 0;
   }
 
@@ -218,8 +216,12 @@ export class FileStateStore {
     this.sql("UPDATE file_state SET pending = ?, problem = ? WHERE path = ?").run(pending ? 1 : 0, problem, path);
   }
 
-  pendingPaths(limit = 1000): string[] {
-    return (this.sql("SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?").all(limit) as { path: string }[]).map((r) => r.path);
+  /** Paths whose disk must still be made to match; `withProblems`: also those that failed before. */
+  pendingPaths(limit = 1000, withProblems = true): string[] {
+    const sql = withProblems
+      ? "SELECT path FROM file_state WHERE pending = 1 ORDER BY path LIMIT ?"
+      : "SELECT path FROM file_state WHERE pending = 1 AND problem IS NULL ORDER BY path LIMIT ?";
+    return (this.sql(sql).all(limit) as { path: string }[]).map((r) => r.path);
   }
 
   pendingCount(): number {
@@ -240,13 +242,11 @@ export class FileStateStore {
   }
 
   setIndex(e: IndexEntry): void {
-    this.db
-      .prepare(
-        "INSERT INTO file_index(path, size, mtime_ms, ino, mode, sha256, link, hlc, origin) VALUES (?,?,?,?,?,?,?,?,?) " +
-          "ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime_ms=excluded.mtime_ms, ino=excluded.ino, mode=excluded.mode, " +
-          "sha256=excluded.sha256, link=excluded.link, hlc=excluded.hlc, origin=excluded.origin",
-      )
-      .run(e.path, e.size, e.mtimeMs, e.ino, e.mode, e.sha256 || null, e.link || null, e.hlc, e.origin);
+    this.sql(
+      "INSERT INTO file_index(path, size, mtime_ms, ino, mode, sha256, link, hlc, origin) VALUES (?,?,?,?,?,?,?,?,?) " +
+        "ON CONFLICT(path) DO UPDATE SET size=excluded.size, mtime_ms=excluded.mtime_ms, ino=excluded.ino, mode=excluded.mode, " +
+        "sha256=excluded.sha256, link=excluded.link, hlc=excluded.hlc, origin=excluded.origin",
+    ).run(e.path, e.size, e.mtimeMs, e.ino, e.mode, e.sha256 || null, e.link || null, e.hlc, e.origin);
   }
 
   dropIndex(path: string): void {
@@ -262,13 +262,11 @@ export class FileStateStore {
     const { winner, losers } = decide(this.versions(path));
     const cur = this.state(path);
     if (winner && (!cur || cur.hlc !== winner.hlc || cur.origin !== winner.origin)) {
-      this.db
-        .prepare(
-          "INSERT INTO file_state(path, hlc, origin, kind, sha256, size, mode, mtime_ms, link, pending, problem) VALUES (?,?,?,?,?,?,?,?,?,1,NULL) " +
-            "ON CONFLICT(path) DO UPDATE SET hlc=excluded.hlc, origin=excluded.origin, kind=excluded.kind, sha256=excluded.sha256, size=excluded.size, " +
-            "mode=excluded.mode, mtime_ms=excluded.mtime_ms, link=excluded.link, pending=1, problem=NULL",
-        )
-        .run(path, winner.hlc, winner.origin, winner.kind, winner.sha256 || null, winner.size, winner.mode, winner.mtimeMs, winner.link || null);
+      this.sql(
+        "INSERT INTO file_state(path, hlc, origin, kind, sha256, size, mode, mtime_ms, link, pending, problem) VALUES (?,?,?,?,?,?,?,?,?,1,NULL) " +
+          "ON CONFLICT(path) DO UPDATE SET hlc=excluded.hlc, origin=excluded.origin, kind=excluded.kind, sha256=excluded.sha256, size=excluded.size, " +
+          "mode=excluded.mode, mtime_ms=excluded.mtime_ms, link=excluded.link, pending=1, problem=NULL",
+      ).run(path, winner.hlc, winner.origin, winner.kind, winner.sha256 || null, winner.size, winner.mode, winner.mtimeMs, winner.link || null);
       changed.push(path);
     }
     const kept = keptConflicts(losers);

@@ -2,20 +2,23 @@
  * Change detection for the instance folder: a metadata walk compared with the
  * index (path, size, mtime, inode, mode, sha256), so an unchanged folder costs
  * lstat calls and no reads. A changed file is read only once it is stable (its
- * mtime is older than `stableMs`), copied into `.unisync/staging/` while it is
- * hashed, and re-checked after the copy (size, mtime and inode unchanged), so
- * the bytes that go to the store are exactly the bytes that were hashed.
+ * mtime is older than `stableMs`), and read once: a small file into memory,
+ * where those very bytes are hashed and stored; a large one hashed on its way
+ * into the store (log/blobs.ts uploadFile). Then it is re-checked (size, mtime
+ * and inode unchanged), so a write observation always names content that is in
+ * the store and that the file held from start to end of the read.
  *
  * Nothing here opens a file before the name rules (ignore.ts) have passed it,
  * and a file the agent holds open as a database is never opened at all.
  * Symlinks are never followed: a link that stays inside the folder is synced as
  * a link, any other is skipped.
  */
-import { randomBytes } from "node:crypto";
-import { closeSync, existsSync, openSync, readSync, statSync } from "node:fs";
-import { lstat, open, readdir, readFile, readlink, rename, unlink } from "node:fs/promises";
+import { createHash } from "node:crypto";
+import { closeSync, existsSync, fstatSync, openSync, readSync, statSync, type Stats } from "node:fs";
+import { lstat, open, readdir, readFile, readlink, unlink } from "node:fs/promises";
 import { dirname, join, relative, resolve, sep } from "node:path";
-import { copyAndHash } from "../log/blobs.js";
+import { blobKey, putBlob, SMALL_BLOB, uploadFile } from "../log/blobs.js";
+import type { ObjectStore } from "../store/store.js";
 import { exclusionByName, IGNORE_FILE, IgnoreRules, STATE_DIR } from "./ignore.js";
 import { KIND_DELETE, KIND_SYMLINK, KIND_WRITE, type FileStateStore, type IndexEntry } from "./filestate.js";
 
@@ -71,22 +74,47 @@ export function isInside(root: string, p: string): boolean {
 export interface ScannerOptions {
   root: string;
   state: FileStateStore;
-  stagingDir: string;
+  /** Where observe() stores the content of every write it reports (not needed to walk). */
+  store?: ObjectStore;
   /** Absolute paths the agent holds open as databases: never opened here. */
   openDbs: () => ReadonlySet<string>;
   stableMs: number;
   /** Refuse to propagate deletes when at least this many indexed files vanish and they are most of them. */
   massDeleteMin: number;
+  /** Called for every folder the walk is about to list (the watcher starts watching it). */
+  onFolder?: (rel: string) => void;
 }
 
 export interface ScanResult {
-  observations: Observation[];
+  /** Entries whose metadata differs from the index: to be observed. */
+  changed: DiskEntry[];
+  /** Every folder walked. */
+  dirs: Set<string>;
+  /** Deletes and forgotten paths, after the mass-delete rule. */
+  gone: Observation[];
   excluded: Excluded[];
   /** Set when deletes were held back (folder gone or suddenly emptied). */
   massDelete?: string;
-  unstable: number;
   entries: number;
 }
+
+/** What is at a path now, by lstat only. */
+export type Look =
+  | { kind: "absent" }
+  | { kind: "dir" }
+  | { kind: "excluded"; reason: string }
+  | { kind: "entry"; entry: DiskEntry; st: Stats };
+
+/** Content read from a file: its hash, and the bytes themselves when it is small. */
+interface Content {
+  sha256: string;
+  size: number;
+  bytes: Buffer | null;
+}
+
+const SQLITE_BY_HEADER = "SQLite database by header (synced row by row, never as a file)";
+const statKey = (d: { size: number; mtimeMs: number; ino: number }) => `${d.size}:${d.mtimeMs}:${d.ino}`;
+const unchanged = (st: Stats, d: DiskEntry) => st.size === d.size && st.mtimeMs === d.mtimeMs && st.ino === d.ino;
 
 export class FolderScanner {
   rules = new IgnoreRules();
@@ -129,12 +157,43 @@ export class FolderScanner {
     return { link: relative(dirname(abs), resolved).split(sep).join("/") };
   }
 
-  /** The metadata walk: every entry that may be synced, plus what was excluded and why. */
-  async walk(): Promise<{ entries: Map<string, DiskEntry>; excluded: Excluded[]; unreadable: string[] }> {
+  /** What is at `rel` now (lstat; a symlink is read, never followed). */
+  async look(rel: string): Promise<Look> {
+    const abs = join(this.o.root, rel);
+    let st;
+    try {
+      st = await lstat(abs);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code;
+      if (code === "ENOENT" || code === "ENOTDIR") return { kind: "absent" };
+      throw err;
+    }
+    if (st.isSymbolicLink()) {
+      const t = await this.linkTarget(rel).catch((e: Error) => ({ reason: `unreadable symlink: ${e.message}` }));
+      if ("reason" in t) return { kind: "excluded", reason: t.reason };
+      return { kind: "entry", st, entry: { rel, isLink: true, size: 0, mtimeMs: st.mtimeMs, ino: st.ino, mode: 0, link: t.link } };
+    }
+    if (st.isFile()) {
+      if (this.sqliteByHeader.get(rel) === statKey(st)) return { kind: "excluded", reason: SQLITE_BY_HEADER };
+      return { kind: "entry", st, entry: { rel, isLink: false, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, mode: st.mode & 0o777, link: "" } };
+    }
+    if (st.isDirectory()) return { kind: "dir" };
+    return { kind: "excluded", reason: "not a regular file (device, socket or pipe)" };
+  }
+
+  /**
+   * The metadata walk of the folder, or of the subfolder `from`: every entry
+   * that may be synced, plus what was excluded and why.
+   */
+  async walk(from = ""): Promise<{ entries: Map<string, DiskEntry>; excluded: Excluded[]; unreadable: string[]; dirs: Set<string> }> {
     const entries = new Map<string, DiskEntry>();
     const excluded: Excluded[] = [];
     const unreadable: string[] = [];
+    const dirs = new Set<string>();
     const visit = async (dirRel: string): Promise<void> => {
+      // Watched before it is listed: whatever appears meanwhile is listed or reported.
+      this.o.onFolder?.(dirRel);
+      dirs.add(dirRel);
       let dirents;
       try {
         dirents = await readdir(join(this.o.root, dirRel), { withFileTypes: true });
@@ -144,7 +203,7 @@ export class FolderScanner {
         return;
       }
       const subdirs: string[] = [];
-      const files: { rel: string }[] = [];
+      const files: string[] = [];
       for (const d of dirents) {
         const rel = dirRel ? `${dirRel}/${d.name}` : d.name;
         const isDir = d.isDirectory();
@@ -154,36 +213,28 @@ export class FolderScanner {
           continue;
         }
         if (isDir) subdirs.push(rel);
-        else files.push({ rel });
+        else files.push(rel);
       }
       const BATCH = 64;
       for (let i = 0; i < files.length; i += BATCH) {
         await Promise.all(
-          files.slice(i, i + BATCH).map(async ({ rel }) => {
-            let st;
-            try {
-              st = await lstat(join(this.o.root, rel));
-            } catch {
-              return; // vanished
-            }
-            if (st.isSymbolicLink()) {
-              const t = await this.linkTarget(rel).catch((e: Error) => ({ reason: `unreadable symlink: ${e.message}` }));
-              if ("reason" in t) excluded.push({ path: rel, reason: t.reason });
-              else entries.set(rel, { rel, isLink: true, size: 0, mtimeMs: st.mtimeMs, ino: st.ino, mode: 0, link: t.link });
-            } else if (st.isFile()) {
-              const key = `${st.size}:${st.mtimeMs}:${st.ino}`;
-              if (this.sqliteByHeader.get(rel) === key) excluded.push({ path: rel, reason: "SQLite database by header (synced row by row, never as a file)" });
-              else entries.set(rel, { rel, isLink: false, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, mode: st.mode & 0o777, link: "" });
-            } else if (!st.isDirectory()) {
-              excluded.push({ path: rel, reason: "not a regular file (device, socket or pipe)" });
-            }
+          files.slice(i, i + BATCH).map(async (rel) => {
+            const l = await this.look(rel);
+            if (l.kind === "entry") entries.set(rel, l.entry);
+            else if (l.kind === "excluded") excluded.push({ path: rel, reason: l.reason });
           }),
         );
       }
       for (const s of subdirs) await visit(s);
     };
-    await visit("");
-    return { entries, excluded, unreadable };
+    await visit(from);
+    return { entries, excluded, unreadable, dirs };
+  }
+
+  /** Whether `d` is what the index says the disk holds (nothing to read). */
+  unchangedSinceIndexed(d: DiskEntry): boolean {
+    const i = this.o.state.index(d.rel);
+    return !!i && FolderScanner.sameStat(d, i);
   }
 
   private static sameStat(d: DiskEntry, i: IndexEntry): boolean {
@@ -206,17 +257,46 @@ export class FolderScanner {
     }
   }
 
-  /** Moves a staged temp copy to staging/<sha256> (kept until its segment is uploaded). */
-  private async keepStaged(tmp: string, sha256: string): Promise<void> {
-    const final = join(this.o.stagingDir, sha256);
-    if (existsSync(final)) await unlink(tmp);
-    else await rename(tmp, final);
+  /**
+   * Reads a small file whole, in one synchronous open/read/close (so no DbSync
+   * can open it in between), checking that it did not change while read.
+   */
+  private readSmall(abs: string, d: DiskEntry): Content | "changed" | "sqlite" {
+    const fd = openSync(abs, "r");
+    let bytes: Buffer;
+    try {
+      if (!unchanged(fstatSync(fd), d)) return "changed";
+      bytes = Buffer.allocUnsafe(d.size + 1);
+      let n = 0;
+      for (let r = 1; r > 0 && n <= d.size; n += r) r = readSync(fd, bytes, n, d.size + 1 - n, n);
+      // One byte more than its size, or a newer mtime: it is being written.
+      if (n !== d.size || !unchanged(fstatSync(fd), d)) return "changed";
+    } finally {
+      closeSync(fd);
+    }
+    bytes = bytes.subarray(0, d.size);
+    if (bytes.length >= 16 && bytes.subarray(0, 16).equals(SQLITE_HEADER)) return "sqlite";
+    return { sha256: createHash("sha256").update(bytes).digest("hex"), size: d.size, bytes };
+  }
+
+  /** Hashes a large file on its way into the store (one read), then checks it did not change. */
+  private async readLarge(abs: string, d: DiskEntry, store: ObjectStore): Promise<Content | "changed" | "sqlite"> {
+    if (this.isSqlite(abs)) return "sqlite";
+    const up = await uploadFile(store, abs);
+    if (up.head.length >= 16 && up.head.subarray(0, 16).equals(SQLITE_HEADER)) {
+      // It became a database while read; nobody syncs those bytes, so the blob goes.
+      await store.delete(blobKey(up.sha256)).catch(() => undefined);
+      return "sqlite";
+    }
+    // What was stored hashes to its name either way; a changed file only orphans it.
+    if (!unchanged(await lstat(abs), d) || up.size !== d.size) return "changed";
+    return { sha256: up.sha256, size: up.size, bytes: null };
   }
 
   /**
    * Looks at one path whose disk entry is `d` (undefined: absent) and decides
-   * what it means against the index and the current winner. A write observation
-   * leaves the content staged under staging/<sha256>.
+   * what it means against the index and the current winner. The content of a
+   * write observation is in the store when it is returned.
    */
   async observe(rel: string, d: DiskEntry | undefined, now = Date.now()): Promise<Observation> {
     const { state } = this.o;
@@ -229,61 +309,41 @@ export class FolderScanner {
     }
     if (i && FolderScanner.sameStat(d, i)) return { type: "same" };
     const abs = join(this.o.root, rel);
-    let sha256 = "";
-    let size = 0;
-    let staged: string | null = null;
-    let kind: typeof KIND_WRITE | typeof KIND_SYMLINK = KIND_WRITE;
-    if (d.isLink) {
-      kind = KIND_SYMLINK;
-    } else {
+    let content: Content | null = null;
+    const kind: typeof KIND_WRITE | typeof KIND_SYMLINK = d.isLink ? KIND_SYMLINK : KIND_WRITE;
+    if (!d.isLink) {
       if (now - d.mtimeMs < this.o.stableMs) return { type: "unstable", rel, why: "modified less than the stable window ago" };
       if (this.o.openDbs().has(abs)) return { type: "excluded", rel, reason: "SQLite database the agent syncs row by row" };
+      const { store } = this.o;
+      if (!store) throw new Error("FolderScanner: observing content needs a store");
+      let r: Content | "changed" | "sqlite";
       try {
-        if (this.isSqlite(abs)) {
-          this.sqliteByHeader.set(rel, `${d.size}:${d.mtimeMs}:${d.ino}`);
-          return { type: "excluded", rel, reason: "SQLite database by header (synced row by row, never as a file)" };
-        }
-        staged = join(this.o.stagingDir, `tmp-${randomBytes(8).toString("hex")}`);
-        const copied = await copyAndHash(abs, staged);
-        const after = await lstat(abs);
-        if (after.size !== d.size || after.mtimeMs !== d.mtimeMs || after.ino !== d.ino || copied.size !== d.size) {
-          await unlink(staged).catch(() => undefined);
-          return { type: "unstable", rel, why: "changed while it was read" };
-        }
-        if (copied.head.equals(SQLITE_HEADER)) {
-          await unlink(staged).catch(() => undefined);
-          this.sqliteByHeader.set(rel, `${d.size}:${d.mtimeMs}:${d.ino}`);
-          return { type: "excluded", rel, reason: "SQLite database by header (synced row by row, never as a file)" };
-        }
-        sha256 = copied.sha256;
-        size = copied.size;
+        r = d.size <= SMALL_BLOB ? this.readSmall(abs, d) : await this.readLarge(abs, d, store);
       } catch (err) {
-        if (staged) await unlink(staged).catch(() => undefined);
         const code = (err as NodeJS.ErrnoException).code;
-        if (code === "ENOENT") return { type: "unstable", rel, why: "vanished while it was read" };
+        if (code === "ENOENT" || code === "ENOTDIR") return { type: "unstable", rel, why: "vanished while it was read" };
         throw err;
       }
+      if (r === "changed") return { type: "unstable", rel, why: "changed while it was read" };
+      if (r === "sqlite") {
+        this.sqliteByHeader.set(rel, statKey(d));
+        return { type: "excluded", rel, reason: SQLITE_BY_HEADER };
+      }
+      content = r;
     }
+    const sha256 = content?.sha256 ?? "";
     const sameContent = (x: { sha256: string; link: string; mode: number }, k: number) =>
       k === kind && (kind === KIND_SYMLINK ? x.link === d.link : x.sha256 === sha256 && (x.mode & 0o777) === d.mode);
-    const discard = async () => {
-      if (staged) await unlink(staged).catch(() => undefined);
-    };
-    if (s && sameContent(s, s.kind)) {
-      await discard();
-      return { type: "index", matchesWinner: true, entry: { path: rel, size: d.size, mtimeMs: d.mtimeMs, ino: d.ino, mode: d.mode, sha256, link: d.link, hlc: s.hlc, origin: s.origin } };
-    }
-    if (i && sameContent(i, i.link ? KIND_SYMLINK : KIND_WRITE)) {
-      await discard();
-      return { type: "index", matchesWinner: false, entry: { path: rel, size: d.size, mtimeMs: d.mtimeMs, ino: d.ino, mode: d.mode, sha256, link: d.link, hlc: i.hlc, origin: i.origin } };
-    }
-    if (staged) await this.keepStaged(staged, sha256);
+    const entry = { path: rel, size: d.size, mtimeMs: d.mtimeMs, ino: d.ino, mode: d.mode, sha256, link: d.link };
+    if (s && sameContent(s, s.kind)) return { type: "index", matchesWinner: true, entry: { ...entry, hlc: s.hlc, origin: s.origin } };
+    if (i && sameContent(i, i.link ? KIND_SYMLINK : KIND_WRITE)) return { type: "index", matchesWinner: false, entry: { ...entry, hlc: i.hlc, origin: i.origin } };
+    if (content?.bytes && this.o.store) await putBlob(this.o.store, content.bytes, content.sha256);
     return {
       type: "write",
       rel,
       kind,
       sha256,
-      size,
+      size: content?.size ?? 0,
       mode: d.mode,
       mtimeMs: Math.floor(d.mtimeMs),
       mtimeExact: d.mtimeMs,
@@ -293,49 +353,20 @@ export class FolderScanner {
     };
   }
 
-  /** Looks at one path now (used before replay touches it). */
-  async observePath(rel: string): Promise<Observation> {
-    const abs = join(this.o.root, rel);
-    let d: DiskEntry | undefined;
-    try {
-      const st = await lstat(abs);
-      if (st.isSymbolicLink()) {
-        const t = await this.linkTarget(rel);
-        if ("reason" in t) return { type: "excluded", rel, reason: t.reason };
-        d = { rel, isLink: true, size: 0, mtimeMs: st.mtimeMs, ino: st.ino, mode: 0, link: t.link };
-      } else if (st.isFile()) {
-        d = { rel, isLink: false, size: st.size, mtimeMs: st.mtimeMs, ino: st.ino, mode: st.mode & 0o777, link: "" };
-      } else if (st.isDirectory()) {
-        return { type: "excluded", rel, reason: "a folder is in the way" };
-      } else {
-        return { type: "excluded", rel, reason: "not a regular file" };
-      }
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT" && (err as NodeJS.ErrnoException).code !== "ENOTDIR") throw err;
-    }
-    return this.observe(rel, d);
-  }
-
   /**
-   * A full pass: walk, compare every entry and every indexed path. Deletes are
-   * held back (and the reason returned) when the folder is gone or a large part
-   * of it vanished at once, e.g. an unmounted disk.
+   * A full pass: walk, and compare every entry and every indexed path with the
+   * index. Deletes are held back (and the reason returned) when the folder is
+   * gone or a large part of it vanished at once, e.g. an unmounted disk.
    */
   async scan(): Promise<ScanResult> {
     if (!existsSync(this.o.root) || !statSync(this.o.root).isDirectory()) {
-      return { observations: [], excluded: [], massDelete: `the instance folder ${this.o.root} is gone; not propagating any delete`, unstable: 0, entries: 0 };
+      return { changed: [], dirs: new Set(), gone: [], excluded: [], massDelete: `the instance folder ${this.o.root} is gone; not propagating any delete`, entries: 0 };
     }
     await this.loadRules();
-    const { entries, excluded, unreadable } = await this.walk();
-    const observations: Observation[] = [];
-    let unstable = 0;
-    const now = Date.now();
-    for (const d of entries.values()) {
-      const o = await this.observe(d.rel, d, now);
-      if (o.type === "unstable") unstable++;
-      if (o.type !== "same") observations.push(o);
-    }
+    const { entries, excluded, unreadable, dirs } = await this.walk();
+    const changed = [...entries.values()].filter((d) => !this.unchangedSinceIndexed(d));
     const excludedNow = new Set(excluded.map((e) => e.path));
+    const gone: Observation[] = [];
     const deletes: Observation[] = [];
     let indexed = 0;
     for (const i of this.o.state.allIndex()) {
@@ -343,12 +374,12 @@ export class FolderScanner {
       if (entries.has(i.path)) continue;
       if (excludedNow.has(i.path) || this.exclusion(i.path, false) || unreadable.some((u) => i.path.startsWith(`${u}/`))) {
         // Newly ignored or unreadable: forget it here, never delete it everywhere.
-        observations.push({ type: "dropIndex", rel: i.path });
+        gone.push({ type: "dropIndex", rel: i.path });
         continue;
       }
       const o = await this.observe(i.path, undefined);
       if (o.type === "delete") deletes.push(o);
-      else if (o.type !== "same") observations.push(o);
+      else if (o.type !== "same") gone.push(o);
     }
     let massDelete: string | undefined;
     const allow = join(this.o.root, STATE_DIR, "allow-mass-delete");
@@ -360,11 +391,11 @@ export class FolderScanner {
           `${deletes.length} of ${indexed} synced files vanished at once${emptied ? " (the folder is empty)" : ""}; ` +
           `not propagating these deletes (unmounted disk?). If they are meant, create ${allow} and they go out on the next scan.`;
       } else {
-        observations.push(...deletes);
+        gone.push(...deletes);
         if (emptied || most) await unlink(allow).catch(() => undefined);
       }
     }
-    return { observations, excluded, massDelete, unstable, entries: entries.size };
+    return { changed, dirs, gone, excluded, massDelete, entries: entries.size };
   }
 }
 
@@ -374,7 +405,7 @@ export async function listExcluded(root: string, openDbs: ReadonlySet<string> = 
   const Database = (await import("better-sqlite3")).default;
   const db = new Database(":memory:");
   try {
-    const scanner = new FolderScanner({ root, state: new FileStateStore(db), stagingDir: "", openDbs: () => openDbs, stableMs: 0, massDeleteMin: 1 });
+    const scanner = new FolderScanner({ root, state: new FileStateStore(db), openDbs: () => openDbs, stableMs: 0, massDeleteMin: 1 });
     await scanner.loadRules();
     const { entries, excluded } = await scanner.walk();
     for (const d of entries.values()) {
@@ -386,7 +417,7 @@ export async function listExcluded(root: string, openDbs: ReadonlySet<string> = 
         const head = Buffer.alloc(16);
         const { bytesRead } = await fh.read(head, 0, 16, 0);
         await fh.close();
-        if (bytesRead === 16 && head.equals(SQLITE_HEADER)) excluded.push({ path: d.rel, reason: "SQLite database by header (synced row by row, never as a file)" });
+        if (bytesRead === 16 && head.equals(SQLITE_HEADER)) excluded.push({ path: d.rel, reason: SQLITE_BY_HEADER });
       } catch {
         // vanished
       }

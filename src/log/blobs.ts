@@ -10,7 +10,7 @@
 import { createHash } from "node:crypto";
 import { createReadStream, createWriteStream } from "node:fs";
 import { open } from "node:fs/promises";
-import { PassThrough, pipeline, Readable, Transform, type TransformCallback } from "node:stream";
+import { PassThrough, pipeline, Readable, Transform, Writable, type TransformCallback } from "node:stream";
 import { pipeline as pipelineAsync } from "node:stream/promises";
 import { compress, CompressStream, DecompressStream } from "zstd-napi";
 import type { ObjectStore } from "../store/store.js";
@@ -67,36 +67,196 @@ export class VerifyStream extends Transform {
   }
 }
 
-/** Whether storing `file` compressed pays, judged from its first 64 KiB. */
-async function shouldCompress(file: string): Promise<boolean> {
+/** Content up to this size is read, hashed, stored and fetched as one buffer. */
+export const SMALL_BLOB = 1024 * 1024;
+/** Below this, compression saves too little to pay for itself on both sides. */
+const MIN_COMPRESS = 4096;
+/** Reads of large files: few, big chunks (the memory bound is a few of these). */
+const CHUNK = 1024 * 1024;
+/** Reads in flight ahead of the upload. */
+const READ_AHEAD = 2;
+
+/** Whether content whose first bytes are `sample` (of `size` in all) is stored compressed. */
+function compressPays(sample: Buffer, size: number): boolean {
+  if (sample.length >= 4 && sample.subarray(0, 4).equals(ZSTD_MAGIC)) return true; // must be self-describing
+  if (size < MIN_COMPRESS) return false;
+  const head = sample.subarray(0, SAMPLE_BYTES);
+  return compress(head, { compressionLevel: 1 }).length < head.length * PAYS;
+}
+
+async function readSample(file: string): Promise<Buffer> {
   const fh = await open(file, "r");
   try {
     const sample = Buffer.alloc(SAMPLE_BYTES);
     const { bytesRead } = await fh.read(sample, 0, SAMPLE_BYTES, 0);
-    const head = sample.subarray(0, bytesRead);
-    if (head.length >= 4 && head.subarray(0, 4).equals(ZSTD_MAGIC)) return true; // must be self-describing
-    if (head.length < 64) return false;
-    return compress(head, { compressionLevel: 1 }).length < head.length * PAYS;
+    return sample.subarray(0, bytesRead);
   } finally {
     await fh.close();
   }
 }
 
+/** Stores `content` (already hashed by the caller) as blob `sha256`, unless the store has it. */
+export async function putBlob(store: ObjectStore, content: Buffer, sha256: string): Promise<"exists" | "uploaded"> {
+  const key = blobKey(sha256);
+  if (await store.head(key)) return "exists";
+  await store.put(key, compressPays(content, content.length) ? compress(content, { compressionLevel: 3 }) : content);
+  return "uploaded";
+}
+
 /**
- * Uploads a local file (a staged copy whose hash is already known) as a blob,
- * unless the store already has it. The content is re-hashed on the way out: if
- * it no longer matches, the put fails and nothing is stored.
+ * Uploads a local file whose hash is already known as a blob, unless the store
+ * already has it. The content is re-hashed on the way out: if it no longer
+ * matches, the put fails and nothing is stored.
  */
 export async function putBlobFromFile(store: ObjectStore, file: string, sha256: string, size: number): Promise<"exists" | "uploaded"> {
   const key = blobKey(sha256);
   if (await store.head(key)) return "exists";
-  const compressIt = await shouldCompress(file);
+  const compressIt = compressPays(await readSample(file), size);
   const verify = new VerifyStream(sha256, size, `upload of ${file}`);
+  const source = createReadStream(file, { highWaterMark: CHUNK });
   const body: Readable = compressIt
-    ? pipeline(createReadStream(file), verify, new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
-    : pipeline(createReadStream(file), verify, new PassThrough(), () => undefined);
+    ? pipeline(source, verify, new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
+    : pipeline(source, verify, new PassThrough(), () => undefined);
   await store.put(key, body);
   return "uploaded";
+}
+
+/** Hashes, counts and keeps the first 16 bytes of what flows through. */
+class HashTap extends Transform {
+  private readonly hash = createHash("sha256");
+  size = 0;
+  head = Buffer.alloc(0);
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
+    this.hash.update(chunk);
+    this.size += chunk.length;
+    if (this.head.length < 16) this.head = Buffer.concat([this.head, chunk.subarray(0, 16 - this.head.length)]);
+    done(null, chunk);
+  }
+
+  digest(): string {
+    return this.hash.digest("hex");
+  }
+}
+
+export interface UploadedFile {
+  sha256: string;
+  size: number;
+  /** The first 16 bytes (the caller checks for the SQLite header). */
+  head: Buffer;
+}
+
+/**
+ * Makes sure a local file's content is in the store as blobs/<sha256>. Where the
+ * store can name an object after writing it (FileStore), the file is read once:
+ * hashed on its way into a temp object that is then named by that hash. Other
+ * stores (S3: a key is fixed before the upload starts) hash first and stream
+ * once, verified on the way out. Either way what is stored hashes to its name;
+ * the caller still checks that the file did not change meanwhile (size, mtime).
+ */
+export async function uploadFile(store: ObjectStore, file: string): Promise<UploadedFile> {
+  if (!store.putThenName) {
+    const h = await hashFile(file);
+    await putBlobFromFile(store, file, h.sha256, h.size);
+    return h;
+  }
+  const sample = await readSample(file);
+  // A sample shorter than SAMPLE_BYTES is the whole file.
+  const compressIt = compressPays(sample, sample.length < SAMPLE_BYTES ? sample.length : Infinity);
+  const hashed = hashedChunks(file);
+  const body: Readable = compressIt
+    ? pipeline(Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 }), new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
+    : Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 });
+  let sha256 = "";
+  await store.putThenName("blobs", body, async () => {
+    sha256 = hashed.digest();
+    // Raw bytes that start with the zstd magic would be misread: the file changed under us.
+    if (!compressIt && hashed.head().subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
+    const key = blobKey(sha256);
+    return (await store.head(key)) ? null : key;
+  });
+  return { sha256, size: hashed.size(), head: hashed.head() };
+}
+
+/**
+ * A file's chunks in order, read READ_AHEAD chunks ahead and each hashed as
+ * soon as its read completes: the hashing runs while the consumer writes
+ * earlier chunks, instead of after them (hashing is as slow as a local copy).
+ */
+function hashedChunks(file: string): { chunks: AsyncGenerator<Buffer>; digest(): string; size(): number; head(): Buffer } {
+  const hash = createHash("sha256");
+  let size = 0;
+  let head = Buffer.alloc(0);
+  async function* chunks(): AsyncGenerator<Buffer> {
+    const fh = await open(file, "r");
+    const queue: Promise<Buffer>[] = [];
+    let hashed: Promise<unknown> = Promise.resolve();
+    let pos = 0;
+    const issue = () => {
+      const buf = Buffer.allocUnsafe(CHUNK);
+      const read = fh.read(buf, 0, CHUNK, pos);
+      pos += CHUNK;
+      // Hash updates chained in file order, whatever order the reads complete in.
+      const chunk = hashed.then(() => read).then(({ bytesRead }) => {
+        const c = buf.subarray(0, bytesRead);
+        hash.update(c);
+        size += bytesRead;
+        if (head.length < 16) head = Buffer.concat([head, c.subarray(0, 16 - head.length)]);
+        return c;
+      });
+      hashed = chunk;
+      queue.push(chunk);
+    };
+    try {
+      for (let i = 0; i < READ_AHEAD; i++) issue();
+      for (;;) {
+        const c = await queue.shift()!;
+        if (c.length === 0) return;
+        issue();
+        yield c;
+      }
+    } finally {
+      // A consumer that stopped early leaves reads in flight: let them end before closing.
+      await Promise.all(queue.map((q) => q.catch(() => undefined)));
+      await fh.close();
+    }
+  }
+  return { chunks: chunks(), digest: () => hash.digest("hex"), size: () => size, head: () => head };
+}
+
+/**
+ * Blob `sha256` as a buffer (for content up to SMALL_BLOB), decompressed if it
+ * was stored compressed, with size and hash verified. Throws BlobIntegrityError
+ * when it is missing, truncated or does not match.
+ */
+export async function fetchBlob(store: ObjectStore, sha256: string, size: number): Promise<Buffer> {
+  const stored = await store.get(blobKey(sha256));
+  if (!stored) throw new BlobMissingError(`blob ${sha256} is not in the store (yet)`);
+  if (!(stored.length >= 4 && stored.subarray(0, 4).equals(ZSTD_MAGIC))) {
+    if (stored.length !== size) throw new BlobIntegrityError(`blob ${sha256}: ${stored.length} bytes, expected ${size} (truncated?)`);
+    const actual = createHash("sha256").update(stored).digest("hex");
+    if (actual !== sha256) throw new BlobIntegrityError(`blob ${sha256}: content hashes to ${actual}, expected ${sha256}`);
+    return stored;
+  }
+  // Streaming decompression bounded by the expected size: a zstd bomb stops early.
+  const out: Buffer[] = [];
+  try {
+    await pipelineAsync(
+      Readable.from([stored]),
+      new DecompressStream(),
+      new VerifyStream(sha256, size, `blob ${sha256}`),
+      new Writable({
+        write: (c: Buffer, _e, done) => {
+          out.push(c);
+          done();
+        },
+      }),
+    );
+  } catch (err) {
+    if (err instanceof BlobIntegrityError) throw err;
+    throw new BlobIntegrityError(`blob ${sha256}: corrupt zstd data: ${(err as Error).message}`);
+  }
+  return Buffer.concat(out);
 }
 
 /**
@@ -143,37 +303,9 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
   }
 }
 
-/**
- * Copies `src` to `dest` while hashing it (one read of the source, bounded
- * memory). Returns the sha256, the byte count and the first 16 bytes.
- */
-export async function copyAndHash(src: string, dest: string): Promise<{ sha256: string; size: number; head: Buffer }> {
-  const hash = createHash("sha256");
-  let size = 0;
-  const heads: Buffer[] = [];
-  let headLen = 0;
-  const tap = new Transform({
-    transform(chunk: Buffer, _e, done) {
-      hash.update(chunk);
-      size += chunk.length;
-      if (headLen < 16) {
-        heads.push(chunk.subarray(0, 16 - headLen));
-        headLen += Math.min(16, chunk.length);
-      }
-      done(null, chunk);
-    },
-  });
-  await pipelineAsync(createReadStream(src), tap, createWriteStream(dest, { flags: "wx", mode: 0o600 }));
-  return { sha256: hash.digest("hex"), size, head: Buffer.concat(heads).subarray(0, 16) };
-}
-
-/** sha256 of a file, streaming. */
-export async function hashFile(file: string): Promise<{ sha256: string; size: number }> {
-  const hash = createHash("sha256");
-  let size = 0;
-  for await (const chunk of createReadStream(file)) {
-    hash.update(chunk as Buffer);
-    size += (chunk as Buffer).length;
-  }
-  return { sha256: hash.digest("hex"), size };
+/** sha256, size and first 16 bytes of a file, streaming. */
+export async function hashFile(file: string): Promise<UploadedFile> {
+  const tap = new HashTap();
+  await pipelineAsync(createReadStream(file, { highWaterMark: CHUNK }), tap, new Writable({ write: (_c, _e, done) => done() }));
+  return { sha256: tap.digest(), size: tap.size, head: tap.head };
 }

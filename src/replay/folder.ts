@@ -5,10 +5,11 @@
  * unsafePathReason + exclusions) before its record was accepted; here every
  * parent folder is checked on disk to be a real folder (never a symlink) inside
  * the instance folder, created one level at a time. Content is fetched into a
- * temp file beside the target, verified by sha256 and size while streaming,
- * fsynced, given its mode and mtime, and renamed into place; then the folder is
- * fsynced. A blob that fails verification, or that turns out to be an SQLite
- * database, is never renamed into place.
+ * temp file beside the target, verified by sha256 and size, fsynced, given its
+ * mode and mtime, and renamed into place, a batch of paths at a time: every
+ * folder touched is fsynced once, and only then does one files.db transaction
+ * record the whole batch as in place. A blob that fails verification, or that
+ * turns out to be an SQLite database, is never renamed into place.
  *
  * Before touching a path, its disk entry is looked at again: a local edit that
  * the scanner has not captured yet is captured first (so it is merged, not
@@ -16,13 +17,14 @@
  */
 import { fsyncDir } from "../store/file.js";
 import { randomBytes } from "node:crypto";
-import { lstat, mkdir, open, readdir, realpath, rename, rmdir, symlink, unlink, utimes, chmod } from "node:fs/promises";
+import type { Stats } from "node:fs";
+import { lstat, mkdir, open, readdir, realpath, rename, rmdir, symlink, unlink } from "node:fs/promises";
 import { basename, dirname, join, resolve } from "node:path";
 import type { Logger } from "pino";
-import { isInside, type FolderScanner, type Observation } from "../capture/folder.js";
-import { KIND_DELETE, KIND_SYMLINK, KIND_WRITE, type FileStateStore, type StateEntry } from "../capture/filestate.js";
+import { isInside, type FolderScanner, type Look, type Observation } from "../capture/folder.js";
+import { KIND_DELETE, KIND_SYMLINK, KIND_WRITE, type FileStateStore, type IndexEntry, type StateEntry } from "../capture/filestate.js";
 import { STATE_DIR, TEMP_PREFIX, unsafePathReason } from "../capture/ignore.js";
-import { BlobIntegrityError, BlobMissingError, fetchBlobToFile } from "../log/blobs.js";
+import { BlobIntegrityError, BlobMissingError, fetchBlob, fetchBlobToFile, SMALL_BLOB } from "../log/blobs.js";
 import type { FileChange } from "../log/segment.js";
 import type { ObjectStore } from "../store/store.js";
 
@@ -99,13 +101,11 @@ export async function safeParent(root: string, rel: string, create: boolean): Pr
   return dir;
 }
 
-/** On a case-insensitive file system, another name of the same letters would be overwritten: refuse. */
+/**
+ * Something is at `name` in `dir`: on a case-insensitive file system it may be
+ * another name of the same letters, which must not be overwritten: refuse.
+ */
 async function caseClash(dir: string, name: string): Promise<string | null> {
-  try {
-    await lstat(join(dir, name));
-  } catch {
-    return null; // nothing there under any case
-  }
   const names = await readdir(dir);
   if (names.includes(name)) return null;
   const other = names.find((n) => n.toLowerCase() === name.toLowerCase());
@@ -122,14 +122,38 @@ export interface MaterializerOptions {
   commitLocal: (obs: Observation[]) => void;
   /** Runs fn in one files.db transaction. */
   tx: (fn: () => void) => void;
+  /** Paths prepared at once (blob fetch, temp write, fsync). */
+  parallel: number;
 }
 
-export type Outcome = "done" | "later";
+/** A path made ready in phase 1: a durable temp file (or nothing, for a delete) waiting for its rename. */
+interface Staged {
+  s: StateEntry;
+  abs: string;
+  parent: string;
+  /** What the target was when looked at; it must still be that at the rename. */
+  before: Stats | null;
+  /** The temp file to rename into place; null for a delete. */
+  tmp: string | null;
+  /** The index entry once the rename is done (writes). */
+  index: IndexEntry | null;
+}
+
+type Prepared = "done" | "later" | Staged;
+
+/** Runs `fn` over `items` with at most `limit` running at once. */
+async function eachLimited<T>(items: readonly T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {
+  let next = 0;
+  const worker = async () => {
+    while (next < items.length) await fn(items[next++]!);
+  };
+  await Promise.all(Array.from({ length: Math.min(limit, items.length) }, worker));
+}
 
 export class Materializer {
   constructor(private readonly o: MaterializerOptions) {}
 
-  private problem(rel: string, why: string, transient = false): Outcome {
+  private problem(rel: string, why: string, transient = false): "later" {
     const s = this.o.state.state(rel);
     if (s?.problem !== why) {
       if (transient) this.o.log.info({ path: rel, problem: why }, "file waits");
@@ -139,19 +163,83 @@ export class Materializer {
     return "later";
   }
 
-  /** Brings `rel` on disk to its winner; "later" when it must wait (unstable, blob missing, refused). */
-  async materialize(rel: string): Promise<Outcome> {
+  /**
+   * Brings a batch of paths on disk to their winners, with one fsync per
+   * touched folder and one files.db transaction for the whole batch:
+   * 1. each path (in parallel): look again, fetch and verify its blob into a
+   *    temp file beside the target, set mode and mtime, fsync it;
+   * 2. rename every temp file into place (or unlink, for deletes), each after
+   *    checking that its target did not change since it was looked at;
+   * 3. fsync every touched folder once;
+   * 4. only then commit "in place" (index and pending = 0) for all of them.
+   * A crash before 4 leaves the paths pending; the next pass finds the content
+   * already there and only records it. Paths must not differ only in case.
+   * Returns the number of paths written or deleted.
+   */
+  async materialize(paths: readonly string[]): Promise<number> {
+    const staged: Staged[] = [];
+    const parents = new Map<string, Promise<string>>();
+    try {
+      await eachLimited(paths, this.o.parallel, async (rel) => {
+        try {
+          const p = await this.prepare(rel, parents);
+          if (typeof p !== "string") staged.push(p);
+        } catch (err) {
+          this.o.log.error({ path: rel, err: (err as Error).message }, "could not write file; will retry");
+          this.o.state.setPending(rel, true, (err as Error).message);
+        }
+      });
+      const placed: Staged[] = [];
+      const dirs = new Set<string>();
+      await eachLimited(staged, this.o.parallel, async (x) => {
+        try {
+          const now = await lstat(x.abs).catch(() => null);
+          const b = x.before;
+          if ((b === null) !== (now === null) || (b && now && (b.ino !== now.ino || b.mtimeMs !== now.mtimeMs || b.size !== now.size))) return; // changed: next pass
+          if (x.tmp) await rename(x.tmp, x.abs);
+          else if (now) await unlink(x.abs);
+          x.tmp = null;
+          placed.push(x);
+          dirs.add(x.parent);
+        } catch (err) {
+          this.o.log.error({ path: x.s.path, err: (err as Error).message }, "could not write file; will retry");
+          this.o.state.setPending(x.s.path, true, (err as Error).message);
+        }
+      });
+      await Promise.all([...dirs].map((d) => fsyncDir(d)));
+      this.o.tx(() => {
+        for (const x of placed) {
+          const cur = this.o.state.state(x.s.path);
+          // A newer winner arrived meanwhile (a conflict copy derived in this batch): it stays pending.
+          if (!cur || cur.hlc !== x.s.hlc || cur.origin !== x.s.origin) continue;
+          if (x.index) this.o.state.setIndex(x.index);
+          else this.o.state.dropIndex(x.s.path);
+          this.o.state.setPending(x.s.path, false);
+        }
+      });
+      for (const x of placed) if (!x.index) await this.pruneEmptyDirs(dirname(x.s.path));
+      return placed.length;
+    } finally {
+      await Promise.all(staged.map((x) => (x.tmp ? unlink(x.tmp).catch(() => undefined) : undefined)));
+    }
+  }
+
+  /** Phase 1 for one path: done already, wait, or a staged write or delete. */
+  private async prepare(rel: string, parents: Map<string, Promise<string>>): Promise<Prepared> {
     const { state } = this.o;
     for (let round = 0; round < 4; round++) {
       const s = state.state(rel);
       if (!s || !s.pending) return "done";
       const unsafe = unsafePathReason(rel);
       if (unsafe) return this.problem(rel, `unsafe path: ${unsafe}`);
+      let l: Look;
       let o: Observation;
       try {
-        o = await this.o.scanner.observePath(rel);
+        l = await this.o.scanner.look(rel);
+        if (l.kind === "dir") return this.problem(rel, "cannot write: a folder is in the way");
+        if (l.kind === "excluded") return this.problem(rel, `cannot write: ${l.reason}`);
+        o = await this.o.scanner.observe(rel, l.kind === "entry" ? l.entry : undefined);
       } catch (err) {
-        if (err instanceof UnsafePathError) return this.problem(rel, err.message);
         const code = (err as NodeJS.ErrnoException).code;
         if (code === "ENOTDIR" || code === "ELOOP") return this.problem(rel, `cannot look at ${rel}: ${code}`);
         throw err;
@@ -171,17 +259,29 @@ export class Materializer {
         if (o.matchesWinner) return "done";
       }
       if (o.type === "dropIndex") this.o.tx(() => state.dropIndex(rel));
-      return await this.apply(s);
+      return await this.stage(s, parents, l.kind === "entry" ? l.st : null);
     }
     return "later";
   }
 
-  private async apply(s: StateEntry): Promise<Outcome> {
+  /** The folder of `rel`, checked (and made) once per batch. */
+  private parentOf(rel: string, create: boolean, parents: Map<string, Promise<string>>): Promise<string> {
+    const key = `${create ? "+" : "-"}${dirname(rel)}`;
+    let p = parents.get(key);
+    if (!p) {
+      p = safeParent(this.o.root, rel, create);
+      parents.set(key, p);
+    }
+    return p;
+  }
+
+  /** Phase 1 proper; `before` is what the target was when looked at (lstat), null when absent. */
+  private async stage(s: StateEntry, parents: Map<string, Promise<string>>, before: Stats | null): Promise<Prepared> {
     const rel = s.path;
     const abs = join(this.o.root, rel);
     let parent: string;
     try {
-      parent = await safeParent(this.o.root, rel, s.kind !== KIND_DELETE);
+      parent = await this.parentOf(rel, s.kind !== KIND_DELETE, parents);
     } catch (err) {
       if (err instanceof UnsafePathError) {
         if (s.kind === KIND_DELETE && /is missing/.test(err.message)) {
@@ -195,78 +295,73 @@ export class Materializer {
       }
       throw err;
     }
-    const before = await lstat(abs).catch(() => null);
-    if (before?.isDirectory()) return this.problem(rel, "a folder is in the way");
-
-    if (s.kind === KIND_DELETE) {
-      if (before) {
-        await unlink(abs);
-        await fsyncDir(parent);
-        await this.pruneEmptyDirs(dirname(rel));
-      }
-      this.o.tx(() => {
-        this.o.state.dropIndex(rel);
-        this.o.state.setPending(rel, false);
-      });
-      return "done";
-    }
-
-    const clash = await caseClash(parent, basename(abs));
+    if (s.kind === KIND_DELETE) return { s, abs, parent, before, tmp: null, index: null };
+    // Nothing there under any case (a case-insensitive disk would have found the other name): no clash.
+    const clash = before ? await caseClash(parent, basename(abs)) : null;
     if (clash) return this.problem(rel, clash);
     const tmp = join(parent, `${TEMP_PREFIX}${randomBytes(6).toString("hex")}`);
+    let ok = false;
     try {
+      let st: Stats;
       if (s.kind === KIND_SYMLINK) {
         const bad = unsafeLinkReason(rel, s.link);
         if (bad) return this.problem(rel, bad);
         await symlink(s.link, tmp);
+        st = await lstat(tmp);
       } else {
-        try {
-          await fetchBlobToFile(this.o.store, s.sha256, s.size, tmp);
-        } catch (err) {
-          if (err instanceof BlobIntegrityError) return this.problem(rel, err.message, err instanceof BlobMissingError);
-          throw err;
-        }
-        const fh = await open(tmp, "r+");
-        try {
-          const head = Buffer.alloc(16);
-          const { bytesRead } = await fh.read(head, 0, 16, 0);
-          if (bytesRead === 16 && head.equals(SQLITE_HEADER)) return this.problem(rel, "content is an SQLite database: never written as a file");
-          await fh.sync();
-        } finally {
-          await fh.close();
-        }
-        await chmod(tmp, (s.mode & 0o777) || 0o644);
-        const t = s.mtimeMs / 1000;
-        await utimes(tmp, t, t);
+        const written = await this.writeContent(s, tmp);
+        if ("why" in written) return this.problem(rel, written.why, written.transient);
+        st = written;
       }
-      // The target must not have changed since it was looked at.
-      const now = await lstat(abs).catch(() => null);
-      if ((before === null) !== (now === null) || (before && now && (before.ino !== now.ino || before.mtimeMs !== now.mtimeMs || before.size !== now.size))) {
-        return "later";
-      }
-      const st = await lstat(tmp);
-      await rename(tmp, abs);
-      await fsyncDir(parent);
-      this.o.tx(() => {
-        this.o.state.setIndex({
-          path: rel,
-          size: s.kind === KIND_SYMLINK ? 0 : st.size,
-          mtimeMs: st.mtimeMs,
-          ino: st.ino,
-          mode: s.kind === KIND_SYMLINK ? 0 : st.mode & 0o777,
-          sha256: s.kind === KIND_SYMLINK ? "" : s.sha256,
-          link: s.kind === KIND_SYMLINK ? s.link : "",
-          hlc: s.hlc,
-          origin: s.origin,
-        });
-        this.o.state.setPending(rel, false);
-      });
-      return "done";
+      ok = true;
+      const index: IndexEntry = {
+        path: rel,
+        size: s.kind === KIND_SYMLINK ? 0 : st.size,
+        mtimeMs: st.mtimeMs,
+        ino: st.ino,
+        mode: s.kind === KIND_SYMLINK ? 0 : st.mode & 0o777,
+        sha256: s.kind === KIND_SYMLINK ? "" : s.sha256,
+        link: s.kind === KIND_SYMLINK ? s.link : "",
+        hlc: s.hlc,
+        origin: s.origin,
+      };
+      return { s, abs, parent, before, tmp, index };
     } finally {
-      await unlink(tmp).catch(() => undefined);
+      if (!ok) await unlink(tmp).catch(() => undefined);
     }
   }
 
+  /**
+   * The winner's verified content in `tmp`, with its mode and mtime, fsynced.
+   * Returns its stat, or why it cannot be used (transient: the blob is not uploaded yet).
+   */
+  private async writeContent(s: StateEntry, tmp: string): Promise<Stats | { why: string; transient: boolean }> {
+    const small = s.size <= SMALL_BLOB;
+    let bytes: Buffer | null = null;
+    try {
+      if (small) bytes = await fetchBlob(this.o.store, s.sha256, s.size);
+      else await fetchBlobToFile(this.o.store, s.sha256, s.size, tmp);
+    } catch (err) {
+      if (err instanceof BlobIntegrityError) return { why: err.message, transient: err instanceof BlobMissingError };
+      throw err;
+    }
+    const fh = await open(tmp, bytes ? "wx" : "r+", 0o600);
+    try {
+      if (bytes) {
+        for (let off = 0; off < bytes.length; ) off += (await fh.write(bytes, off, bytes.length - off)).bytesWritten;
+      }
+      const head = bytes ? bytes.subarray(0, 16) : Buffer.alloc(16);
+      const n = bytes ? head.length : (await fh.read(head, 0, 16, 0)).bytesRead;
+      if (n === 16 && head.equals(SQLITE_HEADER)) return { why: "content is an SQLite database: never written as a file", transient: false };
+      await fh.chmod((s.mode & 0o777) || 0o644);
+      const t = s.mtimeMs / 1000;
+      await fh.utimes(t, t);
+      await fh.sync();
+      return await fh.stat();
+    } finally {
+      await fh.close();
+    }
+  }
   /** Removes folders left empty by a delete, up to (never including) the instance folder. */
   private async pruneEmptyDirs(relDir: string): Promise<void> {
     for (let d = relDir; d !== "." && d !== "" && d !== "/"; d = dirname(d)) {

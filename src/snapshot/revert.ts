@@ -104,7 +104,7 @@ export function revertDatabase(live: string, rebuilt: string, excludeTables: str
 async function syncedFiles(root: string): Promise<Map<string, DiskEntry>> {
   const mem = new Database(":memory:");
   try {
-    const scanner = new FolderScanner({ root, state: new FileStateStore(mem), stagingDir: "", openDbs: () => new Set(), stableMs: 0, massDeleteMin: 1 });
+    const scanner = new FolderScanner({ root, state: new FileStateStore(mem), openDbs: () => new Set(), stableMs: 0, massDeleteMin: 1 });
     await scanner.loadRules();
     const { entries } = await scanner.walk();
     for (const [rel, e] of entries) if (!e.isLink && isSqliteFile(join(root, rel))) entries.delete(rel);

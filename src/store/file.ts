@@ -21,6 +21,11 @@ import {
 const TMP_PREFIX = ".tmp-";
 const DEFAULT_LIMIT = 1000;
 
+/** Unique among processes (random per process) and within one (a counter), without a random draw per put. */
+const TMP_ID = randomBytes(6).toString("hex");
+let tmpCounter = 0;
+const tempName = () => `${TMP_PREFIX}${TMP_ID}-${(tmpCounter++).toString(36)}`;
+
 /**
  * Bytewise (UTF-8) order of two strings. JS `<` compares UTF-16 code units, which
  * disagrees with UTF-8 only for astral characters versus U+E000..U+FFFF, so map
@@ -98,7 +103,41 @@ export class FileStore implements ObjectStore {
   async put(key: string, body: Buffer | Readable, size?: number): Promise<void> {
     const file = this.pathOf(key);
     const dir = path.dirname(file);
-    const tmp = path.join(dir, `${TMP_PREFIX}${randomBytes(8).toString("hex")}`);
+    const tmp = await this.writeTemp(dir, key, body, size);
+    try {
+      await this.moveIntoPlace(tmp, file, key);
+    } catch (err) {
+      await unlink(tmp).catch(() => undefined);
+      throw mapFsError(err, `put ${key}`);
+    }
+  }
+
+  /**
+   * Writes `body` into folder `dir` of the store and names it only once it has
+   * ended and is durable: `keyFor()` then gives its key (inside `dir`), or null
+   * to drop it. A rename costs nothing here, so a caller can name an object
+   * after the hash of its content while reading that content only once.
+   */
+  async putThenName(dir: string, body: Readable, keyFor: () => Promise<string | null>): Promise<string | null> {
+    const folder = this.pathOf(dir);
+    const tmp = await this.writeTemp(folder, `${dir}/(unnamed)`, body);
+    try {
+      const key = await keyFor();
+      if (key === null) return null;
+      const file = this.pathOf(key);
+      if (path.dirname(file) !== folder) throw new Error(`putThenName: key ${key} is not in ${dir}/`);
+      await this.moveIntoPlace(tmp, file, key);
+      return key;
+    } catch (err) {
+      throw mapFsError(err, `put into ${dir}/`);
+    } finally {
+      await unlink(tmp).catch(() => undefined);
+    }
+  }
+
+  /** Streams `body` into a new temp file in `dir` and fsyncs it; returns its path. */
+  private async writeTemp(dir: string, key: string, body: Buffer | Readable, size?: number): Promise<string> {
+    const tmp = path.join(dir, tempName());
     try {
       const fh = await this.createTemp(dir, tmp, key);
       let written = 0;
@@ -119,23 +158,34 @@ export class FileStore implements ObjectStore {
       } finally {
         await fh.close();
       }
-      await rename(tmp, file).catch((err: unknown) => {
-        if (errCode(err) === "EISDIR" || errCode(err) === "ENOTEMPTY" || errCode(err) === "EEXIST") {
-          throw new Error(`put ${key}: a directory of other keys already exists at ${file}`, { cause: err });
-        }
-        throw err;
-      });
-      await fsyncDir(dir);
+      return tmp;
     } catch (err) {
       await unlink(tmp).catch(() => undefined);
       throw mapFsError(err, `put ${key}`);
     }
   }
 
-  /** Makes the parent directories (fsyncing any it created) and opens the temp file. */
+  /** Moves a durable temp file to its key's name and makes the rename durable. */
+  private async moveIntoPlace(tmp: string, file: string, key: string): Promise<void> {
+    await rename(tmp, file).catch((err: unknown) => {
+      if (errCode(err) === "EISDIR" || errCode(err) === "ENOTEMPTY" || errCode(err) === "EEXIST") {
+        throw new Error(`put ${key}: a directory of other keys already exists at ${file}`, { cause: err });
+      }
+      throw err;
+    });
+    await fsyncDir(path.dirname(file));
+  }
+
+  /** Opens the temp file, first making its parent directories (fsyncing any it created) when they are missing. */
   private async createTemp(dir: string, tmp: string, key: string) {
     // A concurrent delete may remove a directory we just made while tidying; retry.
     for (let attempt = 0; ; attempt++) {
+      try {
+        return await open(tmp, "wx");
+      } catch (err) {
+        if (errCode(err) === "ENOTDIR") throw new Error(`put ${key}: a parent segment of the key is an existing object`, { cause: err });
+        if (errCode(err) !== "ENOENT" || attempt >= 5) throw err;
+      }
       let first: string | undefined;
       try {
         first = await mkdir(dir, { recursive: true });
@@ -151,11 +201,6 @@ export class FileStore implements ObjectStore {
           await fsyncDir(path.dirname(d));
           if (d === first || d.length <= this.root.length) break;
         }
-      }
-      try {
-        return await open(tmp, "wx");
-      } catch (err) {
-        if (errCode(err) !== "ENOENT" || attempt >= 5) throw err;
       }
     }
   }
@@ -362,8 +407,33 @@ function isMissing(err: unknown): boolean {
   return code === "ENOENT" || code === "ENOTDIR" || code === "EISDIR";
 }
 
-/** Makes a rename or new entry in `dir` durable; some filesystems cannot fsync directories. */
-export async function fsyncDir(dir: string): Promise<void> {
+/** Per directory: the fsync running now, and the one queued to start after it. */
+const dirSyncs = new Map<string, { running: Promise<void>; next: Promise<void> | null }>();
+
+function startDirSync(dir: string): Promise<void> {
+  const entry = { running: syncDirNow(dir), next: null as Promise<void> | null };
+  dirSyncs.set(dir, entry);
+  const done = () => {
+    if (dirSyncs.get(dir) === entry && entry.next === null) dirSyncs.delete(dir);
+  };
+  entry.running.then(done, done);
+  return entry.running;
+}
+
+/**
+ * Makes a rename or new entry in `dir` durable; some filesystems cannot fsync
+ * directories. Calls for one directory share fsyncs: a caller joins the next
+ * fsync to start (one already running may have begun before its entry was
+ * made), so many concurrent renames into one folder cost two fsyncs, not one each.
+ */
+export function fsyncDir(dir: string): Promise<void> {
+  const cur = dirSyncs.get(dir);
+  if (!cur) return startDirSync(dir);
+  cur.next ??= cur.running.catch(() => undefined).then(() => startDirSync(dir));
+  return cur.next;
+}
+
+async function syncDirNow(dir: string): Promise<void> {
   let fh;
   try {
     fh = await open(dir, "r");

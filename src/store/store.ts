@@ -35,6 +35,12 @@ export interface ObjectStore {
   readonly description: string;
   /** Writes the whole object atomically: readers see either nothing or all of it. */
   put(key: string, body: Buffer | Readable, size?: number): Promise<void>;
+  /**
+   * Optional, only where naming an object after writing it is free (FileStore's
+   * rename): writes `body` into folder `dir` and then stores it under the key
+   * `keyFor()` gives once the body has ended (null: drop it). Returns that key.
+   */
+  putThenName?(dir: string, body: Readable, keyFor: () => Promise<string | null>): Promise<string | null>;
   /** The whole object, or null when it does not exist. */
   get(key: string): Promise<Buffer | null>;
   /** A stream of the object's bytes, or null when it does not exist. */
