@@ -12,7 +12,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { FileStore } from "../src/store/file.js";
-import type { SqlValue } from "../src/log/value.js";
+import { decodeValues, type SqlValue } from "../src/log/value.js";
 import { compareDatabases } from "./helpers/checker.js";
 import { appConnection, openSync } from "./helpers/node.js";
 import { mulberry32, randomValue } from "./helpers/random.js";
@@ -23,7 +23,7 @@ const trace = process.env.TRACE ? (...a: unknown[]) => console.log(...a) : () =>
 afterAll(() => (process.env.TRACE ? console.log(`kept ${root}`) : rmSync(root, { recursive: true, force: true })));
 
 const SCHEMA = `
-CREATE TABLE item(id INTEGER PRIMARY KEY, a, b REAL, c TEXT, d BLOB, e INTEGER, tag TEXT);
+CREATE TABLE item(id INTEGER PRIMARY KEY, a, b REAL, c TEXT, d BLOB, e INTEGER, tag TEXT, u TEXT UNIQUE);
 CREATE TABLE part(id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES item(id) ON DELETE CASCADE, ptag TEXT);
 CREATE TABLE doc(uid TEXT PRIMARY KEY, body, n, slug TEXT UNIQUE);
 CREATE TABLE edge(src INTEGER, dst TEXT, w, PRIMARY KEY(src, dst)) WITHOUT ROWID;
@@ -80,7 +80,10 @@ async function run(seed: number, steps: number) {
             insertedTags.add(tag);
           } else if (op < 0.4) {
             // The id SQLite picks (max + 1): nodes that have not heard each other pick the same.
-            const ins = n.app.prepare("INSERT INTO item(a, b, c, tag) VALUES (?, ?, ?, ?)").run(value(), rand(), `t${counter}`, tag);
+            // Some carry a value from a small pool in a UNIQUE column: id collisions and unique clashes at once.
+            const u = rand() < 0.3 ? pick(["u1", "u2", "u3"]) : null;
+            if (u !== null && rows(n.app, `SELECT 1 FROM item WHERE u = '${u}'`).length) continue;
+            const ins = n.app.prepare("INSERT INTO item(a, b, c, tag, u) VALUES (?, ?, ?, ?, ?)").run(value(), rand(), `t${counter}`, tag, u);
             trace(n.name, "insert item", ins.lastInsertRowid, tag);
             insertedTags.add(tag);
             const items = rows(n.app, "SELECT id, tag FROM item");
@@ -145,17 +148,27 @@ async function run(seed: number, steps: number) {
     }
   }
   const lost: string[] = [];
+  // Rows set aside by unique clashes are the same on every node.
+  const aside = nodes.map((n) => JSON.stringify(rows(n.sync.db, "SELECT tbl, hex(row_key) FROM _unisync_conflicts ORDER BY 1, 2")));
+  for (const [i, a] of aside.entries()) if (a !== aside[0]) lost.push(`${nodes[i].name} set aside ${a}, ${nodes[0].name} ${aside[0]}`);
   for (const n of nodes) {
     expect(n.sync.problems.size).toBe(0);
     expect(n.sync.db.prepare("SELECT tbl, reason FROM _unisync_parked").all(), n.name).toEqual([]);
     const tags = rows(n.app, "SELECT tag FROM item WHERE tag IS NOT NULL").map((r) => String(r[0]));
     expect(tags.length, `${n.name}: a tag appears twice`).toBe(new Set(tags).size);
     const present = new Set(tags);
+    // A row set aside by a unique clash is kept, out of the table, with its values.
+    for (const [vals] of rows(n.sync.db, "SELECT vals FROM _unisync_conflicts WHERE tbl = 'item'")) {
+      const flat = decodeValues(vals as Buffer);
+      for (let i = 0; i + 1 < flat.length; i += 2) if (flat[i] === "tag") present.add(String(flat[i + 1]));
+    }
     for (const t of insertedTags) if (!deletedTags.has(t) && !present.has(t)) lost.push(`${n.name} lost row ${t}`);
-    // A child points at the row its node gave it, or at nothing if that row was deleted.
+    // A child points at the row its node gave it, or at nothing if that row was deleted or set aside.
+    const inTable = new Set(tags);
     for (const [partId, itemId, ptag] of rows(n.app, "SELECT part.id, part.item_id, part.ptag FROM part")) {
       const at = rows(n.app, `SELECT tag FROM item WHERE id = ${String(itemId)}`)[0];
-      if (at ? at[0] !== ptag : !deletedTags.has(String(ptag))) lost.push(`${n.name}: part ${String(partId)} of ${String(ptag)} points at ${at ? String(at[0]) : "nothing"}`);
+      const gone = deletedTags.has(String(ptag)) || (present.has(String(ptag)) && !inTable.has(String(ptag)));
+      if (at ? at[0] !== ptag : !gone) lost.push(`${n.name}: part ${String(partId)} of ${String(ptag)} points at ${at ? String(at[0]) : "nothing"}`);
     }
     n.sync.close();
     n.app.close();

@@ -6,7 +6,7 @@
 import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
-import { rowIdentity, type SqlValue } from "../log/value.js";
+import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
 import type { BagStore } from "../replay/bag.js";
 import { enrolmentLineage, intKey, type Relocator } from "../replay/relocate.js";
@@ -163,7 +163,8 @@ export class ChangeDrain {
         // at the key (a row it deleted, or replaced), which moves away (relocate.ts).
         lineage = { ...(enrolment ? enrolmentLineage(change.values) : stamp), epoch: (prior?.lineage?.epoch ?? 0) + 1 };
         if (prior?.lineage) {
-          if (prior.alive) emit(this.replacedRow(change, prior));
+          // A live row the table no longer shows was replaced, unless a unique clash set it aside.
+          if (prior.alive && !this.isAside(change.table, keyValues)) emit(this.replacedRow(change, prior));
           this.relocator.makeRoom(change.table, lineage, key);
           prior = null;
         }
@@ -187,6 +188,10 @@ export class ChangeDrain {
     });
     if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);
+  }
+
+  private isAside(table: string, keyValues: SqlValue[]): boolean {
+    return !!this.db.prepare("SELECT 1 FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").get(table, encodeValues(keyValues));
   }
 
   /**

@@ -211,6 +211,10 @@ export class Applier {
         const values = this.asideValues(access, keyValues);
         const state = this.states.get(r.tbl, rowIdentity(keyValues, false));
         if (!values || !state) continue;
+        if (!state.alive) {
+          this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(r.tbl, r.row_key);
+          continue;
+        }
         const bringBack = () => {
           access.insert(values);
           this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(r.tbl, r.row_key);

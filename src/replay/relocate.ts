@@ -27,7 +27,7 @@
 import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
 import { compareStamp } from "../log/hlc.js";
-import { rowIdentity, type SqlValue } from "../log/value.js";
+import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import type { Lineage, Stamp } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
@@ -210,6 +210,7 @@ export class Relocator {
       access.insert(row);
       m.live = true;
     }
+    this.moveAside(m.table, keyCol, m.from, m.to);
     if (state) {
       this.states.delete(m.table, pkOf(m.from));
       state.dead?.set(keyCol, m.to);
@@ -217,6 +218,19 @@ export class Relocator {
     }
     this.recordMove(m, occupantInTable);
     if (occupantInTable) this.followReferences(access, m.lineage, m.from, m.to);
+  }
+
+  /** A row set aside by a unique clash (apply.ts) moves with its lineage; so does the key of a kept row. */
+  private moveAside(table: string, keyCol: string, from: bigint, to: bigint): void {
+    const fromKey = encodeValues([from]);
+    const toKey = encodeValues([to]);
+    const aside = this.db.prepare("SELECT vals FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").pluck(true).get(table, fromKey) as Buffer | undefined;
+    if (aside) {
+      const flat = decodeValues(aside);
+      for (let i = 0; i + 1 < flat.length; i += 2) if (flat[i] === keyCol) flat[i + 1] = to;
+      this.db.prepare("UPDATE _unisync_conflicts SET row_key = ?, vals = ? WHERE tbl = ? AND row_key = ?").run(toKey, encodeValues(flat), table, fromKey);
+    }
+    this.db.prepare("UPDATE _unisync_conflicts SET kept_key = ? WHERE tbl = ? AND kept_key = ?").run(toKey, table, fromKey);
   }
 
   /** Children that point at the moved lineage (by their refs) now point at its new key. */
