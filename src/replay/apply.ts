@@ -10,7 +10,7 @@ import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type Ro
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import { clockOf, mergeChange, type RowState } from "./merge.js";
-import { intKey, lineageName, outranks, type Relocator } from "./relocate.js";
+import { intKey, lineageName, outranks, sameLineage, type Relocator } from "./relocate.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "./bag.js";
 import type { RowStateStore } from "./state.js";
@@ -136,6 +136,7 @@ export class Applier {
     const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
     const current = access.find(row.key, keyValues);
+    if (current === null && row.refs?.length) this.moveMisplacedTombstone(access, row, keyValues, pk);
     // A row set aside after a unique clash is not in the table: its values are kept aside.
     const aside = current === null && this.hasAside ? this.asideValues(access, keyValues) : null;
     const prior = this.states.get(row.table, pk);
@@ -291,6 +292,36 @@ export class Applier {
       .run(access.shape.name, encodeValues(keyValues), encodeValues(keptKey), encodeValues(flat), Date.now());
     this.hasAside = true;
     this.onSetAside(access.shape.name, keyValues, keptKey);
+  }
+
+  /**
+   * A deleted row whose key holds a reference (an association row) stays where
+   * it was when the row it pointed at moved (only rows in the table follow a
+   * move). A record for another row at that key, pointing at another lineage,
+   * finds it there: it belongs at its parent's new key, so it goes there first.
+   */
+  private moveMisplacedTombstone(access: TableAccess, row: RowChange, keyValues: SqlValue[], pk: Buffer): void {
+    const prior = this.states.get(row.table, pk);
+    if (!prior || prior.alive || !prior.refs) return;
+    const newKey = keyValues.slice();
+    let misplaced = false;
+    for (const [i, k] of access.shape.key.entries()) {
+      const theirs = prior.refs[k];
+      const ours = row.refs?.find((r) => r.column === k)?.lineage;
+      const fk = access.shape.foreignKeys.find((f) => f.column === k);
+      if (!theirs || !ours || !fk || sameLineage(theirs, ours)) continue;
+      const to = this.relocator.movedTo(fk.table, theirs);
+      if (to === null) continue;
+      newKey[i] = to;
+      misplaced = true;
+    }
+    if (!misplaced) return;
+    this.states.delete(row.table, pk);
+    const newPk = rowIdentity(newKey, false);
+    const there = this.states.get(row.table, newPk);
+    if (there && compareStamp(there.exists.hlc, there.exists.origin, prior.exists.hlc, prior.exists.origin) >= 0) return;
+    for (const [i, k] of access.shape.key.entries()) prior.dead?.set(k, newKey[i]);
+    this.states.put(row.table, newPk, prior);
   }
 
   /**

@@ -113,6 +113,11 @@ export class Relocator {
     return r ? { bornKey: r.born_key, key: r.key } : null;
   }
 
+  /** Where a lineage moved to, or null if it never moved. */
+  movedTo(table: string, lineage: Stamp): bigint | null {
+    return this.moved(table, lineage)?.key ?? null;
+  }
+
   /** The key a lineage now at `key` was created at. */
   bornKey(table: string, lineage: Stamp, key: bigint): bigint {
     return this.moved(table, lineage)?.bornKey ?? key;
