@@ -3,7 +3,7 @@
  * Prints a table (stdout; progress goes to stderr) and writes bench/last-run.json.
  *   --quick  small sizes, for a smoke run (folder: 1,000 small files, 32 MB large file)
  *   --full   1M rows for replay and rss (default 200k)
- *   --only   run only these benchmarks: capture, replay, latency, rss, folder
+ *   --only   run only these benchmarks: capture, replay, collide, latency, rss, folder
  *   --keep   keep the temporary folders (agent logs, databases)
  */
 import { execFileSync } from "node:child_process";
@@ -13,13 +13,14 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import Database from "better-sqlite3";
 import { capture } from "./capture.js";
+import { collide } from "./collide.js";
 import { folder } from "./folder.js";
 import { latency } from "./latency.js";
 import { makeTmpFactory, ROOT, type Bench, type Result, type Target } from "./lib.js";
 import { replay } from "./replay.js";
 import { rss } from "./rss.js";
 
-const BENCHES: Bench[] = [capture, replay, latency, rss, folder];
+const BENCHES: Bench[] = [capture, replay, collide, latency, rss, folder];
 
 function fmt(x: number | undefined): string {
   if (x === undefined) return "";
