@@ -25,7 +25,7 @@ CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
 `;
 
 let n = 0;
-function cluster(names: string[]) {
+function cluster(names: string[], extra: Parameters<typeof openSync>[4] = {}) {
   const dir = join(root, `c${++n}`);
   mkdirSync(dir, { recursive: true });
   const store = new FileStore(join(dir, "store"));
@@ -33,7 +33,7 @@ function cluster(names: string[]) {
     const path = join(dir, `${name}.db`);
     const app = appConnection(path);
     app.exec(SCHEMA);
-    return { name, path, app, sync: openSync(path, name, store) };
+    return { name, path, app, sync: openSync(path, name, store, undefined, extra) };
   });
   const ship = async (node: { sync: DbSync }) => {
     node.sync.sealPending();
@@ -169,6 +169,17 @@ describe("id collisions", () => {
     await c.settle();
     expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
     for (const x of c.nodes) expect(all(x.app, "SELECT name FROM account ORDER BY name").map((r) => r.name)).toEqual(["alice", "alice2"]);
+    c.close();
+  });
+
+  it("tables listed in naturalKeyTables merge by key instead", async () => {
+    const c = cluster(["a", "b"], { naturalKeyTables: ["team"] });
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO team(id, name) VALUES (7, 'reds')");
+    b.app.exec("INSERT INTO team(id, name) VALUES (7, 'blues')");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    expect(all(a.app, "SELECT id FROM team")).toEqual([{ id: 7n }]);
     c.close();
   });
 

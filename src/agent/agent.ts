@@ -167,6 +167,7 @@ export class Agent {
           log: this.log,
           metrics: this.metrics,
           excludeTables: this.config.excludeTables,
+          naturalKeyTables: this.config.naturalKeyTables,
           maxRecords: this.config.batchMaxRecords,
           maxBytes: this.config.batchMaxBytes,
           busyTimeoutMs: this.config.busyTimeoutMs,

@@ -14,6 +14,12 @@ export interface Config {
   /** Extra databases (paths relative to the instance folder) besides the ones found in it. */
   databases: string[];
   excludeTables: string[];
+  /**
+   * Tables whose INTEGER PRIMARY KEY is a natural identity (the same number means the
+   * same thing on every node): concurrent inserts of one key merge instead of both
+   * being kept (id collisions, ARCHITECTURE.md). Must be the same on every node.
+   */
+  naturalKeyTables: string[];
   captureIntervalMs: number;
   pollMinMs: number;
   pollMaxMs: number;
@@ -40,6 +46,7 @@ export class ConfigError extends Error {}
 export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   databases: [],
   excludeTables: DEFAULT_EXCLUDED_TABLES,
+  naturalKeyTables: [],
   captureIntervalMs: 50,
   pollMinMs: 100,
   pollMaxMs: 500,
@@ -64,6 +71,7 @@ const KINDS: Record<keyof Config, Kind> = {
   node: "string",
   databases: "string[]",
   excludeTables: "string[]",
+  naturalKeyTables: "string[]",
   captureIntervalMs: "number",
   pollMinMs: "number",
   pollMaxMs: "number",
@@ -198,6 +206,11 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   "databases": ${JSON.stringify(d.databases)},
   // Tables never synced (they describe the local schema, not data).
   "excludeTables": ${JSON.stringify(d.excludeTables)},
+  // Two nodes that insert id 57 into the same table while apart keep both rows: the one
+  // created later moves to a new id (the same on every node; see \`unisync conflicts\`).
+  // List here the tables whose integer ids mean the same thing on every node (merge
+  // them instead). Must be the same on every node.
+  "naturalKeyTables": ${JSON.stringify(d.naturalKeyTables)},
   // How often (ms) to look for new local changes.
   "captureIntervalMs": ${d.captureIntervalMs},
   // How often (ms) to poll the store for other nodes' changes: fast while busy, slower when idle.

@@ -32,6 +32,8 @@ export interface DbSyncOptions {
   log: Logger;
   metrics: Metrics;
   excludeTables: string[];
+  /** Tables whose integer keys merge by key instead of moving on a collision (config naturalKeyTables). */
+  naturalKeyTables?: string[];
   maxRecords: number;
   maxBytes: number;
   busyTimeoutMs: number;
@@ -145,7 +147,9 @@ export class DbSync {
     // bumps it), so a migration the app runs while the baseline below goes on is noticed.
     const { defs, installedAt } = this.db
       .transaction(() => {
-        const defs = installTriggers(this.db, discoverTables(this.db, this.o.excludeTables), Date.now());
+        const natural = new Set((this.o.naturalKeyTables ?? []).map((t) => t.toLowerCase()));
+        const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
+        const defs = installTriggers(this.db, shapes, Date.now());
         return { defs, installedAt: schemaVersion(this.db) };
       })
       .immediate();

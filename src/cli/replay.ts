@@ -54,6 +54,7 @@ function settingsFor(config: Config, json: boolean) {
     store: openStore(config.store),
     log: pino({ level: "warn" }, pino.destination(2)),
     excludeTables: config.excludeTables,
+    naturalKeyTables: config.naturalKeyTables,
     batchMaxRecords: config.batchMaxRecords,
     batchMaxBytes: config.batchMaxBytes,
     busyTimeoutMs: config.busyTimeoutMs,

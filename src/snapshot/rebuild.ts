@@ -36,6 +36,7 @@ export interface RebuildSettings {
   store: ObjectStore;
   log: Logger;
   excludeTables: string[];
+  naturalKeyTables?: string[];
   batchMaxRecords: number;
   batchMaxBytes: number;
   busyTimeoutMs: number;

@@ -18,6 +18,7 @@ export interface StreamSettings {
   log: Logger;
   databases: string[];
   excludeTables: string[];
+  naturalKeyTables?: string[];
   batchMaxRecords: number;
   batchMaxBytes: number;
   busyTimeoutMs: number;
@@ -41,6 +42,7 @@ export function openDbSync(s: StreamSettings, path: string, stream: string, cloc
     log: s.log,
     metrics,
     excludeTables: s.excludeTables,
+    naturalKeyTables: s.naturalKeyTables,
     maxRecords: s.batchMaxRecords,
     maxBytes: s.batchMaxBytes,
     busyTimeoutMs: s.busyTimeoutMs,
