@@ -147,13 +147,13 @@ let root: string;
 let store: FileStore;
 const nodes: FolderSync[] = [];
 
-function node(name: string, opts: { stableMs?: number; maxClockDriftMs?: number; watch?: boolean; rescanMs?: number } = {}): FolderSync {
+function node(name: string, opts: { stableMs?: number; maxClockDriftMs?: number; watch?: boolean; watcher?: "fswatch" | "chokidar"; rescanMs?: number } = {}): FolderSync {
   const dir = join(root, name);
   mkdirSync(dir, { recursive: true });
   const f = new FolderSync({
     instanceDir: dir, node: name, store, clock: new HybridClock(), log, metrics: new Metrics(), openDbs: () => new Set(),
     maxRecords: 1000, captureIntervalMs: 20, rescanMs: opts.rescanMs ?? 1000, stableMs: opts.stableMs ?? 0, watch: opts.watch ?? false,
-    maxClockDriftMs: opts.maxClockDriftMs,
+    watcher: opts.watcher, maxClockDriftMs: opts.maxClockDriftMs,
   });
   nodes.push(f);
   return f;
@@ -390,8 +390,8 @@ describe("folder sync at volume and over time", () => {
     expect(b.parkedCount()).toBe(0);
   });
 
-  it("with the watcher: looks at reported paths only, including folders made right after start", async () => {
-    const a = node("a", { watch: true, rescanMs: 60_000 });
+  it.each(["fswatch", "chokidar"] as const)("with the %s watcher: looks at reported paths only, including folders made right after start", async (watcher) => {
+    const a = node("a", { watch: true, watcher, rescanMs: 60_000 });
     a.start();
     const A = join(root, "a");
     mkdirSync(join(A, "x/y/z"), { recursive: true });
@@ -405,6 +405,16 @@ describe("folder sync at volume and over time", () => {
     const before = a.outbox.nextSeq() - 1;
     writeFileSync(join(A, "x/y/z/early.txt"), "edited");
     expect(await sealed(before + 1)).toBe(before + 1); // well before the 60 s rescan
+    // Excluded names are not captured; a folder made later is watched (a file in it, then an edit of it).
+    writeFileSync(join(A, "x/y/z/scratch.tmp"), "ignored");
+    mkdirSync(join(A, "later/deeper"), { recursive: true });
+    writeFileSync(join(A, "later/deeper/new.txt"), "new");
+    expect(await sealed(before + 2)).toBe(before + 2);
+    await new Promise((r) => setTimeout(r, 300));
+    writeFileSync(join(A, "later/deeper/new.txt"), "newer");
+    expect(await sealed(before + 3)).toBe(before + 3);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(a.outbox.nextSeq() - 1).toBe(before + 3); // scratch.tmp never sealed
   });
 });
 

@@ -122,6 +122,7 @@ export class Agent {
         maxRecords: this.config.batchMaxRecords,
         captureIntervalMs: this.config.captureIntervalMs,
         rescanMs: this.config.rescanMs,
+        watcher: this.config.folderWatcher as "fswatch" | "chokidar",
         onSealed: () => this.wake?.(),
       });
     }

@@ -35,6 +35,8 @@ export interface Config {
   logLevel: string;
   /** Sync the files of the instance folder too (stream ".files"). */
   syncFiles: boolean;
+  /** The instance folder's watcher: "fswatch" (one fs.watch per folder) or "chokidar". */
+  folderWatcher: string;
   /** Take a snapshot this often (ms); 0 turns automatic snapshots off. */
   snapshotIntervalMs: number;
   /** Restore the newest snapshot when the databases and folder are empty. */
@@ -60,6 +62,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   rescanMs: 5000,
   logLevel: "info",
   syncFiles: true,
+  folderWatcher: "fswatch",
   snapshotIntervalMs: 6 * 3600_000,
   bootstrap: true,
 };
@@ -85,6 +88,7 @@ const KINDS: Record<keyof Config, Kind> = {
   rescanMs: "number",
   logLevel: "string",
   syncFiles: "boolean",
+  folderWatcher: "string",
   snapshotIntervalMs: "number",
   bootstrap: "boolean",
 };
@@ -156,6 +160,7 @@ function validate(c: Config): void {
   need(c.rescanMs >= 100, "rescanMs", "must be at least 100");
   need(c.snapshotIntervalMs === 0 || c.snapshotIntervalMs >= 1000, "snapshotIntervalMs", "must be 0 (off) or at least 1000");
   need(["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(c.logLevel), "logLevel", "must be one of fatal, error, warn, info, debug, trace, silent");
+  need(["fswatch", "chokidar"].includes(c.folderWatcher), "folderWatcher", "must be fswatch or chokidar");
   for (const d of c.databases) {
     if (d.startsWith("/") || d.split(/[\\/]/).includes("..")) throw new ConfigError(`"databases": ${JSON.stringify(d)} must be a path inside the instance folder`);
   }

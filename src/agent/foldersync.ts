@@ -19,7 +19,8 @@ import type { Logger } from "pino";
 import { FolderScanner, type DiskEntry, type Excluded, type Observation } from "../capture/folder.js";
 import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../capture/filestate.js";
 import { IGNORE_FILE, STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
-import { FolderWatcher } from "../capture/watch.js";
+import { FolderWatcher, type PathWatcher } from "../capture/watch.js";
+import { ChokidarWatcher } from "../capture/watch-chokidar.js";
 import { claimForNode, getMeta, setMeta } from "../capture/internal.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";
@@ -50,6 +51,8 @@ export interface FolderSyncOptions {
   massDeleteMin?: number;
   /** Watch the folder (default true); the periodic rescan runs either way. */
   watch?: boolean;
+  /** Which watcher: one fs.watch per folder (default) or chokidar. */
+  watcher?: "fswatch" | "chokidar";
   /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
   maxClockDriftMs?: number;
   /** Called when segments were sealed (the uploader need not wait for its next turn). */
@@ -107,7 +110,7 @@ export class FolderSync {
   private readonly stagingDir: string;
   private readonly maxDriftMs: number;
   private chain: Promise<unknown> = Promise.resolve();
-  private watcher: FolderWatcher | null = null;
+  private watcher: PathWatcher | null = null;
   private loop: Promise<void> | null = null;
   private stopping = false;
   /**
@@ -196,14 +199,15 @@ export class FolderSync {
 
   start(): void {
     if (this.o.watch !== false) {
-      this.watcher = new FolderWatcher(
-        this.o.instanceDir,
-        (rel) => this.reported(rel),
-        (err) => {
-          this.fullScanDue = true;
-          this.log.warn({ err: err.message }, "folder watcher error; the periodic rescan covers it");
-        },
-      );
+      const onChange = (rel: string | null) => this.reported(rel);
+      const onError = (err: Error) => {
+        this.fullScanDue = true;
+        this.log.warn({ err: err.message }, "folder watcher error; the periodic rescan covers it");
+      };
+      this.watcher =
+        this.o.watcher === "chokidar"
+          ? new ChokidarWatcher(this.o.instanceDir, onChange, onError, (rel, isDir) => this.scanner.exclusion(rel, isDir))
+          : new FolderWatcher(this.o.instanceDir, onChange, onError);
       this.watcher.add("");
     }
     this.loop = this.scanLoop();
