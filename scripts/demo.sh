@@ -23,6 +23,7 @@ for n in 1 2 3; do
   # The apps create their schema before unisync starts, as a real app would.
   "$PY" test/apps/random_writer.py "$DEMO/node$n/data.db" --node "$n" --ops 0 >/dev/null
   "$PY" test/apps/random_writer.py "$DEMO/node$n/shop.db" --node "$n" --ops 0 >/dev/null
+  "$PY" -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('create table if not exists notes(id integer primary key, body text)'); c.commit()" "$DEMO/node$n/data.db"
 done
 
 echo "== starting three agents (logs in $DEMO/nodeN.log)"
@@ -39,6 +40,11 @@ head -c 200000 /dev/urandom >"$DEMO/node2/uploads/logo.png"
 echo "héllo from node3 🎉" >"$DEMO/node3/notes/ünïcode note.txt"
 echo "node1's own log line, never synced" >"$DEMO/node1/app.log"
 for n in 1 2 3; do echo "shared, as edited on node$n" >"$DEMO/node$n/shared.txt"; done
+
+echo "== all three nodes add a note at the same instant: SQLite picks id 1 on each (an id collision)"
+for n in 1 2 3; do
+  "$PY" -c "import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.execute('insert into notes(body) values (?)', ('note written on node' + sys.argv[2],)); c.commit()" "$DEMO/node$n/data.db" "$n"
+done
 
 echo "== the apps write on all three nodes at once (300 + 150 transactions each, migration mid-run)"
 writers=()
@@ -82,6 +88,10 @@ for db in ("data.db", "shop.db"):
 print(" | ".join(out))
 PY
 done
+echo "== notes on node2: all three kept; two moved to new ids, the same on every node"
+"$PY" -c "import sqlite3,sys; [print('  ', r) for r in sqlite3.connect(sys.argv[1]).execute('select id, body from notes order by id')]" "$DEMO/node2/data.db"
+echo "== unisync conflicts node2"
+$UNISYNC conflicts "$DEMO/node2"
 echo "== files on node2 (app.log stayed on node1; the losers of shared.txt are kept as conflict copies)"
 (cd "$DEMO/node2" && find . -path ./.unisync -prune -o -type f ! -name '*.db*' -print | sort)
 echo "== unisync status node1"

@@ -36,7 +36,7 @@ export interface MoveReport {
   /** The node and time that created the moved row. */
   createdBy: string;
   createdAt: string | null;
-  /** The node whose row holds the old id now. */
+  /** The node whose row holds the old id now ("(a row there before unisync)" for enrolled rows). */
   keptBy: string;
   movedAt: string;
 }
@@ -58,7 +58,7 @@ export interface ConflictReport {
 
 const createdAt = (hlc: number) => (hlc > 0 ? hlcToIso(hlc) : null);
 /** Lineages recorded at enrolment have hlc 0 and a content name: say so. */
-const createdBy = (origin: string) => (origin.startsWith("#") ? "(existing row at enrolment)" : origin);
+const createdBy = (origin: string) => (origin.startsWith("#") ? "(a row there before unisync)" : origin);
 
 const hasTable = (db: Database.Database, t: string) => !!db.prepare("SELECT 1 FROM sqlite_master WHERE name = ?").get(t);
 
@@ -141,7 +141,7 @@ export async function conflictsCommand(args: string[], parse: Parse): Promise<vo
   for (const r of reports) {
     console.log(`database ${r.stream}: ${r.moved.length} moved, ${r.setAside.length} set aside, ${r.parked} parked`);
     for (const m of r.moved) {
-      console.log(`  moved     ${m.table} ${m.from} -> ${m.to}  (created by ${m.createdBy}${m.createdAt ? ` at ${m.createdAt}` : ""}; id ${m.from} now holds ${m.keptBy}'s row)`);
+      console.log(`  moved     ${m.table} ${m.from} -> ${m.to}  (created by ${m.createdBy}${m.createdAt ? ` at ${m.createdAt}` : ""}; id ${m.from} kept by ${m.keptBy})`);
     }
     for (const s of r.setAside) {
       const vals = Object.entries(s.values).map(([k, v]) => `${k}=${v}`).join(", ");
