@@ -56,6 +56,15 @@ describe("audit log", () => {
     const cli = spawnSync("node", ["bin/unisync.js", "log", "--store", pathToFileURL(join(root, "store")).href, "--table", "item", "--json"], { encoding: "utf8" });
     expect(cli.status, cli.stderr).toBe(0);
     expect(cli.stdout.trim().split("\n").map((l) => JSON.parse(l).op).sort()).toEqual(["delete", "insert", "update"]);
+    // One row's history: clock order across origins, with the values each change replaced.
+    const one = spawnSync("node", ["bin/unisync.js", "log", "--store", pathToFileURL(join(root, "store")).href, "--table", "item", "--key", "1", "--json"], { encoding: "utf8" });
+    expect(one.status, one.stderr).toBe(0);
+    const rows = one.stdout.trim().split("\n").map((l) => JSON.parse(l) as AuditEntry);
+    expect(rows.map((e) => e.op)).toEqual(["insert", "update", "delete"]);
+    expect(rows[1].old).toEqual({ qty: "3" });
+    expect(rows[2].old).toEqual({ id: "1", name: '"apple"', qty: "5" });
+    const text = spawnSync("node", ["bin/unisync.js", "log", "--store", pathToFileURL(join(root, "store")).href, "--table", "item", "--key", "1"], { encoding: "utf8" });
+    expect(text.stdout).toMatch(/update +app\.db:item\[id=1\] +qty: 3 -> 5/);
     const bad = spawnSync("node", ["bin/unisync.js", "log", "--store", "file:///x", "--since", "yesterday"], { encoding: "utf8" });
     expect(bad.status).toBe(2);
     expect(bad.stderr).toMatch(/--since must be an ISO 8601 time/);

@@ -32,6 +32,8 @@ export interface AuditEntry {
   table?: string;
   key?: Record<string, string>;
   values?: Record<string, string>;
+  /** Values before the change (one row's history, --key): the newest earlier value of each column. */
+  old?: Record<string, string>;
   path?: string;
   size?: number;
   sha256?: string;
@@ -96,10 +98,36 @@ export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenera
   }
 }
 
+/**
+ * One row's (or file's) changes from every origin, in clock order, each with the
+ * values it replaced: the newest earlier value of each column it wrote (a
+ * delete shows the whole row before it), which is the value every node held
+ * just before the change once all origins were merged. Origins' logs are read
+ * one after another, so this needs the whole history in memory: used for --key
+ * and --path, which select one row or file.
+ */
+export function withOldValues(entries: AuditEntry[]): AuditEntry[] {
+  const sorted = [...entries].sort((a, b) => a.hlc - b.hlc || (a.origin < b.origin ? -1 : a.origin > b.origin ? 1 : 0));
+  const current = new Map<string, Record<string, string>>();
+  return sorted.map((e) => {
+    const id = e.path !== undefined ? `file ${e.path}` : `${e.stream} ${e.table} ${JSON.stringify(e.key)}`;
+    const now = current.get(id) ?? {};
+    const written = e.path !== undefined ? { sha256: e.sha256 ?? "", size: String(e.size ?? "") } : (e.values ?? {});
+    const old: Record<string, string> = {};
+    const replaced = e.op === "delete" ? Object.keys(now) : e.op === "insert" ? [] : Object.keys(written);
+    for (const c of replaced) if (c in now) old[c] = now[c];
+    current.set(id, e.op === "delete" ? {} : e.op === "insert" ? { ...written } : { ...now, ...written });
+    return Object.keys(old).length ? { ...e, old } : e;
+  });
+}
+
 export function formatEntry(e: AuditEntry): string {
   const who = `${e.time}  ${e.origin.padEnd(10)} ${e.op.padEnd(7)}`;
   if (e.path !== undefined) return `${who} ${e.path}${e.size !== undefined && e.op === "write" ? `  ${e.size} bytes  sha256 ${e.sha256?.slice(0, 12)}` : ""}`;
   const key = Object.entries(e.key ?? {}).map(([k, v]) => `${k}=${v}`).join(",");
-  const values = Object.entries(e.values ?? {}).map(([k, v]) => `${k}=${v}`).join(" ");
+  const values =
+    e.op === "delete" && e.old
+      ? Object.entries(e.old).map(([k, v]) => `${k}=${v}`).join(" ")
+      : Object.entries(e.values ?? {}).map(([k, v]) => (e.old && k in e.old ? `${k}: ${e.old[k]} -> ${v}` : `${k}=${v}`)).join(" ");
   return `${who} ${e.stream}:${e.table}[${key}]  ${values}`;
 }

@@ -13,7 +13,7 @@ import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
 import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
-import { audit, formatEntry } from "./log.js";
+import { audit, formatEntry, withOldValues, type AuditEntry } from "./log.js";
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
@@ -85,6 +85,10 @@ The audit trail, read from the store's log (every origin, page by page):
 time (from the change's clock), origin, operation, and the row or file.
 For rows: the key and the values written (all columns for an insert or
 delete, the changed ones for an update). For files: size and sha256.
+With --key or --path (one row or file) the history is in clock order across
+origins and shows old -> new for each value an update replaced, and the
+whole row a delete removed. An id that an id collision moved holds two
+rows' histories: see \`unisync conflicts\`.
 Filters:
   --db NAME        one database (its file name in the instance folder)
   --table NAME     one table;  --key VALUE  one row ("57", or "a=1,b=x" for a composite key)
@@ -206,9 +210,17 @@ async function auditLog(args: string[]): Promise<void> {
     untilMs: timeOption("until", values.until),
   };
   let n = 0;
-  for await (const e of audit(openStore(storeUrl), filter)) {
-    console.log(values.json ? JSON.stringify(e) : formatEntry(e));
-    if (++n >= limit) break;
+  const show = (e: AuditEntry) => console.log(values.json ? JSON.stringify(e) : formatEntry(e));
+  if (filter.key !== undefined || filter.path !== undefined) {
+    // One row or file: its whole history, in clock order, with the values each change replaced.
+    const all: AuditEntry[] = [];
+    for await (const e of audit(openStore(storeUrl), filter)) all.push(e);
+    for (const e of withOldValues(all).slice(0, limit)) (show(e), n++);
+  } else {
+    for await (const e of audit(openStore(storeUrl), filter)) {
+      show(e);
+      if (++n >= limit) break;
+    }
   }
   if (!values.json && n === 0) console.error("no change matches");
 }
