@@ -172,6 +172,18 @@ describe("id collisions", () => {
     c.close();
   });
 
+  it("INSERT OR REPLACE over a live row replaces it everywhere (its delete fires no trigger)", async () => {
+    const c = cluster(["a", "b"]);
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO team(id, name) VALUES (1, 'old')");
+    await c.settle();
+    a.app.exec("INSERT OR REPLACE INTO team(id, name) VALUES (1, 'new')");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) expect(all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 1n, name: "new" }]);
+    c.close();
+  });
+
   it("tables listed in naturalKeyTables merge by key instead", async () => {
     const c = cluster(["a", "b"], { naturalKeyTables: ["team"] });
     const [a, b] = c.nodes;
