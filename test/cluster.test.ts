@@ -8,11 +8,10 @@
  *
  * Reproduce a run with SEED=<printed seed>; KEEP_CLUSTER=1 keeps the folders and logs.
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { join } from "node:path";
 import { compareDatabases, compareToJournal, readJournal, type JournalEntry } from "./helpers/checker.js";
-import { appSucceeded, Cluster, ensureBuilt, integrityCheck, killAllChildren, runApp, type AppRun } from "./helpers/cluster.js";
-import { s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+import { appSucceeded, clusterSuite, integrityCheck, runApp, type AppRun } from "./helpers/cluster.js";
 
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const NODES = ["n1", "n2", "n3"];
@@ -22,30 +21,15 @@ const FLASK_OPS = 150;
 /** Each node migrates data.db at a different op, so schemas differ for a while. */
 const MIGRATE_AT = [40, 140, 240];
 
-let s3: S3rverHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-
-beforeAll(async () => {
-  ensureBuilt();
-  s3 = await startS3rver();
-});
-
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await s3?.stop({ keepData: keep });
-  if (keep && s3) console.log(`s3rver data kept in ${s3.directory}`);
-});
+const suite = clusterSuite();
 
 describe("three agents, one s3 store", () => {
   it("converge to identical databases while all nodes write, edit each other's rows and migrate", async (ctx) => {
     console.log(`cluster.test SEED=${SEED}`);
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const store = s3StoreUrl(s3!.endpoint, s3!.bucket, `cluster-${SEED}-${Date.now()}`);
-    const c = (cluster = await Cluster.start({ nodes: NODES, store }));
+    const c = await suite.start(NODES, `cluster-${SEED}`);
 
     const apps: { name: string; run: AppRun }[] = [];
     NODES.forEach((name, i) => {

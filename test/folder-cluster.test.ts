@@ -9,32 +9,18 @@
  *
  * KEEP_CLUSTER=1 keeps the folders and logs.
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { createHash, randomBytes } from "node:crypto";
 import { chmodSync, existsSync, mkdirSync, readdirSync, readFileSync, renameSync, statSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { Cluster, ensureBuilt, integrityCheck, killAllChildren } from "./helpers/cluster.js";
-import { s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+import { clusterSuite, integrityCheck, type Cluster } from "./helpers/cluster.js";
 
 const NODES = ["n1", "n2", "n3"];
 const sha = (b: Buffer | string) => createHash("sha256").update(b).digest("hex");
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
-let s3: S3rverHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-
-beforeAll(async () => {
-  ensureBuilt();
-  s3 = await startS3rver();
-});
-
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await s3?.stop({ keepData: keep });
-});
+const suite = clusterSuite();
 
 interface FilesStatus {
   nextSeq: number;
@@ -107,10 +93,9 @@ function write(path: string, data: string | Buffer): void {
 describe("folder sync: three agents, one s3 store", () => {
   it("converge to identical folders; exclusions stay home; conflicts copied identically; databases untouched", async (ctx) => {
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const store = s3StoreUrl(s3!.endpoint, s3!.bucket, `files-${Date.now()}`);
-    const c = (cluster = await Cluster.start({ nodes: NODES, store }));
+    const c = await suite.start(NODES, "files");
     const at = (n: string, rel = "") => c.instance(n, rel);
 
     // A live SQLite database on every node (synced row by row, never as a file).

@@ -17,26 +17,12 @@ import { execFileSync } from "node:child_process";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { appSucceeded, CLI, Cluster, ensureBuilt, integrityCheck, killAllChildren, runApp } from "./helpers/cluster.js";
-import { s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+import { describe, expect, it } from "vitest";
+import { appSucceeded, CLI, clusterSuite, integrityCheck, runApp, type Cluster } from "./helpers/cluster.js";
 
 const NODES = ["n1", "n2", "n3"];
 const DB = "league.db";
-let s3: S3rverHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-
-beforeAll(async () => {
-  ensureBuilt();
-  s3 = await startS3rver();
-});
-
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await s3?.stop({ keepData: keep });
-});
+const suite = clusterSuite();
 
 interface Entry {
   op: string;
@@ -66,7 +52,7 @@ const rows = (path: string, sql: string) => {
 describe("merge semantics with a Flask-SQLAlchemy app", () => {
   it("keeps every row through id collisions, unique clashes and cascades", async () => {
     process.env.SQLALCHEMY_SILENCE_UBER_WARNING = "1";
-    const c = (cluster = await Cluster.start({ nodes: NODES, store: s3StoreUrl((s3 as S3rverHandle).endpoint, (s3 as S3rverHandle).bucket, `merge-${Date.now()}`) }));
+    const c = await suite.start(NODES, "merge");
     try {
       for (const n of NODES) await appSucceeded(runApp("flask_league.py", [c.instance(n), "--init-only"]), `${n} init`);
       await c.waitForQuiescence([DB], 30_000);
@@ -124,7 +110,7 @@ describe("merge semantics with a Flask-SQLAlchemy app", () => {
       }
       expect(c.unexpectedExits).toEqual([]);
     } catch (err) {
-      keep = true;
+      suite.keep = true;
       throw err;
     }
   }, 300_000);

@@ -15,7 +15,8 @@ import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import Database from "better-sqlite3";
 import { compareDatabases } from "./checker.js";
-import { S3RVER_ENV } from "./s3rver.js";
+import { afterAll, beforeAll } from "vitest";
+import { S3RVER_ENV, s3StoreUrl, startS3rver, type S3rverHandle } from "./s3rver.js";
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** The launcher under test; UNISYNC_TEST_CLI points the tests at another build (e.g. a patched copy). */
@@ -462,4 +463,39 @@ export function integrityCheck(path: string): string {
   } finally {
     db.close();
   }
+}
+
+/**
+ * Set-up shared by the multi-agent test files: one s3rver for the file, started
+ * before its tests. Afterwards every child is killed and the cluster's folders and
+ * the store's data are removed, or kept (paths printed) with KEEP_CLUSTER=1 or when
+ * a test sets `suite.keep = true` on failure.
+ */
+export function clusterSuite() {
+  let s3: S3rverHandle | undefined;
+  const suite = {
+    keep: !!process.env.KEEP_CLUSTER,
+    cluster: undefined as Cluster | undefined,
+    /** A fresh prefix of the suite's bucket as a store URL. */
+    storeUrl(prefix: string): string {
+      if (!s3) throw new Error("s3rver is not running (clusterSuite's beforeAll did not run)");
+      return s3StoreUrl(s3.endpoint, s3.bucket, `${prefix}-${Date.now()}`);
+    },
+    /** Starts agents for `nodes` on a fresh prefix; destroyed after the file's tests. */
+    async start(nodes: string[], prefix: string, options: Partial<ClusterOptions> = {}): Promise<Cluster> {
+      suite.cluster = await Cluster.start({ ...options, nodes, store: suite.storeUrl(prefix) });
+      return suite.cluster;
+    },
+  };
+  beforeAll(async () => {
+    ensureBuilt();
+    s3 = await startS3rver();
+  });
+  afterAll(async () => {
+    await killAllChildren();
+    await suite.cluster?.destroy(suite.keep);
+    await s3?.stop({ keepData: suite.keep });
+    if (suite.keep && s3) console.log(`s3rver data kept in ${s3.directory}`);
+  });
+  return suite;
 }
