@@ -40,6 +40,9 @@ export interface AgentStatus {
     pendingChanges: number;
     outboxSegments: number;
     parked: number;
+    /** Rows moved by id collisions and set aside by unique clashes (unisync conflicts lists them). */
+    moved: number;
+    setAside: number;
     cursors: Record<string, number>;
     problems: Record<string, string>;
   }[];
@@ -330,6 +333,8 @@ export class Agent {
       this.metrics.set("unisync_pending_changes", db.pendingChanges(), labels);
       this.metrics.set("unisync_outbox_segments", db.outbox.size().segments, labels);
       this.metrics.set("unisync_parked_records", db.parkedCount(), labels);
+      const { setAside } = db.conflictCounts();
+      this.metrics.set("unisync_rows_set_aside", setAside, labels);
     }
   }
 
@@ -346,6 +351,7 @@ export class Agent {
         pendingChanges: db.pendingChanges(),
         outboxSegments: db.outbox.size().segments,
         parked: db.parkedCount(),
+        ...db.conflictCounts(),
         cursors: Object.fromEntries([...db.cursors()].map(([o, c]) => [o, c.seq])),
         problems: Object.fromEntries([...db.problems].map(([o, p]) => [o, p.message])),
       })),

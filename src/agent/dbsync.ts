@@ -306,6 +306,12 @@ export class DbSync {
     return Number((this.db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number }).n);
   }
 
+  /** Rows moved by id collisions (live ones; includes rows deleted since) and rows set aside by unique clashes. */
+  conflictCounts(): { moved: number; setAside: number } {
+    const count = (sql: string) => Number((this.db.prepare(sql).get() as { n: number }).n);
+    return { moved: count("SELECT count(*) AS n FROM _unisync_moves WHERE live = 1"), setAside: count("SELECT count(*) AS n FROM _unisync_conflicts") };
+  }
+
   close(): void {
     if (this.db.open) this.db.close();
   }
