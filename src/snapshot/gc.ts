@@ -2,9 +2,10 @@
  * Retention (`unisync gc`). Keeps point-in-time restore possible back to
  * now - keepMs and removes what no kept state needs:
  * - snapshots: the newest usable one at or before the cutoff (K) and every
- *   later one are kept, and so is the newest of every node; older ones go;
+ *   later one are kept, and so is the newest of every node (not counted below:
+ *   it is before the window); older ones go;
  * - segments: an origin's stream is collected up to the lowest seq that every
- *   kept snapshot holding that stream includes (its vector), but never past
+ *   snapshot from K on holding that stream includes (its vector), but never past
  *   the cursor any known node reports for it in its heartbeat: that node is a
  *   laggard and is reported instead. A node silent for longer than the window
  *   is reported as gone and still blocks, unless forgotten;
@@ -12,7 +13,8 @@
  *   every version in its folder state) and no segment left in the store, and
  *   older than the grace period (a blob is uploaded before the segment or
  *   snapshot that names it).
- * Segments are deleted in ascending seq, after a marker gc/<origin>/<stream>.json
+ * The newest segment of every stream always stays, so a node left behind still
+ * finds a later segment and sees the hole. Segments are deleted in ascending seq, after a marker gc/<origin>/<stream>.json
  * says how far the stream was collected, so an interrupted run leaves a log
  * that is still contiguous and a reader that finds a hole knows why.
  */
@@ -56,7 +58,7 @@ export interface StreamDecision {
   stream: string;
   /** What the kept snapshots allow collecting (0: nothing). */
   coveredThrough: number;
-  /** What is collected: coveredThrough lowered by laggards. */
+  /** Last seq collected: coveredThrough lowered by laggards, and never the stream's newest segment (0: none). */
   collectThrough: number;
   segments: number;
   bytes: number;
@@ -224,7 +226,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
     if (!oldest) return d("keep", "no usable snapshot at or before the cutoff: every snapshot is kept");
     if (r.key === oldest.key) return d("keep", "oldest kept: restore at the start of the window starts here");
     if (r.hlc >= oldest.hlc) return d("keep", "inside the window");
-    if (newestOfNode.get(r.node) === r.key) return d("keep", `newest snapshot of node ${r.node}`);
+    if (newestOfNode.get(r.node) === r.key) return d("keep", `newest snapshot of node ${r.node} (kept, but before the window: segments after it may go)`);
     return d("delete", "older than the oldest kept snapshot");
   });
   const kept = refs.filter((r, i) => snapshots[i].action === "keep");
@@ -252,7 +254,9 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
       // An origin missing from this vector: this snapshot needs its whole log.
       for (const [origin, seq] of cur) cur.set(origin, Math.min(seq, vector[origin] ?? 0));
     };
+    // Only snapshots from K on: an older one kept as its node's newest is not promised for restore.
     for (const m of manifests.values()) {
+      if (m.hlc < oldest.hlc) continue;
       for (const d of m.databases) cover(d.stream, d.vector);
       if (m.files) cover(FILES_STREAM, m.files.vector);
     }
@@ -294,27 +298,41 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
   }
 
   // Count (and with --apply delete) each stream's segments up to its limit, in ascending seq.
+  // The newest segment of a stream always stays: a node left behind then still finds a
+  // later segment, so it sees the hole (and the marker) instead of believing it is current.
   for (const s of streams) {
-    if (s.collectThrough <= 0) continue;
-    if (o.apply) {
-      const prev = await readGcMarker(store, s.origin, s.stream);
-      if (!prev || prev.collectedThrough < s.collectThrough) {
-        const marker: GcMarker = { collectedThrough: s.collectThrough, atMs: nowMs };
-        await store.put(gcMarkerKey(s.origin, s.stream), Buffer.from(JSON.stringify(marker)));
-      }
-    }
+    const limit = s.collectThrough;
+    s.collectThrough = 0;
+    if (limit <= 0) continue;
     let batch: string[] = [];
+    let marked = false;
     const flush = async () => {
-      if (o.apply) await inBatches(batch, DELETE_PARALLEL, (k) => store.delete(k));
+      if (o.apply && batch.length) {
+        if (!marked) {
+          const prev = await readGcMarker(store, s.origin, s.stream);
+          if (!prev || prev.collectedThrough < limit) {
+            const marker: GcMarker = { collectedThrough: limit, atMs: nowMs };
+            await store.put(gcMarkerKey(s.origin, s.stream), Buffer.from(JSON.stringify(marker)));
+          }
+          marked = true;
+        }
+        await inBatches(batch, DELETE_PARALLEL, (k) => store.delete(k));
+      }
       batch = [];
     };
+    let pending: { key: string; seq: number; size: number } | null = null;
     for await (const obj of listAll(store, streamPrefix(s.origin, s.stream))) {
       const name = parseSegmentKey(obj.key);
       if (!name) continue;
-      if (name.seq > s.collectThrough) break;
-      s.segments++;
-      s.bytes += obj.size;
-      batch.push(obj.key);
+      if (pending) {
+        s.segments++;
+        s.bytes += pending.size;
+        s.collectThrough = pending.seq;
+        batch.push(pending.key);
+        pending = null;
+      }
+      if (name.seq > limit) break;
+      pending = { key: obj.key, seq: name.seq, size: obj.size };
       if (batch.length >= 256) {
         await flush();
         say(`${o.apply ? "deleted" : "would delete"} ${s.segments} segments of ${s.origin}/${s.stream}`);
