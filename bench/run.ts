@@ -2,8 +2,8 @@
  * unisync benchmarks: `npm run bench [-- --quick | --full] [--only NAME[,NAME]] [--keep]`.
  * Prints a table (stdout; progress goes to stderr) and writes bench/last-run.json.
  *   --quick  small sizes, for a smoke run (folder: 1,000 small files, 32 MB large file)
- *   --full   1M rows for replay and rss (default 200k)
- *   --only   run only these benchmarks: capture, replay, collide, latency, rss, folder
+ *   --full   1M rows for replay, rss and bootstrap (default 200k)
+ *   --only   run only these benchmarks: capture, replay, collide, latency, rss, folder, bootstrap
  *   --keep   keep the temporary folders (agent logs, databases)
  */
 import { execFileSync } from "node:child_process";
@@ -12,6 +12,7 @@ import os from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import Database from "better-sqlite3";
+import { bootstrap } from "./bootstrap.js";
 import { capture } from "./capture.js";
 import { collide } from "./collide.js";
 import { folder } from "./folder.js";
@@ -20,7 +21,7 @@ import { makeTmpFactory, ROOT, type Bench, type Result, type Target } from "./li
 import { replay } from "./replay.js";
 import { rss } from "./rss.js";
 
-const BENCHES: Bench[] = [capture, replay, collide, latency, rss, folder];
+const BENCHES: Bench[] = [capture, replay, collide, latency, rss, folder, bootstrap];
 
 function fmt(x: number | undefined): string {
   if (x === undefined) return "";

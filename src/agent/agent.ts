@@ -65,6 +65,11 @@ export interface AgentStatus {
   notSynced: Record<string, string>;
 }
 
+/** What nodes/<node>.json holds. */
+export interface Heartbeat extends AgentStatus {
+  atMs: number;
+}
+
 export class Agent {
   readonly metrics = new Metrics();
   readonly clock = new HybridClock();
@@ -320,11 +325,18 @@ export class Agent {
       this.updateGauges();
       if (Date.now() - lastHeartbeat >= this.config.heartbeatMs) {
         lastHeartbeat = Date.now();
-        await this.store
-          .put(`nodes/${encodeURIComponent(this.config.node)}.json`, Buffer.from(JSON.stringify(this.status())))
-          .catch((err) => this.storeFailed(err, "writing heartbeat"));
+        await this.heartbeat().catch((err) => this.storeFailed(err, "writing heartbeat"));
       }
     }
+  }
+
+  /**
+   * nodes/<node>.json: this node's status with the time it was written. gc reads
+   * every node's cursors from it (per stream, per origin) and never collects a
+   * segment a node has not applied yet.
+   */
+  private async heartbeat(body: Heartbeat = { ...this.status(), atMs: Date.now() }): Promise<void> {
+    await this.store.put(`nodes/${encodeURIComponent(this.config.node)}.json`, Buffer.from(JSON.stringify(body)));
   }
 
   private updateGauges(): void {
@@ -383,6 +395,13 @@ export class Agent {
     this.stopping = true;
     this.wake?.();
     await Promise.allSettled(this.loops);
+    // Cursors no longer move once the loops are done; read them before the streams close.
+    let last: Heartbeat | undefined;
+    try {
+      last = { ...this.status(), atMs: Date.now() };
+    } catch {
+      last = undefined;
+    }
     if (this.files) {
       const files = this.files;
       try {
@@ -404,6 +423,8 @@ export class Agent {
       }
       db.close();
     }
+    // A last heartbeat, so gc sees the cursors this node stopped at.
+    if (last) await Promise.race([this.heartbeat(last).catch(() => undefined), sleep(3000)]);
     retireAgent(this.config.instanceDir);
     this.log.info("stopped");
   }

@@ -41,6 +41,8 @@ export interface Config {
   snapshotIntervalMs: number;
   /** Restore the newest snapshot when the databases and folder are empty. */
   bootstrap: boolean;
+  /** gc keeps point-in-time restore possible this far back (ms). */
+  retentionMs: number;
 }
 
 export class ConfigError extends Error {}
@@ -65,6 +67,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   folderWatcher: "fswatch",
   snapshotIntervalMs: 6 * 3600_000,
   bootstrap: true,
+  retentionMs: 7 * 24 * 3600_000,
 };
 
 type Kind = "string" | "number" | "boolean" | "string[]";
@@ -91,6 +94,7 @@ const KINDS: Record<keyof Config, Kind> = {
   folderWatcher: "string",
   snapshotIntervalMs: "number",
   bootstrap: "boolean",
+  retentionMs: "number",
 };
 
 export function stateDir(instanceDir: string): string {
@@ -159,6 +163,7 @@ function validate(c: Config): void {
   need(c.heartbeatMs >= 100, "heartbeatMs", "must be at least 100");
   need(c.rescanMs >= 100, "rescanMs", "must be at least 100");
   need(c.snapshotIntervalMs === 0 || c.snapshotIntervalMs >= 1000, "snapshotIntervalMs", "must be 0 (off) or at least 1000");
+  need(c.retentionMs >= 1000, "retentionMs", "must be at least 1000 (1 s)");
   need(["fatal", "error", "warn", "info", "debug", "trace", "silent"].includes(c.logLevel), "logLevel", "must be one of fatal, error, warn, info, debug, trace, silent");
   need(["fswatch", "chokidar"].includes(c.folderWatcher), "folderWatcher", "must be fswatch or chokidar");
   for (const d of c.databases) {
@@ -242,7 +247,10 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   // new nodes start from the newest one, point-in-time restore from the one before T. 0 = off.
   "snapshotIntervalMs": ${d.snapshotIntervalMs},
   // On a node whose databases and folder are empty, restore the newest snapshot first.
-  "bootstrap": ${d.bootstrap}
+  "bootstrap": ${d.bootstrap},
+  // "unisync gc" keeps point-in-time restore possible this far back (ms; default 7 days):
+  // the newest snapshot at or before now - retentionMs and everything after it.
+  "retentionMs": ${d.retentionMs}
 }
 `;
 }

@@ -18,6 +18,7 @@ import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
 import { conflictsCommand, CONFLICTS_HELP } from "./conflicts.js";
+import { gcCommand, GC_HELP } from "./gc.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -34,6 +35,7 @@ Commands:
   snapshot INSTANCE_DIR         take a snapshot now (--list: the store's snapshots)
   replay --at TIME --into DIR   rebuild databases and folder as they were at TIME into DIR
   restore INSTANCE_DIR --at TIME  put this node (and, through it, the cluster) back to TIME
+  gc [INSTANCE_DIR] [--apply]   retention: what snapshots, segments and blobs can go (dry run unless --apply)
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -78,6 +80,7 @@ HELP.snapshot = SNAPSHOT_HELP;
 HELP.conflicts = CONFLICTS_HELP;
 HELP.replay = REPLAY_HELP;
 HELP.restore = RESTORE_HELP;
+HELP.gc = GC_HELP;
 
 HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
 
@@ -255,6 +258,7 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "snapshot") await snapshotCommand(rest, (a, o) => parse("snapshot", a, o));
     else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
     else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));
+    else if (command === "gc") return await gcCommand(rest, (a, o) => parse("gc", a, o));
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {

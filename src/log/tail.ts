@@ -5,6 +5,7 @@
  * there and waits, because skipping it would be a silent, permanent loss.
  */
 import type { ObjectStore } from "../store/store.js";
+import { readGcMarker } from "./collected.js";
 import { parseSegmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import { CorruptSegmentError, openSegment, type Segment } from "./segment.js";
 
@@ -15,7 +16,8 @@ export interface FetchedSegment {
 }
 
 export interface TailProblem {
-  kind: "gap" | "corrupt" | "fork";
+  /** "collected": the missing segments were deleted by gc; they will never come. */
+  kind: "gap" | "corrupt" | "fork" | "collected";
   seq: number;
   key?: string;
   message: string;
@@ -26,6 +28,21 @@ export interface TailResult {
   segments: AsyncIterable<FetchedSegment>;
   /** Why the tail stopped before the end of the listing, if it did (final once `segments` is exhausted). */
   problem(): TailProblem | undefined;
+}
+
+/** A hole that gc made (its marker covers it): waiting is pointless, the node must start again from a snapshot. */
+async function collectedProblem(store: ObjectStore, origin: string, stream: string, seq: number): Promise<TailProblem | null> {
+  const m = await readGcMarker(store, origin, stream);
+  if (!m || m.collectedThrough < seq) return null;
+  return {
+    kind: "collected",
+    seq,
+    message:
+      `segments ${seq}..${m.collectedThrough} of origin "${origin}" (${stream}) were deleted by gc on ${new Date(m.atMs).toISOString()}: ` +
+      `this node was offline longer than the retention window and cannot catch up from the log. Start it again from a snapshot: ` +
+      `once "unisync status" shows nothing waiting to upload, stop the agent, move the instance folder's databases, files and .unisync/ aside, ` +
+      `and start the agent on the empty folder (it starts from the newest snapshot)`,
+  };
 }
 
 /**
@@ -58,7 +75,7 @@ export async function readAfter(
       break;
     }
     if (name.seq > expect) {
-      problem = { kind: "gap", seq: expect, message: `segment ${expect} of origin "${origin}" is missing; waiting for it before applying ${name.seq}` };
+      problem = await collectedProblem(store, origin, stream, expect) ?? { kind: "gap", seq: expect, message: `segment ${expect} of origin "${origin}" is missing; waiting for it before applying ${name.seq}` };
       break;
     }
     if (wanted.length >= maxSegments) break;

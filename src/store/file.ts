@@ -278,13 +278,13 @@ export class FileStore implements ObjectStore {
 
     const objects: ObjectInfo[] = [];
     const prefixes: string[] = [];
-    const sizes = await this.sizes(entries.flatMap((e) => (e.kind === "object" ? [e.key] : [])));
+    const stats = await this.sizes(entries.flatMap((e) => (e.kind === "object" ? [e.key] : [])));
     for (const e of entries) {
       if (e.kind === "prefix") prefixes.push(e.prefix);
       else {
-        const size = sizes.get(e.key);
+        const st = stats.get(e.key);
         // Deleted between readdir and stat: simply absent from this page.
-        if (size !== undefined) objects.push({ key: e.key, size });
+        if (st !== undefined) objects.push({ key: e.key, size: st.size, modifiedMs: st.mtimeMs });
       }
     }
     const page: ListPage = { objects, prefixes };
@@ -292,15 +292,15 @@ export class FileStore implements ObjectStore {
     return page;
   }
 
-  private async sizes(keys: string[]): Promise<Map<string, number>> {
-    const out = new Map<string, number>();
+  private async sizes(keys: string[]): Promise<Map<string, { size: number; mtimeMs: number }>> {
+    const out = new Map<string, { size: number; mtimeMs: number }>();
     const batch = 64; // bounded parallelism helps on network mounts
     for (let i = 0; i < keys.length; i += batch) {
       await Promise.all(
         keys.slice(i, i + batch).map(async (key) => {
           try {
             const st = await stat(path.join(this.root, ...key.split("/")));
-            if (st.isFile()) out.set(key, st.size);
+            if (st.isFile()) out.set(key, { size: st.size, mtimeMs: st.mtimeMs });
           } catch (err) {
             if (!isMissing(err)) throw mapFsError(err, `list (stat ${key})`);
           }

@@ -228,11 +228,11 @@ export class S3Store implements ObjectStore {
       );
       const strip = (k: string | undefined): string | undefined =>
         k !== undefined && k.startsWith(this.prefix) ? k.slice(this.prefix.length) : undefined;
-      type Item = { name: string; size?: number };
+      type Item = { name: string; size?: number; modifiedMs?: number };
       const raw: Item[] = [];
       for (const o of res.Contents ?? []) {
         const name = strip(o.Key);
-        if (name !== undefined) raw.push({ name, size: o.Size ?? 0 });
+        if (name !== undefined) raw.push({ name, size: o.Size ?? 0, modifiedMs: o.LastModified?.getTime() });
       }
       for (const p of res.CommonPrefixes ?? []) {
         const name = strip(p.Prefix);
@@ -250,7 +250,7 @@ export class S3Store implements ObjectStore {
       const more = items.length > limit || res.IsTruncated === true;
       const page = items.slice(0, limit);
       const result: ListPage = {
-        objects: page.flatMap((i) => (i.size === undefined ? [] : [{ key: i.name, size: i.size }])),
+        objects: page.flatMap((i) => (i.size === undefined ? [] : [{ key: i.name, size: i.size, ...(i.modifiedMs !== undefined ? { modifiedMs: i.modifiedMs } : {}) }])),
         prefixes: page.flatMap((i) => (i.size === undefined ? [i.name] : [])),
       };
       if (more && page.length > 0) result.next = page[page.length - 1]!.name;

@@ -11,6 +11,8 @@ import type { Readable } from "node:stream";
 export interface ObjectInfo {
   key: string;
   size: number;
+  /** Last write time, where the listing gives it (gc keeps young blobs: they may belong to a segment being sealed). */
+  modifiedMs?: number;
 }
 
 export interface ListPage {
