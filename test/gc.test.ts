@@ -13,15 +13,15 @@
  *   were collected (not a gap to wait at), and started on an empty folder it
  *   bootstraps from the newest snapshot and converges.
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdirSync, readdirSync, readFileSync, renameSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, CLI, Cluster, ensureBuilt, killAllChildren, runApp, waitFor } from "./helpers/cluster.js";
-import { S3RVER_ENV, s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+import { appSucceeded, CLI, Cluster, clusterSuite, runApp, waitFor } from "./helpers/cluster.js";
+import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { listSnapshots, partBlobs, readManifest, type FileEntry } from "../src/snapshot/format.js";
 import type { GcReport } from "../src/snapshot/gc.js";
 import { fetchBlob } from "../src/log/blobs.js";
@@ -34,20 +34,7 @@ const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
-let s3: S3rverHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-
-beforeAll(async () => {
-  ensureBuilt();
-  s3 = await startS3rver();
-});
-
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await s3?.stop({ keepData: keep });
-});
+const suite = clusterSuite();
 
 function files(dir: string): Record<string, string> {
   const out: Record<string, string> = {};
@@ -94,16 +81,16 @@ describe("gc", () => {
   it("keeps what the window and a lagging node need, collects the rest, and a node left behind is told to start from a snapshot", async (ctx) => {
     console.log(`gc.test SEED=${SEED}`);
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const url = s3StoreUrl(s3!.endpoint, s3!.bucket, `gc-${SEED}-${Date.now()}`);
+    const url = suite.storeUrl(`gc-${SEED}`);
     Object.assign(process.env, S3RVER_ENV);
     const store = openStore(url);
     // An orphan blob written before anything else: nothing names it.
     const orphan = randomBytes(64);
     await store.put(`blobs/${sha(orphan)}`, orphan);
 
-    const c = (cluster = await Cluster.start({ nodes: ["n1", "n2", "n3"], store: url, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "0" } }));
+    const c = (suite.cluster = await Cluster.start({ nodes: ["n1", "n2", "n3"], store: url, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "0" } }));
     const states = join(c.root, "states");
     mkdirSync(states);
 

@@ -15,15 +15,15 @@
  *
  * KEEP_CLUSTER=1 keeps the folders and logs.
  */
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdirSync, readdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, CLI, Cluster, ensureBuilt, killAllChildren, runApp, waitFor } from "./helpers/cluster.js";
-import { S3RVER_ENV, s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
+import { appSucceeded, CLI, Cluster, clusterSuite, runApp, waitFor } from "./helpers/cluster.js";
+import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { listSnapshots, readManifest } from "../src/snapshot/format.js";
 import { openStore } from "../src/store/url.js";
 
@@ -32,20 +32,7 @@ const NODES = ["n1", "n2", "n3"];
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
-let s3: S3rverHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-
-beforeAll(async () => {
-  ensureBuilt();
-  s3 = await startS3rver();
-});
-
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await s3?.stop({ keepData: keep });
-});
+const suite = clusterSuite();
 
 /** Every synced file of an instance folder → sha256 (databases, .unisync/, logs left out). */
 function files(dir: string): Record<string, string> {
@@ -84,10 +71,10 @@ describe("snapshots, bootstrap, replay and restore", () => {
   it("a 4th node bootstraps mid-run; replay and restore at T equal the state recorded at T", async (ctx) => {
     console.log(`snapshot.test SEED=${SEED}`);
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const store = s3StoreUrl(s3!.endpoint, s3!.bucket, `snap-${SEED}-${Date.now()}`);
-    const c = (cluster = await Cluster.start({ nodes: NODES, store, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "4000" } }));
+    const store = suite.storeUrl(`snap-${SEED}`);
+    const c = (suite.cluster = await Cluster.start({ nodes: NODES, store, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "4000" } }));
     const states = join(c.root, "states");
     mkdirSync(states);
 
