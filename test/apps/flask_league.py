@@ -10,7 +10,8 @@ Usage:
   flask_league.py INSTANCE_DIR --node N --seed S --ops K [--journal-file PATH]
 
 Every row carries `uid` (node-counter), which the test uses to name rows across
-nodes, since ids may move. Journal (one JSON line per committed change):
+nodes, since ids may move. Deletes also journal the ids the app deleted by (ids may move under the app).
+Journal (one JSON line per committed change):
   {"op": "insert", "table": "player", "uid": "n1-7", "team": "n1-3"}
   {"op": "delete", "table": "team", "uid": "n1-3", "cascade": ["n2-9", ...]}
 """
@@ -128,8 +129,9 @@ class Actions:
         if t is None:
             return self.add_team()
         gone = [p.uid for p in t.players]
+        gone_ids = [p.id for p in t.players]
         db.session.delete(t)
-        return [{"op": "delete", "table": "team", "uid": t.uid, "cascade": gone}]
+        return [{"op": "delete", "table": "team", "uid": t.uid, "cascade": gone, "cascade_ids": gone_ids}]
 
     def delete_player(self):
         p = self.pick(Player)
@@ -139,7 +141,7 @@ class Actions:
         for m in db.session.scalars(select(Player).where(Player.mentor_id == p.id)).all():
             m.mentor_id = None
         db.session.delete(p)
-        return [{"op": "delete", "table": "player", "uid": p.uid}]
+        return [{"op": "delete", "table": "player", "uid": p.uid, "id": p.id}]
 
 
 WEIGHTS = [("add_team", 3), ("add_player", 8), ("tag_team", 3), ("update_player", 4), ("delete_team", 1), ("delete_player", 1)]
