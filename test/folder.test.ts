@@ -17,6 +17,7 @@ import { conflictName, decide, FileStateStore, KIND_DELETE, KIND_WRITE, MAX_CONF
 import { listExcluded } from "../src/capture/folder.js";
 import { builtinExclusion, IgnoreRules, unsafePathReason } from "../src/capture/ignore.js";
 import { blobKey, fetchBlobToFile, putBlobFromFile, uploadFile } from "../src/log/blobs.js";
+import { queuedHasher } from "../src/log/hasher.js";
 import { HybridClock } from "../src/log/hlc.js";
 import { segmentKey } from "../src/log/keys.js";
 import { sealSegment, type LogRecord } from "../src/log/segment.js";
@@ -492,6 +493,31 @@ describe("hostile segments are refused without writing anything", () => {
     mkdirSync(join(root, "out"));
     await fetchBlobToFile(store, sha(text), text.length, join(root, "out", "t"));
     expect(readFileSync(join(root, "out", "t")).equals(text)).toBe(true);
+  });
+
+  it("hashing queued beside the copy names a blob by exactly its bytes, whatever the size and slicing", async () => {
+    // More chunks than are read ahead and queued, and a size that is no multiple of a chunk or a slice.
+    const f = join(root, "odd.bin");
+    const data = randomBytes(9 * 1024 * 1024 + 12_345);
+    writeFileSync(f, data);
+    expect(await uploadFile(store, f)).toMatchObject({ sha256: sha(data), size: data.length });
+    expect((await store.get(blobKey(sha(data))))?.equals(data)).toBe(true);
+    // The compressed path (FileStore) too.
+    const text = Buffer.from("compressible, and longer than one chunk ".repeat(200_000));
+    writeFileSync(f, text);
+    expect(await uploadFile(store, f)).toMatchObject({ sha256: sha(text), size: text.length });
+    await fetchBlobToFile(store, sha(text), text.length, join(root, "odd.out"));
+    expect(readFileSync(join(root, "odd.out")).equals(text)).toBe(true);
+    for (const slice of [1, 1000, 1 << 20]) {
+      const h = queuedHasher(slice);
+      for (let off = 0; off < 5000; off += 1700) {
+        await h.room();
+        h.update(data.subarray(off, Math.min(off + 1700, 5000)));
+      }
+      expect(await h.digest()).toBe(sha(data.subarray(0, 5000)));
+      await expect(h.digest()).rejects.toThrow(/ended/);
+    }
+    expect(readdirSync(join(root, "store", "blobs")).filter((n) => n.startsWith(".tmp-"))).toEqual([]);
   });
 
   it("blob helpers verify while streaming", async () => {

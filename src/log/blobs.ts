@@ -14,6 +14,7 @@ import { PassThrough, pipeline, Readable, Transform, Writable, type TransformCal
 import { pipeline as pipelineAsync } from "node:stream/promises";
 import { compress, CompressStream, DecompressStream } from "zstd-napi";
 import type { ObjectStore } from "../store/store.js";
+import { newChunkHasher, type ChunkHasher } from "./hasher.js";
 
 export const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
 const SAMPLE_BYTES = 64 * 1024;
@@ -74,7 +75,7 @@ const MIN_COMPRESS = 4096;
 /** Reads of large files: few, big chunks (the memory bound is a few of these). */
 const CHUNK = 1024 * 1024;
 /** Reads in flight ahead of the upload. */
-const READ_AHEAD = 2;
+const READ_AHEAD = 4;
 
 /** Whether content whose first bytes are `sample` (of `size` in all) is stored compressed. */
 function compressPays(sample: Buffer, size: number): boolean {
@@ -154,7 +155,7 @@ export interface UploadedFile {
  * once, verified on the way out. Either way what is stored hashes to its name;
  * the caller still checks that the file did not change meanwhile (size, mtime).
  */
-export async function uploadFile(store: ObjectStore, file: string): Promise<UploadedFile> {
+export async function uploadFile(store: ObjectStore, file: string, hasher: () => ChunkHasher = newChunkHasher): Promise<UploadedFile> {
   if (!store.putThenName) {
     const h = await hashFile(file);
     await putBlobFromFile(store, file, h.sha256, h.size);
@@ -163,48 +164,55 @@ export async function uploadFile(store: ObjectStore, file: string): Promise<Uplo
   const sample = await readSample(file);
   // A sample shorter than SAMPLE_BYTES is the whole file.
   const compressIt = compressPays(sample, sample.length < SAMPLE_BYTES ? sample.length : Infinity);
-  const hashed = hashedChunks(file);
-  const body: Readable = compressIt
-    ? pipeline(Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 }), new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
-    : Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 });
-  let sha256 = "";
-  await store.putThenName("blobs", body, async () => {
-    sha256 = hashed.digest();
-    // Raw bytes that start with the zstd magic would be misread: the file changed under us.
-    if (!compressIt && hashed.head().subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
-    const key = blobKey(sha256);
-    return (await store.head(key)) ? null : key;
-  });
-  return { sha256, size: hashed.size(), head: hashed.head() };
+  const hashed = hashedChunks(file, hasher());
+  try {
+    const body: Readable = compressIt
+      ? pipeline(Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 }), new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
+      : Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 });
+    let sha256 = "";
+    await store.putThenName("blobs", body, async () => {
+      sha256 = await hashed.digest();
+      // Raw bytes that start with the zstd magic would be misread: the file changed under us.
+      if (!compressIt && hashed.head().subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
+      const key = blobKey(sha256);
+      return (await store.head(key)) ? null : key;
+    });
+    return { sha256, size: hashed.size(), head: hashed.head() };
+  } finally {
+    hashed.close();
+  }
 }
 
 /**
- * A file's chunks in order, read READ_AHEAD chunks ahead and each hashed as
- * soon as its read completes: the hashing runs while the consumer writes
- * earlier chunks, instead of after them (hashing is as slow as a local copy).
+ * A file's chunks in order, read READ_AHEAD chunks ahead. Each chunk goes to
+ * the hasher (a worker thread: see log/hasher.ts) as soon as its read completes
+ * and in file order, so hashing runs beside the consumer's writes of the same
+ * bytes instead of between them. Reads wait while the hasher is behind.
  */
-function hashedChunks(file: string): { chunks: AsyncGenerator<Buffer>; digest(): string; size(): number; head(): Buffer } {
-  const hash = createHash("sha256");
+function hashedChunks(
+  file: string,
+  hasher: ChunkHasher,
+): { chunks: AsyncGenerator<Buffer>; digest(): Promise<string>; size(): number; head(): Buffer; close(): void } {
   let size = 0;
   let head = Buffer.alloc(0);
   async function* chunks(): AsyncGenerator<Buffer> {
     const fh = await open(file, "r");
     const queue: Promise<Buffer>[] = [];
-    let hashed: Promise<unknown> = Promise.resolve();
+    let handed: Promise<unknown> = Promise.resolve();
     let pos = 0;
     const issue = () => {
-      const buf = Buffer.allocUnsafe(CHUNK);
+      const buf = hasher.alloc(CHUNK);
       const read = fh.read(buf, 0, CHUNK, pos);
       pos += CHUNK;
-      // Hash updates chained in file order, whatever order the reads complete in.
-      const chunk = hashed.then(() => read).then(({ bytesRead }) => {
+      // Chunks go to the hasher in file order, whatever order the reads complete in.
+      const chunk = handed.then(() => read).then(({ bytesRead }) => {
         const c = buf.subarray(0, bytesRead);
-        hash.update(c);
+        if (bytesRead > 0) hasher.update(c);
         size += bytesRead;
         if (head.length < 16) head = Buffer.concat([head, c.subarray(0, 16 - head.length)]);
         return c;
       });
-      hashed = chunk;
+      handed = chunk;
       queue.push(chunk);
     };
     try {
@@ -212,6 +220,7 @@ function hashedChunks(file: string): { chunks: AsyncGenerator<Buffer>; digest():
       for (;;) {
         const c = await queue.shift()!;
         if (c.length === 0) return;
+        await hasher.room();
         issue();
         yield c;
       }
@@ -221,7 +230,7 @@ function hashedChunks(file: string): { chunks: AsyncGenerator<Buffer>; digest():
       await fh.close();
     }
   }
-  return { chunks: chunks(), digest: () => hash.digest("hex"), size: () => size, head: () => head };
+  return { chunks: chunks(), digest: () => hasher.digest(), size: () => size, head: () => head, close: () => hasher.close() };
 }
 
 /**
