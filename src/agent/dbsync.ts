@@ -17,6 +17,7 @@ import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
 import { lineageName, Relocator } from "../replay/relocate.js";
+import { AsideRows } from "../replay/unique.js";
 import { RowStateStore } from "../replay/state.js";
 import { TableAccess } from "../replay/table.js";
 import type { ObjectStore } from "../store/store.js";
@@ -99,17 +100,17 @@ export class DbSync {
       bag,
       () => this.tables,
       relocator,
-      (p) => {
-        o.metrics.inc("unisync_records_parked_total");
-        if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
-        this.log.warn(p, "record parked: cannot apply it yet");
-      },
-      (table, key, keptKey) => {
+      new AsideRows(this.db, this.states, () => this.tables, (table, key, keptKey) => {
         o.metrics.inc("unisync_rows_set_aside_total");
         this.log.warn(
           { table, key: key.map(String), kept: keptKey.map(String) },
           "unique clash: two nodes created rows with the same unique values; the later one is set aside (see `unisync conflicts`)",
         );
+      }),
+      (p) => {
+        o.metrics.inc("unisync_records_parked_total");
+        if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
+        this.log.warn(p, "record parked: cannot apply it yet");
       },
       o.maxClockDriftMs,
     );
@@ -201,7 +202,7 @@ export class DbSync {
     if (!this.hasPending()) {
       this.relocator.followDeferred();
       // A local write may have ended a unique clash: a row set aside comes back.
-      this.applier.restoreAside();
+      this.applier.aside.restore();
     }
     setMeta(this.db, "hlc", this.o.clock.current);
     this.o.metrics.inc("unisync_records_captured_total", batch.records.length);

@@ -74,6 +74,21 @@ export function ensureInternalTables(db: Database): void {
   }
 }
 
+/**
+ * Runs `fn` with our triggers silenced (a row in _unisync_applying), so that what
+ * it writes to the app's tables is not captured again: replay, and the moves and
+ * restores the merge rules make. Nests: an inner call inside a silenced one just runs.
+ */
+export function silenced<T>(db: Database, fn: () => T): T {
+  if (db.prepare("SELECT 1 FROM _unisync_applying").get()) return fn();
+  db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
+  try {
+    return fn();
+  } finally {
+    db.prepare("DELETE FROM _unisync_applying").run();
+  }
+}
+
 export function getMeta(db: Database, key: string): unknown {
   const row = db.prepare("SELECT v FROM _unisync_meta WHERE k = ?").get(key) as { v: unknown } | undefined;
   return row?.v;

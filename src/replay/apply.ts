@@ -5,12 +5,13 @@
  * While applying, _unisync_applying holds a row, which silences our triggers.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { hlcToMs, type HybridClock } from "../log/hlc.js";
+import { silenced } from "../capture/internal.js";
+import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
-import { compareStamp } from "../log/hlc.js";
-import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, mergeChange, type RowState } from "./merge.js";
-import { intKey, lineageName, outranks, sameLineage, type Relocator } from "./relocate.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
+import { clockOf, mergeChange } from "./merge.js";
+import { intKey, lineageName, sameLineage, type Relocator } from "./relocate.js";
+import type { AsideRows } from "./unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "./bag.js";
 import type { RowStateStore } from "./state.js";
@@ -61,15 +62,14 @@ export class Applier {
     /** Current local tables by name; replaced by the owner when the schema changes. */
     private readonly tables: () => Map<string, TableAccess>,
     private readonly relocator: Relocator,
+    /** Rows set aside by unique clashes (unique.ts). */
+    readonly aside: AsideRows,
     private readonly onParked: (p: ParkedRecord) => void,
-    /** A row set aside after a UNIQUE clash (for the log and metrics). */
-    private readonly onSetAside: (table: string, key: SqlValue[], keptKey: SqlValue[]) => void,
     /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
     private readonly maxDriftMs: number = 5 * 60_000,
     private readonly now: () => number = Date.now,
   ) {
     this.cursorStore = new Cursors(db);
-    this.hasAside = !!db.prepare("SELECT 1 FROM _unisync_conflicts LIMIT 1").get();
     this.park = db.prepare(
       "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     );
@@ -91,11 +91,10 @@ export class Applier {
     const cur = this.cursor(segment.origin);
     if (segment.seq <= cur.seq) return { applied: 0, parked: 0, skipped: true };
     if (segment.seq !== cur.seq + 1) throw new Error(`segment ${segment.seq} of "${segment.origin}" is not next (cursor at ${cur.seq})`);
-    this.db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
     let applied = 0;
     let parked = 0;
     let lastHlc = 0;
-    try {
+    silenced(this.db, () => {
       segment.records.forEach((rec, idx) => {
         lastHlc = Math.max(lastHlc, rec.hlc);
         const reason = this.applyRecord(segment.origin, rec);
@@ -106,9 +105,7 @@ export class Applier {
         }
       });
       this.cursorStore.set(segment.origin, segment.seq, key, lastHlc);
-    } finally {
-      this.db.prepare("DELETE FROM _unisync_applying").run();
-    }
+    });
     return { applied, parked, skipped: false };
   }
 
@@ -138,7 +135,7 @@ export class Applier {
     const current = access.find(row.key, keyValues);
     if (current === null && row.refs?.length) this.moveMisplacedTombstone(access, row, keyValues, pk);
     // A row set aside after a unique clash is not in the table: its values are kept aside.
-    const aside = current === null && this.hasAside ? this.asideValues(access, keyValues) : null;
+    const aside = current === null ? this.aside.values(access, keyValues) : null;
     const prior = this.states.get(row.table, pk);
     const stamp = { hlc: rec.hlc, origin };
     const { state, write } = mergeChange(prior, current ?? aside, {
@@ -162,7 +159,7 @@ export class Applier {
         // The row is not in the table: a write tries to bring it back whole, a delete ends it.
         if (write.kind === "none") return;
         if (write.kind !== "delete") access.insert(full);
-        this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(row.table, encodeValues(keyValues));
+        this.aside.release(row.table, keyValues);
       } else if (write.kind === "insert") access.insert(write.values);
       else if (write.kind === "update") access.update(row.key, keyValues, write.values);
       else if (write.kind === "delete") access.delete(row.key, keyValues);
@@ -175,123 +172,14 @@ export class Applier {
       // A failed statement changes nothing, so the state is not written either.
       if (!other) return `${(err as Error).message}`;
       try {
-        this.settleUniqueClash(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
+        this.aside.settle(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
       } catch (err2) {
         return `${(err2 as Error).message}`;
       }
     }
     this.states.put(row.table, pk, state);
-    if (this.hasAside) this.restoreAside(row.table);
+    this.aside.restore(row.table);
     return null;
-  }
-
-  /**
-   * Rows set aside come back once nothing clashes with them any more (the row
-   * that kept the values changed them, or was deleted); one created earlier than
-   * the row in its way takes its place. Runs after every write to a table that
-   * has rows aside, replayed or local, so every node reaches the same table.
-   */
-  restoreAside(table?: string): void {
-    if (!this.hasAside) return;
-    const rows = (
-      table === undefined
-        ? this.db.prepare("SELECT tbl, row_key FROM _unisync_conflicts").all()
-        : this.db.prepare("SELECT tbl, row_key FROM _unisync_conflicts WHERE tbl = ?").all(table)
-    ) as { tbl: string; row_key: Buffer }[];
-    if (rows.length === 0) {
-      this.hasAside = !!this.db.prepare("SELECT 1 FROM _unisync_conflicts LIMIT 1").get();
-      return;
-    }
-    const guard = !this.db.prepare("SELECT 1 FROM _unisync_applying").get();
-    if (guard) this.db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
-    try {
-      for (const r of rows) {
-        const access = this.tables().get(r.tbl);
-        if (!access) continue;
-        const keyValues = decodeValues(r.row_key);
-        const values = this.asideValues(access, keyValues);
-        const state = this.states.get(r.tbl, rowIdentity(keyValues, false));
-        if (!values || !state) continue;
-        if (!state.alive) {
-          this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(r.tbl, r.row_key);
-          continue;
-        }
-        const bringBack = () => {
-          access.insert(values);
-          this.db.prepare("DELETE FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").run(r.tbl, r.row_key);
-        };
-        try {
-          this.db.transaction(bringBack)();
-        } catch (err) {
-          if ((err as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") continue;
-          const other = access.uniqueClash(values, access.shape.key, keyValues);
-          if (other && this.createdFirst(access, state, this.states.get(r.tbl, rowIdentity(other, false)))) {
-            this.db.transaction(() => this.settleUniqueClash(access, { keyValues, state, values, inTable: false }, other, bringBack))();
-          }
-        }
-      }
-    } finally {
-      if (guard) this.db.prepare("DELETE FROM _unisync_applying").run();
-    }
-  }
-
-  /**
-   * Two rows clash on a UNIQUE constraint (two nodes both created user
-   * "alice"). Every node keeps the same one, the row created first (lineage
-   * rank, or first insert clock), whatever order they arrive in; the other is
-   * taken out of the table and kept, with its values, in _unisync_conflicts.
-   * Its merge state stays, so later changes to it still merge, and it comes
-   * back by itself if a change ends the clash.
-   */
-  private settleUniqueClash(
-    access: TableAccess,
-    incoming: { keyValues: SqlValue[]; state: RowState; values: Map<string, SqlValue>; inTable: boolean },
-    otherKey: SqlValue[],
-    writeTable: () => void,
-  ): void {
-    const key = access.shape.key;
-    const other = this.states.get(access.shape.name, rowIdentity(otherKey, false));
-    const otherRow = access.find(key, otherKey) as Map<string, SqlValue>;
-    if (this.createdFirst(access, incoming.state, other)) {
-      this.setAside(access, otherKey, otherRow, incoming.keyValues);
-      access.delete(key, otherKey);
-      writeTable();
-    } else {
-      this.setAside(access, incoming.keyValues, incoming.values, otherKey);
-      if (incoming.inTable) access.delete(key, incoming.keyValues);
-    }
-  }
-
-  /** Whether any row is set aside (read once, then kept up to date): most databases never have one. */
-  private hasAside = false;
-
-  private asideValues(access: TableAccess, keyValues: SqlValue[]): Map<string, SqlValue> | null {
-    const vals = this.db.prepare("SELECT vals FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").pluck(true).get(access.shape.name, encodeValues(keyValues)) as
-      | Buffer
-      | undefined;
-    if (!vals) return null;
-    const flat = decodeValues(vals);
-    const out = new Map<string, SqlValue>();
-    for (let i = 0; i + 1 < flat.length; i += 2) if (access.has(flat[i] as string)) out.set(flat[i] as string, flat[i + 1]);
-    return out;
-  }
-
-  /** Whether row a was created before row b (rows without a known creation count as oldest). */
-  private createdFirst(access: TableAccess, a: RowState, b: RowState | null): boolean {
-    if (access.shape.autoId && a.lineage && b?.lineage) return outranks(a.lineage, b.lineage);
-    const ia = a.incarnation ?? { hlc: 0, origin: "" };
-    const ib = b?.incarnation ?? { hlc: 0, origin: "" };
-    return compareStamp(ia.hlc, ia.origin, ib.hlc, ib.origin) < 0;
-  }
-
-  private setAside(access: TableAccess, keyValues: SqlValue[], values: Map<string, SqlValue>, keptKey: SqlValue[]): void {
-    const flat: SqlValue[] = [];
-    for (const [c, v] of values) flat.push(c, v);
-    this.db
-      .prepare("INSERT OR REPLACE INTO _unisync_conflicts(tbl, row_key, kept_key, vals, detected_ms) VALUES (?, ?, ?, ?, ?)")
-      .run(access.shape.name, encodeValues(keyValues), encodeValues(keptKey), encodeValues(flat), Date.now());
-    this.hasAside = true;
-    this.onSetAside(access.shape.name, keyValues, keptKey);
   }
 
   /**
@@ -404,16 +292,13 @@ export function retryParked(db: Database, applier: Applier, decode: (bytes: Buff
     const rec = decode(r.record).records[0];
     const run = db.transaction(() => {
       first();
-      db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
-      try {
+      silenced(db, () => {
         const reason = rec ? applier.applyRecord(r.origin, rec) : null;
         if (reason === null) {
           db.prepare("DELETE FROM _unisync_parked WHERE id = ?").run(r.id);
           done++;
         } else db.prepare("UPDATE _unisync_parked SET reason = ? WHERE id = ?").run(reason, r.id);
-      } finally {
-        db.prepare("DELETE FROM _unisync_applying").run();
-      }
+      });
     });
     run.immediate();
   }

@@ -26,6 +26,7 @@
  */
 import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
+import { silenced } from "../capture/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import type { Lineage, Stamp } from "./merge.js";
@@ -159,7 +160,7 @@ export class Relocator {
       tbl: string; lin_hlc: bigint; lin_origin: string; from_key: bigint; key: bigint;
     }[];
     if (waiting.length === 0) return;
-    this.guarded(() => {
+    silenced(this.db, () => {
       for (const w of waiting) {
         const access = this.tables().get(w.tbl);
         if (access) this.followReferences(access, { hlc: Number(w.lin_hlc), origin: w.lin_origin }, w.from_key, w.key);
@@ -185,17 +186,6 @@ export class Relocator {
     const dest = this.claim(access, lineage, freshKey(table, key, lineage), bornKey, true);
     this.recordMove({ table, lineage, bornKey, from: key, to: dest, winner: occupant, live: true });
     return dest;
-  }
-
-  /** Runs `fn` with the triggers silenced (replay already silences them; a local insert's move does not). */
-  private guarded(fn: () => void): void {
-    if (this.db.prepare("SELECT 1 FROM _unisync_applying").get()) return fn();
-    this.db.prepare("INSERT INTO _unisync_applying(x) VALUES (1)").run();
-    try {
-      fn();
-    } finally {
-      this.db.prepare("DELETE FROM _unisync_applying").run();
-    }
   }
 
   private recordMove(m: Move, followed = true): void {
