@@ -7,6 +7,8 @@
  * sha256 alone (hashFile).
  *
  *   npm run build && node dist/bench/upload-inproc.js [SIZE_MB=256] [ROUNDS=7] [DIR=tmpdir]
+ *   STORE=s3 ...: the same against s3rver (its own process, bench/s3rver-server.ts),
+ *   the S3 path of uploadFile (hash first, then one streamed PUT) against a raw PUT.
  */
 import { randomBytes } from "node:crypto";
 import { closeSync, createReadStream, fsyncSync, mkdtempSync, openSync, rmSync, writeSync } from "node:fs";
@@ -14,7 +16,21 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { hashFile, uploadFile } from "../src/log/blobs.js";
 import { mainThreadHasher } from "../src/log/hasher.js";
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
 import { FileStore } from "../src/store/file.js";
+import type { ObjectStore } from "../src/store/store.js";
+import { openStore } from "../src/store/url.js";
+import { S3RVER_ENV, s3StoreUrl } from "../test/helpers/s3rver.js";
+
+/** s3rver in its own process; returns a store on it and a stop function. */
+async function s3Store(): Promise<{ store: ObjectStore; stop: () => void }> {
+  const proc = spawn(process.execPath, [join(import.meta.dirname, "s3rver-server.js")], { stdio: ["ignore", "pipe", "inherit"] });
+  const line = await new Promise<string>((resolve) => createInterface({ input: proc.stdout }).once("line", resolve));
+  const { endpoint, bucket } = JSON.parse(line) as { endpoint: string; bucket: string };
+  Object.assign(process.env, S3RVER_ENV);
+  return { store: openStore(s3StoreUrl(endpoint, bucket, `upload-${Date.now()}`)), stop: () => proc.kill("SIGTERM") };
+}
 
 const [mbArg, roundsArg, dirArg] = process.argv.slice(2);
 const mb = Number(mbArg ?? 256);
@@ -28,7 +44,9 @@ try {
   fsyncSync(fd);
   closeSync(fd);
   const want = (await hashFile(file)).sha256;
-  const store = new FileStore(join(dir, "store"));
+  const s3 = process.env.STORE === "s3" ? await s3Store() : null;
+  const store: ObjectStore = s3?.store ?? new FileStore(join(dir, "store"));
+  process.once("exit", () => s3?.stop());
   await store.put("blobs/.keep", Buffer.alloc(0));
   await store.put("bench/.keep", Buffer.alloc(0));
 
@@ -65,7 +83,7 @@ try {
   const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
   const rawBest = Math.min(...times.raw_put!);
   const rawMed = med(times.raw_put!);
-  console.log(`${mb} MB, ${rounds} rounds, ${dir}`);
+  console.log(`${mb} MB, ${rounds} rounds, ${dir}, store ${store.description}`);
   for (const [name, xs] of Object.entries(times)) {
     const best = Math.min(...xs);
     console.log(
