@@ -178,6 +178,9 @@ describe("a node left behind by retention", () => {
     const left = st.rejoin!.leftBehind!;
     expect(existsSync(join(left, "data.db")), "n3's database before the rejoin is kept").toBe(true);
     expect(existsSync(join(left, "rejoin.json"))).toBe(true);
+    const cliStatus = await cli(["status", c.instance("n3"), "--store", url, "--json"]);
+    expect(cliStatus.code, cliStatus.stderr).toBe(0);
+    expect((JSON.parse(cliStatus.stdout) as { startedAgain: { snapshot: string }[] }).startedAgain.map((r) => r.snapshot)).toEqual([st.rejoin!.snapshot]);
     // What n3 wrote offline reached everyone.
     for (const n of ["n1", "n2", "n3"]) {
       const db = new Database(c.instance(n, "data.db"), { readonly: true });
