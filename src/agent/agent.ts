@@ -13,12 +13,26 @@ import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
 import { DbSync, NodeIdentityError } from "./dbsync.js";
-import { FolderSync } from "./foldersync.js";
+import { FILES_STREAM, FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
 import { announceAgent, retireAgent } from "../snapshot/agentlink.js";
 import { SnapshotScheduler } from "../snapshot/scheduler.js";
 import { finishBootstrap, placeNewestSnapshot, type BootstrapSettings } from "../snapshot/bootstrap.js";
 import { join } from "node:path";
+import { renameSync, rmSync } from "node:fs";
+import { placeDatabase } from "../snapshot/bootstrap.js";
+import { stageNewest } from "../snapshot/stage.js";
+import {
+  collectedGaps,
+  copyAside,
+  coverageProblem,
+  leftBehindDir,
+  moveFolderFiles,
+  moveFolderState,
+  unsentReason,
+  writeRejoinNote,
+  type RejoinStatus,
+} from "../snapshot/rejoin.js";
 
 /** Segments one database may seal per capture tick (the app's writes get the lock in between). */
 const SEAL_TURN = 2;
@@ -61,6 +75,8 @@ export interface AgentStatus {
     problems: Record<string, string>;
   };
   storeError?: string;
+  /** A node left behind by retention: waiting to start again from a snapshot (and why), or done (what was kept where). */
+  rejoin?: RejoinStatus;
   /** Databases not synced, with why. */
   notSynced: Record<string, string>;
 }
@@ -80,6 +96,13 @@ export class Agent {
   private readonly failed = new Map<string, string>();
   private origins: string[] = [];
   private stopping = false;
+  /** Loops end while the node starts again from a snapshot (rejoin), then run again. */
+  private pausing = false;
+  private rejoining: Promise<void> | null = null;
+  private rejoinStatus: RejoinStatus | undefined;
+  /** Last time a snapshot was staged for a rejoin that did not happen (not covering): not every tick. */
+  private lastRejoinTry = 0;
+  private rejoins = 0;
   private storeError: string | undefined;
   private readonly startedMs = Date.now();
   private readonly loops: Promise<void>[] = [];
@@ -101,7 +124,7 @@ export class Agent {
       log,
       intervalMs: config.snapshotIntervalMs,
       sources: () => ({ dbs: [...this.dbs.values()], files: this.files }),
-      stopping: () => this.stopping,
+      stopping: () => this.halted(),
     });
   }
 
@@ -117,23 +140,7 @@ export class Agent {
         })
       : null;
     this.rescanDatabases();
-    if (this.config.syncFiles) {
-      this.files = new FolderSync({
-        instanceDir: this.config.instanceDir,
-        node: this.config.node,
-        store: this.store,
-        clock: this.clock,
-        log: this.log,
-        metrics: this.metrics,
-        // Read at every look: a database the agent opens later is never opened as a file.
-        openDbs: () => new Set([...this.dbs.values()].map((d) => d.db.name)),
-        maxRecords: this.config.batchMaxRecords,
-        captureIntervalMs: this.config.captureIntervalMs,
-        rescanMs: this.config.rescanMs,
-        watcher: this.config.folderWatcher as "fswatch" | "chokidar",
-        onSealed: () => this.wake?.(),
-      });
-    }
+    if (this.config.syncFiles) this.files = this.openFolder();
     if (placed) {
       await finishBootstrap(boot, { dbs: [...this.dbs.values()], files: this.files }).catch((err: Error) =>
         this.log.error({ err: err.message }, "bootstrap replay stopped early; the pull loop carries on"),
@@ -142,6 +149,200 @@ export class Agent {
     this.files?.start();
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop(), this.snapshots.run());
+  }
+
+  private openFolder(): FolderSync {
+    return new FolderSync({
+      instanceDir: this.config.instanceDir,
+      node: this.config.node,
+      store: this.store,
+      clock: this.clock,
+      log: this.log,
+      metrics: this.metrics,
+      // Read at every look: a database the agent opens later is never opened as a file.
+      openDbs: () => new Set([...this.dbs.values()].map((d) => d.db.name)),
+      maxRecords: this.config.batchMaxRecords,
+      captureIntervalMs: this.config.captureIntervalMs,
+      rescanMs: this.config.rescanMs,
+      watcher: this.config.folderWatcher as "fswatch" | "chokidar",
+      onSealed: () => this.wake?.(),
+    });
+  }
+
+  private halted(): boolean {
+    return this.stopping || this.pausing;
+  }
+
+  private streams(): (DbSync | FolderSync)[] {
+    return this.files ? [...this.dbs.values(), this.files] : [...this.dbs.values()];
+  }
+
+  /** This node's own changes not in the store yet, per stream (folder: files waiting to be stable). */
+  private unsent(streams: (DbSync | FolderSync)[]): string | null {
+    return unsentReason(
+      streams.map((s) => ({
+        stream: s.stream,
+        outboxSegments: s.outbox.size().segments,
+        localPending: s instanceof FolderSync ? s.pendingChanges() - s.state.pendingCount() : s.pendingChanges(),
+      })),
+    );
+  }
+
+  private setRejoinStatus(st: RejoinStatus, level: "error" | "warn", msg: string, extra: object = {}): void {
+    const same = this.rejoinStatus?.state === st.state && this.rejoinStatus.reason === st.reason;
+    this.rejoinStatus = st;
+    if (!same) this.log[level]({ ...extra, streams: st.streams, reason: st.reason }, msg);
+  }
+
+  /**
+   * A stream met a hole gc made (it will never be filled): whether to start the
+   * affected streams again from a snapshot now. Cheap checks every tick; the
+   * snapshot is fetched at most once a minute. Once per process at most.
+   */
+  private rejoinWanted(): boolean {
+    if (!this.config.bootstrap || this.rejoining) return false;
+    const gaps = collectedGaps(this.streams());
+    if (gaps.length === 0) return false;
+    const affected = [...new Set(gaps.map((g) => g.stream))];
+    const advice = "start the node again from a snapshot by hand (see the collected message)";
+    if (this.rejoins > 0) {
+      this.setRejoinStatus({ state: "waiting", atMs: Date.now(), streams: affected, reason: `already started again from a snapshot once in this run; ${advice}` }, "error", "segments this node needs were collected by gc again");
+      return false;
+    }
+    const unsent = this.unsent(this.streams().filter((s) => affected.includes(s.stream)));
+    if (unsent) {
+      this.setRejoinStatus(
+        { state: "waiting", atMs: Date.now(), streams: affected, reason: `local changes are not in the store yet (${unsent}); they keep uploading, and the node starts again from a snapshot once they are` },
+        "error",
+        "segments this node needs were collected by gc; not starting again from a snapshot while local changes are unsent",
+      );
+      return false;
+    }
+    return Date.now() - this.lastRejoinTry >= 60_000;
+  }
+
+  /**
+   * Starts the streams that met a collected hole again from the newest snapshot
+   * that covers it (see snapshot/rejoin.ts): stage and check it, pause every
+   * loop, check again that nothing local is unsent, keep what the node held in
+   * .unisync/left-behind-<time>/, write the snapshot in (backup API into the
+   * live database), replay after its vector, resume. Anything going wrong before
+   * the first file is touched resumes as before.
+   */
+  private async rejoin(): Promise<void> {
+    this.lastRejoinTry = Date.now();
+    const gaps = collectedGaps(this.streams());
+    const affected = [...new Set(gaps.map((g) => g.stream))];
+    const sd = stateDir(this.config.instanceDir);
+    const stageDir = join(sd, "rejoin-stage");
+    this.pausing = true;
+    this.wake?.();
+    await Promise.allSettled(this.loops);
+    this.loops.length = 0;
+    let folderStopped = false;
+    let touched = false;
+    const folder = affected.includes(FILES_STREAM) ? this.files : null;
+    try {
+      const staged = await stageNewest(this.store, stageDir, {
+        onCorrupt: (ref, message) => this.log.error({ snapshot: ref.key, problem: message }, "snapshot unusable; trying the next older one"),
+      });
+      const notCovered = staged ? await coverageProblem(this.store, staged, affected, FILES_STREAM) : "the store holds no usable snapshot";
+      if (!staged || notCovered) {
+        this.setRejoinStatus(
+          { state: "waiting", atMs: Date.now(), streams: affected, reason: `${notCovered}; tried again every minute (a newer snapshot from another node fixes it)` },
+          "error",
+          "segments this node needs were collected by gc, and no snapshot can replace them yet",
+        );
+        return;
+      }
+      if (folder) {
+        await folder.stop();
+        folderStopped = true;
+      }
+      const unsent = this.unsent(this.streams().filter((s) => affected.includes(s.stream)));
+      if (unsent) {
+        this.rejoinStatus = undefined; // reported at the next tick
+        return;
+      }
+      const dbs = [...this.dbs.values()].filter((d) => affected.includes(d.stream));
+      const dest = leftBehindDir(sd);
+      for (const d of dbs) {
+        if (copyAside(d.db, join(dest, d.stream)) > 0) {
+          this.log.info({ db: d.stream }, "the app wrote while this node was about to start again from a snapshot; trying again later");
+          rmSync(dest, { recursive: true, force: true });
+          this.lastRejoinTry = 0;
+          return;
+        }
+      }
+      // From here on, files move: no way back but forward.
+      touched = true;
+      for (const d of dbs) {
+        d.close();
+        this.dbs.delete(d.stream);
+      }
+      for (const st of affected) this.storeChecked.delete(st); // its log is checked against the store again before the next upload
+      let filesMoved = 0;
+      if (folder) {
+        folder.close();
+        this.files = null;
+        moveFolderState(sd, dest);
+        const synced = new Set(findDatabases(this.config.instanceDir, this.config.databases).synced.map((x) => x.stream));
+        filesMoved = moveFolderFiles(this.config.instanceDir, dest, (rel, isDir) => synced.has(rel) || folder.scanner.exclusion(rel, isDir) !== null);
+      }
+      for (const d of dbs) {
+        const part = staged.dbs.find((p) => p.stream === d.stream)!;
+        await placeDatabase(part.path, join(this.config.instanceDir, d.stream));
+      }
+      if (folder) renameSync(staged.filesState!, join(sd, "files.db"));
+      rmSync(stageDir, { recursive: true, force: true });
+      const status: RejoinStatus = {
+        state: "done",
+        atMs: Date.now(),
+        reason: gaps.map((g) => `${g.origin}/${g.stream} from seq ${g.seq} was collected by gc`).join("; "),
+        streams: affected,
+        snapshot: staged.ref.key,
+        leftBehind: dest,
+        databasesMoved: dbs.length,
+        filesMoved,
+      };
+      writeRejoinNote(dest, status);
+      this.rejoins++;
+      this.rejoinStatus = status;
+      this.log.warn(
+        { streams: affected, gaps: gaps.length, snapshot: staged.ref.key, databasesMoved: dbs.length, filesMoved, leftBehind: dest, reason: status.reason },
+        `this node was offline longer than the retention window: started ${affected.length} stream(s) again from the newest snapshot; what it held (${dbs.length} database(s), ${filesMoved} file(s)) is kept in ${dest}`,
+      );
+      // Reopen what was replaced, then the bootstrap replay, as at start.
+      this.rescanDatabases();
+      const reopened = [...this.dbs.values()].filter((d) => affected.includes(d.stream));
+      if (folder) this.files = this.openFolder();
+      const boot: BootstrapSettings = { ...this.config, store: this.store, log: this.log };
+      await finishBootstrap(boot, { dbs: reopened, files: folder ? this.files : null }).catch((err: Error) =>
+        this.log.error({ err: err.message }, "bootstrap replay stopped early; the pull loop carries on"),
+      );
+      if (folder) {
+        this.files?.start();
+        folderStopped = false;
+      }
+    } catch (err) {
+      this.log.error({ err: (err as Error).message, touched }, touched ? "starting again from a snapshot failed halfway; what the node held is in .unisync/left-behind-*" : "could not start again from a snapshot; carrying on as before");
+      if (touched) this.rescanDatabases();
+    } finally {
+      rmSync(stageDir, { recursive: true, force: true });
+      if (folderStopped) {
+        // A stopped FolderSync does not start again: a new one on the same (or the snapshot's) state.
+        this.files?.close();
+        try {
+          this.files = this.openFolder();
+          this.files.start();
+        } catch (err) {
+          this.files = null;
+          this.log.error({ err: (err as Error).message }, "the instance folder's files will not be synced");
+        }
+      }
+      this.pausing = false;
+      if (!this.stopping) this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop(), this.snapshots.run());
+    }
   }
 
   /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
@@ -219,7 +420,7 @@ export class Agent {
   }
 
   private async captureLoop(): Promise<void> {
-    while (!this.stopping) {
+    while (!this.halted()) {
       let sealed = 0;
       for (const db of this.dbs.values()) {
         try {
@@ -254,7 +455,7 @@ export class Agent {
 
   private async uploadLoop(): Promise<void> {
     let backoff = 0;
-    while (!this.stopping) {
+    while (!this.halted()) {
       let failed = false;
       let more = false;
       const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
@@ -288,7 +489,7 @@ export class Agent {
   private async pullLoop(): Promise<void> {
     let interval = this.config.pollMinMs;
     let lastOriginScan = 0;
-    while (!this.stopping) {
+    while (!this.halted()) {
       let applied = 0;
       let failed = false;
       try {
@@ -300,7 +501,7 @@ export class Agent {
         if (this.files) streams.push(this.files);
         for (const s of streams) {
           for (const origin of this.origins) {
-            if (this.stopping) break;
+            if (this.halted()) break;
             applied += await s.pull(origin);
             this.storeOk(); // judged only from calls really made (pull lists the store)
           }
@@ -318,11 +519,16 @@ export class Agent {
 
   private async housekeepingLoop(): Promise<void> {
     let lastHeartbeat = 0;
-    while (!this.stopping) {
+    while (!this.halted()) {
       await sleep(Math.min(this.config.rescanMs, 1000));
-      if (this.stopping) break;
+      if (this.halted()) break;
       this.rescanDatabases();
       this.updateGauges();
+      if (this.rejoinWanted()) {
+        // Runs beside the loops it pauses (this one included): not awaited here.
+        this.rejoining = this.rejoin().finally(() => (this.rejoining = null));
+        break;
+      }
       if (Date.now() - lastHeartbeat >= this.config.heartbeatMs) {
         lastHeartbeat = Date.now();
         await this.heartbeat().catch((err) => this.storeFailed(err, "writing heartbeat"));
@@ -369,6 +575,7 @@ export class Agent {
       })),
       files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+      rejoin: this.rejoinStatus,
       notSynced: Object.fromEntries(this.failed),
     };
   }
@@ -394,6 +601,7 @@ export class Agent {
     if (this.stopping) return;
     this.stopping = true;
     this.wake?.();
+    await this.rejoining;
     await Promise.allSettled(this.loops);
     // Cursors no longer move once the loops are done; read them before the streams close.
     let last: Heartbeat | undefined;

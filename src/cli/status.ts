@@ -1,6 +1,7 @@
 /** `unisync status`: what this node holds, what it waits for, and how far behind it is. */
 import Database from "better-sqlite3";
-import { existsSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
+import { join } from "node:path";
 import { loadConfig } from "../agent/config.js";
 import { findDatabases } from "../agent/databases.js";
 import { listExcluded } from "../capture/folder.js";
@@ -30,6 +31,21 @@ async function countAfter(store: ObjectStore, origin: string, stream: string, se
   let n = 0;
   for await (const o of listAll(store, streamPrefix(origin, stream), `${seqFloorKey(origin, stream, seq)}~`)) if (parseSegmentKey(o.key)) n++;
   return n;
+}
+
+/** Times this node started again from a snapshot after gc collected what it needed (.unisync/left-behind-*\/rejoin.json). */
+function startedAgain(instanceDir: string): { atMs: number; reason: string; streams: string[]; snapshot?: string; leftBehind?: string; databasesMoved?: number; filesMoved?: number }[] {
+  const dir = join(instanceDir, ".unisync");
+  if (!existsSync(dir)) return [];
+  const out = [];
+  for (const name of readdirSync(dir).filter((n) => n.startsWith("left-behind-")).sort()) {
+    try {
+      out.push({ leftBehind: join(dir, name), ...JSON.parse(readFileSync(join(dir, name, "rejoin.json"), "utf8")) });
+    } catch {
+      // not written (interrupted): the folder is still listed by the operator's ls
+    }
+  }
+  return out;
 }
 
 export async function statusCommand(args: string[], parse: Parse, help: string): Promise<void> {
@@ -82,7 +98,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     }
   }
   const excludedFiles = values.files ? await listExcluded(config.instanceDir, new Set(found.synced.map((d) => d.path))) : undefined;
-  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced, excludedFiles };
+  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced, excludedFiles, startedAgain: startedAgain(config.instanceDir) };
   if (values.json) return console.log(JSON.stringify(result, null, 2));
   console.log(`instance folder: ${config.instanceDir}`);
   console.log(`store: ${store ? store.description : "(none given: pass --store or set it in the config)"}${storeError ? `  UNREACHABLE: ${storeError}` : ""}`);
@@ -105,6 +121,10 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
   if (excludedFiles) {
     console.log(`\nfiles not synced (${excludedFiles.length}):`);
     for (const e of excludedFiles) console.log(`  ${e.path}: ${e.reason}`);
+  }
+  for (const r of result.startedAgain) {
+    console.log(`\nstarted again from snapshot ${r.snapshot} at ${new Date(r.atMs).toISOString()} (${r.streams.join(", ")}): ${r.reason}`);
+    console.log(`  what this node held then (${r.databasesMoved} database(s), ${r.filesMoved} file(s)) is kept in ${r.leftBehind}`);
   }
   if (found.notSynced.length) {
     console.log("\nSQLite files not synced:");

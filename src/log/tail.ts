@@ -39,9 +39,10 @@ async function collectedProblem(store: ObjectStore, origin: string, stream: stri
     seq,
     message:
       `segments ${seq}..${m.collectedThrough} of origin "${origin}" (${stream}) were deleted by gc on ${new Date(m.atMs).toISOString()}: ` +
-      `this node was offline longer than the retention window and cannot catch up from the log. Start it again from a snapshot: ` +
-      `once "unisync status" shows nothing waiting to upload, stop the agent, move the instance folder's databases, files and .unisync/ aside, ` +
-      `and start the agent on the empty folder (it starts from the newest snapshot)`,
+      `this node was offline longer than the retention window and cannot catch up from the log. It must start again from a snapshot: ` +
+      `the agent does it by itself once none of its own changes waits to upload (what it holds is kept in .unisync/left-behind-<time>/; ` +
+      `the agent's status "rejoin" says why it waits). By hand: once "unisync status" shows nothing waiting to upload, stop the agent, ` +
+      `move the instance folder's databases, files and .unisync/ aside, and start the agent on the empty folder (it starts from the newest snapshot)`,
   };
 }
 

@@ -81,7 +81,7 @@ export function notEmptyReason(s: BootstrapSettings): string | null {
 }
 
 /** Puts a staged database copy at `target`: rename when missing, backup API into an empty database. */
-async function placeDatabase(staged: string, target: string): Promise<void> {
+export async function placeDatabase(staged: string, target: string): Promise<void> {
   if (!existsSync(target)) {
     renameSync(staged, target);
     return;
