@@ -174,7 +174,7 @@ describe("id collisions", () => {
 
   it("INSERT OR REPLACE over a live row replaces it everywhere (its delete fires no trigger)", async () => {
     const c = cluster(["a", "b"]);
-    const [a, b] = c.nodes;
+    const [a] = c.nodes;
     a.app.exec("INSERT INTO team(id, name) VALUES (1, 'old')");
     await c.settle();
     a.app.exec("INSERT OR REPLACE INTO team(id, name) VALUES (1, 'new')");

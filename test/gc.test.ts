@@ -14,13 +14,12 @@
  *   itself (nothing of its own is unsent) and converges.
  */
 import { describe, expect, it } from "vitest";
-import { spawn } from "node:child_process";
 import { createHash, randomBytes } from "node:crypto";
-import { mkdirSync, readdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, CLI, Cluster, clusterSuite, runApp, waitFor } from "./helpers/cluster.js";
+import { appSucceeded, Cluster, clusterSuite, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { listSnapshots, partBlobs, readManifest, type FileEntry } from "../src/snapshot/format.js";
 import type { GcReport } from "../src/snapshot/gc.js";
@@ -31,35 +30,9 @@ import { listAll, type ObjectStore } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
 
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 const suite = clusterSuite();
-
-function files(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string, rel: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.name === ".unisync" || /\.db(-wal|-shm|-journal)?$/.test(e.name) || e.name.endsWith(".log")) continue;
-      if (e.isDirectory()) walk(join(d, e.name), r);
-      else out[r] = sha(readFileSync(join(d, e.name)));
-    }
-  };
-  walk(dir, "");
-  return out;
-}
-
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    p.once("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-  });
-}
 
 async function allKeys(store: ObjectStore): Promise<string[]> {
   const out: string[] = [];
@@ -116,8 +89,8 @@ describe("gc", () => {
               if ((f.cursors[names[j]] ?? 0) !== (o.files?.nextSeq ?? 1) - 1) return false;
             }
           }
-          const ref = JSON.stringify(files(c.instance(names[0])));
-          return names.every((n) => JSON.stringify(files(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
+          const ref = JSON.stringify(syncedFileHashes(c.instance(names[0])));
+          return names.every((n) => JSON.stringify(syncedFileHashes(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
         },
         90_000,
         `${names.join(",")} to converge`,
@@ -132,15 +105,15 @@ describe("gc", () => {
       src.close();
       const at = new Date().toISOString();
       await sleep(30);
-      return { at, db, files: files(c.instance("n1")) };
+      return { at, db, files: syncedFileHashes(c.instance("n1")) };
     };
     const snapshot = async (node: string) => {
-      const r = await cli(["snapshot", c.instance(node), "--json"]);
+      const r = await runCli(["snapshot", c.instance(node), "--json"]);
       expect(r.code, r.stderr).toBe(0);
       return JSON.parse(r.stdout) as { key: string; hlc: number };
     };
     const gc = async (args: string[]) => {
-      const r = await cli(["gc", "--store", url, "--json", ...args]);
+      const r = await runCli(["gc", "--store", url, "--json", ...args]);
       expect(r.code, r.stderr).toBe(0);
       return JSON.parse(r.stdout) as GcReport;
     };
@@ -186,11 +159,11 @@ describe("gc", () => {
     expect(dry.totals.blobs).toBeGreaterThan(0);
     expect(dry.laggards.some((l) => l.node === "n3" && l.origin === "n1" && l.stream === "data.db" && l.gone)).toBe(true);
     expect(await allKeys(store)).toEqual(before);
-    const human = await cli(["gc", "--store", url, "--keep", keepArg()]);
+    const human = await runCli(["gc", "--store", url, "--keep", keepArg()]);
     expect(human.code, human.stderr).toBe(0);
     expect(human.stdout).toContain("dry run");
     expect(human.stdout).toMatch(/n3 has applied n1\/data\.db only through seq \d+/);
-    const bad = await cli(["gc", "--store", url, "--keep", "soon"]);
+    const bad = await runCli(["gc", "--store", url, "--keep", "soon"]);
     expect(bad.code).toBe(2);
     expect(bad.stderr.trim().split("\n")).toHaveLength(1);
 
@@ -237,14 +210,14 @@ describe("gc", () => {
     }
 
     // Before the window: gone. Inside it: the recorded state.
-    const early = await cli(["replay", "--at", sA.at, "--into", join(c.root, "replay-A"), "--store", url]);
+    const early = await runCli(["replay", "--at", sA.at, "--into", join(c.root, "replay-A"), "--store", url]);
     expect(early.code).toBe(2);
     expect(early.stderr).toContain("no usable snapshot");
     const intoC = join(c.root, "replay-C");
-    const rc = await cli(["replay", "--at", sC.at, "--into", intoC, "--store", url]);
+    const rc = await runCli(["replay", "--at", sC.at, "--into", intoC, "--store", url]);
     expect(rc.code, rc.stderr).toBe(0);
     expect(compareDatabases([sC.db, join(intoC, "data.db")])).toEqual([]);
-    expect(files(intoC)).toEqual(sC.files);
+    expect(syncedFileHashes(intoC)).toEqual(sC.files);
 
     // The laggard catches up from what was kept.
     await c.restart("n3");
@@ -255,10 +228,10 @@ describe("gc", () => {
     await write(SEED + 3, 20, ["n1", "n2", "n3"]);
     await quiet(["n1", "n2", "n3"]);
     c.node("n2").expectingExit = true;
-    const restored = await cli(["restore", c.instance("n2"), "--at", sC.at, "--store", url, "--stop-agent"]);
+    const restored = await runCli(["restore", c.instance("n2"), "--at", sC.at, "--store", url, "--stop-agent"]);
     expect(restored.code, restored.stderr + restored.stdout).toBe(0);
     expect(compareDatabases([sC.db, c.instance("n2", "data.db")])).toEqual([]);
-    expect(files(c.instance("n2"))).toEqual(sC.files);
+    expect(syncedFileHashes(c.instance("n2"))).toEqual(sC.files);
     await c.restart("n2");
     await quiet(["n1", "n2", "n3"]);
 

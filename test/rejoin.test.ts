@@ -12,14 +12,12 @@
  *   row and file included.
  */
 import { describe, expect, it } from "vitest";
-import { spawn } from "node:child_process";
-import { createHash } from "node:crypto";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import pino from "pino";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, CLI, Cluster, clusterSuite, FAST_ENV, runApp, waitFor } from "./helpers/cluster.js";
+import { appSucceeded, Cluster, clusterSuite, FAST_ENV, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { Agent } from "../src/agent/agent.js";
 import { loadConfig } from "../src/agent/config.js";
@@ -27,35 +25,8 @@ import { StoreUnavailableError, type ObjectStore } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
 
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 const suite = clusterSuite();
-
-function files(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string, rel: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.name === ".unisync" || /\.db(-wal|-shm|-journal)?$/.test(e.name) || e.name.endsWith(".log")) continue;
-      if (e.isDirectory()) walk(join(d, e.name), r);
-      else out[r] = sha(readFileSync(join(d, e.name)));
-    }
-  };
-  walk(dir, "");
-  return out;
-}
-
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    p.once("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-  });
-}
 
 /** The store, except that this node's segments and blobs cannot be uploaded (the store "down" for writes). */
 function refusingUploads(store: ObjectStore, node: string): ObjectStore {
@@ -106,8 +77,8 @@ describe("a node left behind by retention", () => {
               if ((f.cursors[names[j]] ?? 0) !== (o.files?.nextSeq ?? 1) - 1) return false;
             }
           }
-          const ref = JSON.stringify(files(c.instance(names[0])));
-          return names.every((n) => JSON.stringify(files(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
+          const ref = JSON.stringify(syncedFileHashes(c.instance(names[0])));
+          return names.every((n) => JSON.stringify(syncedFileHashes(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
         },
         120_000,
         `${names.join(",")} to converge`,
@@ -137,10 +108,10 @@ describe("a node left behind by retention", () => {
       await write(SEED + 1 + i, 10, ["n1", "n2"]);
       await quiet(["n1", "n2"]);
     }
-    const snap = await cli(["snapshot", c.instance("n1"), "--json"]);
+    const snap = await runCli(["snapshot", c.instance("n1"), "--json"]);
     expect(snap.code, snap.stderr).toBe(0);
     await sleep(2000);
-    const gc = await cli(["gc", "--store", url, "--json", "--keep", "1s", "--apply", "--forget-node", "n3"]);
+    const gc = await runCli(["gc", "--store", url, "--json", "--keep", "1s", "--apply", "--forget-node", "n3"]);
     expect(gc.code, gc.stderr).toBe(0);
 
     // n3 with its uploads refused: it meets the hole, waits, and moves nothing.
@@ -178,7 +149,7 @@ describe("a node left behind by retention", () => {
     const left = st.rejoin!.leftBehind!;
     expect(existsSync(join(left, "data.db")), "n3's database before the rejoin is kept").toBe(true);
     expect(existsSync(join(left, "rejoin.json"))).toBe(true);
-    const cliStatus = await cli(["status", c.instance("n3"), "--store", url, "--json"]);
+    const cliStatus = await runCli(["status", c.instance("n3"), "--store", url, "--json"]);
     expect(cliStatus.code, cliStatus.stderr).toBe(0);
     expect((JSON.parse(cliStatus.stdout) as { startedAgain: { snapshot: string }[] }).startedAgain.map((r) => r.snapshot)).toEqual([st.rejoin!.snapshot]);
     // What n3 wrote offline reached everyone.

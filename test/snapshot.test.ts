@@ -16,50 +16,19 @@
  * KEEP_CLUSTER=1 keeps the folders and logs.
  */
 import { describe, expect, it } from "vitest";
-import { spawn } from "node:child_process";
-import { createHash } from "node:crypto";
-import { mkdirSync, readdirSync, readFileSync, unlinkSync, writeFileSync } from "node:fs";
+import { mkdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, CLI, Cluster, clusterSuite, runApp, waitFor } from "./helpers/cluster.js";
+import { appSucceeded, Cluster, clusterSuite, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { listSnapshots, readManifest } from "../src/snapshot/format.js";
 import { openStore } from "../src/store/url.js";
 
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const NODES = ["n1", "n2", "n3"];
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
-const sha = (b: Buffer) => createHash("sha256").update(b).digest("hex");
 
 const suite = clusterSuite();
-
-/** Every synced file of an instance folder → sha256 (databases, .unisync/, logs left out). */
-function files(dir: string): Record<string, string> {
-  const out: Record<string, string> = {};
-  const walk = (d: string, rel: string) => {
-    for (const e of readdirSync(d, { withFileTypes: true })) {
-      const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.name === ".unisync" || /\.db(-wal|-shm|-journal)?$/.test(e.name) || e.name.endsWith(".log")) continue;
-      if (e.isDirectory()) walk(join(d, e.name), r);
-      else out[r] = sha(readFileSync(join(d, e.name)));
-    }
-  };
-  walk(dir, "");
-  return out;
-}
-
-/** Runs the CLI without blocking this process (s3rver runs in it). */
-function cli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV }, stdio: ["ignore", "pipe", "pipe"] });
-    let stdout = "";
-    let stderr = "";
-    p.stdout.on("data", (d: Buffer) => (stdout += d.toString()));
-    p.stderr.on("data", (d: Buffer) => (stderr += d.toString()));
-    p.once("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
-  });
-}
 
 interface Recorded {
   at: string;
@@ -97,8 +66,8 @@ describe("snapshots, bootstrap, replay and restore", () => {
             if (!f || f.pendingChanges || f.outboxSegments || f.parked) return false;
             for (const o of names) if (o !== n && (f.cursors[o] ?? 0) !== ((await c.status(o)).files?.nextSeq ?? 1) - 1) return false;
           }
-          const ref = JSON.stringify(files(c.instance(names[0])));
-          return names.every((n) => JSON.stringify(files(c.instance(n))) === ref);
+          const ref = JSON.stringify(syncedFileHashes(c.instance(names[0])));
+          return names.every((n) => JSON.stringify(syncedFileHashes(c.instance(n))) === ref);
         },
         60_000,
         "folders to converge",
@@ -114,7 +83,7 @@ describe("snapshots, bootstrap, replay and restore", () => {
       src.close();
       const at = new Date().toISOString();
       await sleep(30);
-      return { at, db, files: files(c.instance("n1")) };
+      return { at, db, files: syncedFileHashes(c.instance("n1")) };
     };
 
     // Phase 1: rows on every node, files on every node.
@@ -127,8 +96,8 @@ describe("snapshots, bootstrap, replay and restore", () => {
     const s1 = await record("t1");
 
     // Snapshots on demand, taken by the running agents.
-    expect((await cli(["snapshot", c.instance("n1")])).code).toBe(0);
-    const snap = await cli(["snapshot", c.instance("n2")]);
+    expect((await runCli(["snapshot", c.instance("n1")])).code).toBe(0);
+    const snap = await runCli(["snapshot", c.instance("n2")]);
     expect(snap.stderr).toBe("");
     expect(snap.code).toBe(0);
     expect(snap.stdout).toMatch(/taken by agent pid \d+/);
@@ -140,7 +109,7 @@ describe("snapshots, bootstrap, replay and restore", () => {
     }
     await phase(SEED + 1, 60, NODES, async () => {
       await sleep(300);
-      expect((await cli(["snapshot", c.instance("n3")])).code).toBe(0);
+      expect((await runCli(["snapshot", c.instance("n3")])).code).toBe(0);
       await c.addNode("n4");
     });
     await quiet();
@@ -153,10 +122,10 @@ describe("snapshots, bootstrap, replay and restore", () => {
     // Replay at T1 and T2 into fresh folders equals what was recorded.
     for (const s of [s1, s2]) {
       const into = join(c.root, `replay-${s.at.replace(/[:.]/g, "")}`);
-      const r = await cli(["replay", "--at", s.at, "--into", into, "--store", store, "--json"]);
+      const r = await runCli(["replay", "--at", s.at, "--into", into, "--store", store, "--json"]);
       expect(r.code, r.stderr).toBe(0);
       expect(compareDatabases([s.db, join(into, "data.db")])).toEqual([]);
-      expect(files(into)).toEqual(s.files);
+      expect(syncedFileHashes(into)).toEqual(s.files);
     }
 
     // A corrupt snapshot is reported, and the next older one gives the same state.
@@ -168,35 +137,35 @@ describe("snapshots, bootstrap, replay and restore", () => {
     const m = await readManifest(s3store, newest!);
     await s3store.put(`blobs/${m.databases[0].sha256}`, Buffer.from("not a database"));
     const into3 = join(c.root, "replay-corrupt");
-    const r3 = await cli(["replay", "--at", s2.at, "--into", into3, "--store", store]);
+    const r3 = await runCli(["replay", "--at", s2.at, "--into", into3, "--store", store]);
     expect(r3.code, r3.stderr).toBe(0);
     expect(r3.stderr).toContain(`snapshot ${newest!.key} is unusable`);
     expect(compareDatabases([s2.db, join(into3, "data.db")])).toEqual([]);
-    expect(files(into3)).toEqual(s2.files);
+    expect(syncedFileHashes(into3)).toEqual(s2.files);
 
     // Bad input: one line, exit 2.
-    const bad = await cli(["replay", "--at", "yesterday", "--into", join(c.root, "x"), "--store", store]);
+    const bad = await runCli(["replay", "--at", "yesterday", "--into", join(c.root, "x"), "--store", store]);
     expect(bad.code).toBe(2);
     expect(bad.stderr.trim().split("\n")).toHaveLength(1);
-    const early = await cli(["replay", "--at", "2001-01-01T00:00:00Z", "--into", join(c.root, "x"), "--store", store]);
+    const early = await runCli(["replay", "--at", "2001-01-01T00:00:00Z", "--into", join(c.root, "x"), "--store", store]);
     expect(early.code).toBe(2);
     expect(early.stderr).toContain("no usable snapshot");
 
     // Restore n2 to T1: refused while its agent runs, then done with --stop-agent.
-    const refused = await cli(["restore", c.instance("n2"), "--at", s1.at, "--store", store]);
+    const refused = await runCli(["restore", c.instance("n2"), "--at", s1.at, "--store", store]);
     expect(refused.code).toBe(2);
     expect(refused.stderr).toContain("the agent runs");
     c.node("n2").expectingExit = true;
-    const restored = await cli(["restore", c.instance("n2"), "--at", s1.at, "--store", store, "--stop-agent"]);
+    const restored = await runCli(["restore", c.instance("n2"), "--at", s1.at, "--store", store, "--stop-agent"]);
     expect(restored.code, restored.stderr + restored.stdout).toBe(0);
     expect(compareDatabases([s1.db, c.instance("n2", "data.db")])).toEqual([]);
-    expect(files(c.instance("n2"))).toEqual(s1.files);
+    expect(syncedFileHashes(c.instance("n2"))).toEqual(s1.files);
 
     // The restore is n2's newest change: once it runs again, every node is back at T1.
     await c.restart("n2");
     await quiet();
     expect(compareDatabases([s1.db, ...c.paths("data.db")])).toEqual([]);
-    for (const n of c.nodes.keys()) expect(files(c.instance(n))).toEqual(s1.files);
+    for (const n of c.nodes.keys()) expect(syncedFileHashes(c.instance(n))).toEqual(s1.files);
 
     expect(c.badLogLines().filter((l) => !l.includes("snapshot unusable"))).toEqual([]);
     await c.stopAll();

@@ -9,7 +9,8 @@
  * writes to the file itself, so the log is complete even if it is killed -9.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
+import { createHash } from "node:crypto";
+import { closeSync, existsSync, mkdirSync, mkdtempSync, openSync, readdirSync, readFileSync, rmSync, statSync, writeSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -80,7 +81,7 @@ process.on("exit", () => {
   }
 });
 
-const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+export const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Polls `condition` (sync or async) until it returns true; throws after `timeoutMs`. */
 export async function waitFor(
@@ -498,4 +499,31 @@ export function clusterSuite() {
     if (suite.keep && s3) console.log(`s3rver data kept in ${s3.directory}`);
   });
   return suite;
+}
+
+/** Every synced file of an instance folder → sha256 (databases, .unisync/ and logs left out). */
+export function syncedFileHashes(dir: string): Record<string, string> {
+  const out: Record<string, string> = {};
+  const walk = (d: string, rel: string) => {
+    for (const e of readdirSync(d, { withFileTypes: true })) {
+      const r = rel ? `${rel}/${e.name}` : e.name;
+      if (e.name === ".unisync" || /\.db(-wal|-shm|-journal)?$/.test(e.name) || e.name.endsWith(".log")) continue;
+      if (e.isDirectory()) walk(join(d, e.name), r);
+      else out[r] = createHash("sha256").update(readFileSync(join(d, e.name))).digest("hex");
+    }
+  };
+  walk(dir, "");
+  return out;
+}
+
+/** Runs the CLI without blocking this process (s3rver may run in it). */
+export function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV }, stdio: ["ignore", "pipe", "pipe"] });
+    let stdout = "";
+    let stderr = "";
+    p.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
+    p.stderr!.on("data", (d: Buffer) => (stderr += d.toString()));
+    p.once("close", (code) => resolve({ code: code ?? -1, stdout, stderr }));
+  });
 }
