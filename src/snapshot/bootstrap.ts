@@ -14,26 +14,17 @@
 import { existsSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import type { Logger } from "pino";
 import { findDatabases } from "../agent/databases.js";
 import { discoverTables, quoteIdent } from "../capture/schema.js";
 import { builtinExclusion } from "../capture/ignore.js";
 import { getMeta, setMeta } from "../capture/internal.js";
 import { listOrigins } from "../log/keys.js";
-import type { ObjectStore } from "../store/store.js";
 import { catchUp, writeFiles, type Materializing, type Pullable } from "./catchup.js";
 import { Progress } from "./progress.js";
+import type { StreamSettings } from "./streams.js";
 import { stageNewest, type StagedSnapshot } from "./stage.js";
 
-export interface BootstrapSettings {
-  instanceDir: string;
-  node: string;
-  store: ObjectStore;
-  log: Logger;
-  databases: string[];
-  excludeTables: string[];
-  syncFiles: boolean;
-}
+export type BootstrapSettings = Pick<StreamSettings, "instanceDir" | "node" | "store" | "log" | "databases" | "excludeTables" | "syncFiles">;
 
 /** Why this node is not empty (so it must not be overwritten), or null when it is. */
 export function notEmptyReason(s: BootstrapSettings): string | null {

@@ -9,7 +9,6 @@
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import Database from "better-sqlite3";
-import type { Logger } from "pino";
 import type { DbSync } from "../agent/dbsync.js";
 import type { FolderSync } from "../agent/foldersync.js";
 import { Metrics } from "../agent/metrics.js";
@@ -17,7 +16,6 @@ import { FileStateStore, KIND_WRITE } from "../capture/filestate.js";
 import { hashFile } from "../log/blobs.js";
 import { HybridClock } from "../log/hlc.js";
 import { listOrigins } from "../log/keys.js";
-import type { ObjectStore } from "../store/store.js";
 import { catchUp, writeFiles, type Pullable } from "./catchup.js";
 import { NODE_LOCAL_META } from "./copy.js";
 import type { SnapshotRef } from "./format.js";
@@ -32,15 +30,7 @@ export class NoSnapshotError extends Error {
   override name = "NoSnapshotError";
 }
 
-export interface RebuildSettings {
-  store: ObjectStore;
-  log: Logger;
-  excludeTables: string[];
-  naturalKeyTables?: string[];
-  batchMaxRecords: number;
-  batchMaxBytes: number;
-  busyTimeoutMs: number;
-  syncFiles: boolean;
+export interface RebuildSettings extends Omit<StreamSettings, "instanceDir" | "node" | "databases"> {
   progress: (line: ProgressLine) => void;
   /** Told about each snapshot found corrupt (the next older is used). */
   onCorrupt: (ref: SnapshotRef, message: string) => void;
