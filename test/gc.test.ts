@@ -17,9 +17,8 @@ import { describe, expect, it } from "vitest";
 import { createHash, randomBytes } from "node:crypto";
 import { mkdirSync, readdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, Cluster, clusterSuite, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
+import { Cluster, clusterSuite, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { listSnapshots, partBlobs, readManifest, type FileEntry } from "../src/snapshot/format.js";
 import type { GcReport } from "../src/snapshot/gc.js";
@@ -64,49 +63,11 @@ describe("gc", () => {
     await store.put(`blobs/${sha(orphan)}`, orphan);
 
     const c = (suite.cluster = await Cluster.start({ nodes: ["n1", "n2", "n3"], store: url, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "0" } }));
-    const states = join(c.root, "states");
-    mkdirSync(states);
 
-    const write = async (seed: number, ops: number, nodes: string[]) => {
-      const apps = nodes.map((name) => ({
-        name,
-        run: runApp("random_writer.py", [c.instance(name, "data.db"), "--node", name.slice(1), "--seed", String(seed), "--ops", String(ops), "--sleep-ms", "10"], join(c.node(name).dir, "apps.log")),
-      }));
-      for (const a of apps) await appSucceeded(a.run, `random_writer on ${a.name}`);
-    };
+    const write = (seed: number, ops: number, nodes: string[]) => c.writeRandom(nodes, seed, ops);
     /** The running nodes among `names` have sent and applied everything of each other, and agree. */
-    const quiet = async (names: string[]) => {
-      await waitFor(
-        async () => {
-          const st = await Promise.all(names.map((n) => c.status(n)));
-          for (const [i, s] of st.entries()) {
-            const d = s.databases.find((x) => x.stream === "data.db");
-            const f = s.files;
-            if (!d || !f || d.pendingChanges || d.outboxSegments || d.parked || f.pendingChanges || f.outboxSegments || f.parked) return false;
-            for (const [j, o] of st.entries()) {
-              if (i === j) continue;
-              if ((d.cursors[names[j]] ?? 0) !== (o.databases.find((x) => x.stream === "data.db")?.nextSeq ?? 1) - 1) return false;
-              if ((f.cursors[names[j]] ?? 0) !== (o.files?.nextSeq ?? 1) - 1) return false;
-            }
-          }
-          const ref = JSON.stringify(syncedFileHashes(c.instance(names[0])));
-          return names.every((n) => JSON.stringify(syncedFileHashes(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
-        },
-        90_000,
-        `${names.join(",")} to converge`,
-        300,
-      );
-    };
-    const record = async (label: string) => {
-      await sleep(30);
-      const db = join(states, `${label}.db`);
-      const src = new Database(c.instance("n1", "data.db"), { readonly: true });
-      await src.backup(db);
-      src.close();
-      const at = new Date().toISOString();
-      await sleep(30);
-      return { at, db, files: syncedFileHashes(c.instance("n1")) };
-    };
+    const quiet = (names: string[]) => c.waitForAgreement(names, "data.db", 90_000);
+    const record = (label: string) => c.recordState("n1", "data.db", label);
     const snapshot = async (node: string) => {
       const r = await runCli(["snapshot", c.instance(node), "--json"]);
       expect(r.code, r.stderr).toBe(0);

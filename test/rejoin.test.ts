@@ -16,8 +16,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from 
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import pino from "pino";
-import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, Cluster, clusterSuite, FAST_ENV, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
+import { Cluster, clusterSuite, FAST_ENV, runCli, sleep, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
 import { Agent } from "../src/agent/agent.js";
 import { loadConfig } from "../src/agent/config.js";
@@ -55,36 +54,8 @@ describe("a node left behind by retention", () => {
     Object.assign(process.env, S3RVER_ENV);
     const c = (suite.cluster = await Cluster.start({ nodes: ["n1", "n2", "n3"], store: url, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "0" } }));
 
-    const write = async (seed: number, ops: number, nodes: string[]) => {
-      const apps = nodes.map((name) => ({
-        name,
-        run: runApp("random_writer.py", [c.instance(name, "data.db"), "--node", name.slice(1), "--seed", String(seed), "--ops", String(ops), "--sleep-ms", "10"], join(c.node(name).dir, "apps.log")),
-      }));
-      for (const a of apps) await appSucceeded(a.run, `random_writer on ${a.name}`);
-    };
-    const quiet = async (names: string[]) => {
-      await waitFor(
-        async () => {
-          const st = await Promise.all(names.map((n) => c.status(n)));
-          for (const [i, s] of st.entries()) {
-            const d = s.databases.find((x) => x.stream === "data.db");
-            const f = s.files;
-            if (!d || !f || d.pendingChanges || d.outboxSegments || d.parked || f.pendingChanges || f.outboxSegments || f.parked) return false;
-            if (Object.keys(d.problems).length || Object.keys(f.problems).length) return false;
-            for (const [j, o] of st.entries()) {
-              if (i === j) continue;
-              if ((d.cursors[names[j]] ?? 0) !== (o.databases.find((x) => x.stream === "data.db")?.nextSeq ?? 1) - 1) return false;
-              if ((f.cursors[names[j]] ?? 0) !== (o.files?.nextSeq ?? 1) - 1) return false;
-            }
-          }
-          const ref = JSON.stringify(syncedFileHashes(c.instance(names[0])));
-          return names.every((n) => JSON.stringify(syncedFileHashes(c.instance(n))) === ref) && compareDatabases(names.map((n) => c.instance(n, "data.db"))).length === 0;
-        },
-        120_000,
-        `${names.join(",")} to converge`,
-        300,
-      );
-    };
+    const write = (seed: number, ops: number, nodes: string[]) => c.writeRandom(nodes, seed, ops);
+    const quiet = (names: string[]) => c.waitForAgreement(names, "data.db", 120_000, true);
 
     // Every node writes rows and files; then n3 stops.
     for (const n of ["n1", "n2", "n3"]) {

@@ -18,7 +18,6 @@
 import { describe, expect, it } from "vitest";
 import { mkdirSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import Database from "better-sqlite3";
 import { compareDatabases } from "./helpers/checker.js";
 import { appSucceeded, Cluster, clusterSuite, runApp, runCli, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
 import { S3RVER_ENV } from "./helpers/s3rver.js";
@@ -44,8 +43,6 @@ describe("snapshots, bootstrap, replay and restore", () => {
     });
     const store = suite.storeUrl(`snap-${SEED}`);
     const c = (suite.cluster = await Cluster.start({ nodes: NODES, store, env: { UNISYNC_SNAPSHOT_INTERVAL_MS: "4000" } }));
-    const states = join(c.root, "states");
-    mkdirSync(states);
 
     const phase = async (seed: number, ops: number, nodes: string[], during?: () => Promise<void>) => {
       const apps = nodes.map((name, i) => ({
@@ -75,16 +72,7 @@ describe("snapshots, bootstrap, replay and restore", () => {
       );
       await c.waitForConvergence(c.paths("data.db"), 30_000);
     };
-    const record = async (label: string): Promise<Recorded> => {
-      await sleep(30);
-      const db = join(states, `${label}.db`);
-      const src = new Database(c.instance("n1", "data.db"), { readonly: true });
-      await src.backup(db);
-      src.close();
-      const at = new Date().toISOString();
-      await sleep(30);
-      return { at, db, files: syncedFileHashes(c.instance("n1")) };
-    };
+    const record = (label: string): Promise<Recorded> => c.recordState("n1", "data.db", label);
 
     // Phase 1: rows on every node, files on every node.
     for (const [i, n] of NODES.entries()) {

@@ -336,6 +336,58 @@ export class Cluster {
     return (await res.json()) as AgentStatus;
   }
 
+  /** Runs random_writer.py on `nodes` at once (`ops` transactions each) and waits for them. */
+  async writeRandom(nodes: string[], seed: number, ops: number, db = "data.db"): Promise<void> {
+    const apps = nodes.map((name) => ({
+      name,
+      run: runApp("random_writer.py", [this.instance(name, db), "--node", name.slice(1), "--seed", String(seed), "--ops", String(ops), "--sleep-ms", "10"], join(this.node(name).dir, "apps.log")),
+    }));
+    for (const a of apps) await appSucceeded(a.run, `random_writer on ${a.name}`);
+  }
+
+  /**
+   * Waits until the running nodes `names` have sent and applied everything of each
+   * other for database `db` and the folder, and hold the same rows and files.
+   * `noProblems` also requires that none reports a stopped stream.
+   */
+  async waitForAgreement(names: string[], db: string, timeoutMs: number, noProblems = false): Promise<void> {
+    await waitFor(
+      async () => {
+        const st = await Promise.all(names.map((n) => this.status(n)));
+        for (const [i, s] of st.entries()) {
+          const d = s.databases.find((x) => x.stream === db);
+          const f = s.files;
+          if (!d || !f || d.pendingChanges || d.outboxSegments || d.parked || f.pendingChanges || f.outboxSegments || f.parked) return false;
+          if (noProblems && (Object.keys(d.problems).length || Object.keys(f.problems).length)) return false;
+          for (const [j, o] of st.entries()) {
+            if (i === j) continue;
+            if ((d.cursors[names[j]] ?? 0) !== (o.databases.find((x) => x.stream === db)?.nextSeq ?? 1) - 1) return false;
+            if ((f.cursors[names[j]] ?? 0) !== (o.files?.nextSeq ?? 1) - 1) return false;
+          }
+        }
+        const ref = JSON.stringify(syncedFileHashes(this.instance(names[0])));
+        return names.every((n) => JSON.stringify(syncedFileHashes(this.instance(n))) === ref) && compareDatabases(names.map((n) => this.instance(n, db))).length === 0;
+      },
+      timeoutMs,
+      `${names.join(",")} to converge`,
+      300,
+    );
+  }
+
+  /** A copy of `node`'s database `db` and its files' hashes, with the time just between them. */
+  async recordState(node: string, db: string, label: string): Promise<{ at: string; db: string; files: Record<string, string> }> {
+    const dir = join(this.root, "states");
+    mkdirSync(dir, { recursive: true });
+    await sleep(30);
+    const copy = join(dir, `${label}.db`);
+    const src = new Database(this.instance(node, db), { readonly: true });
+    await src.backup(copy);
+    src.close();
+    const at = new Date().toISOString();
+    await sleep(30);
+    return { at, db: copy, files: syncedFileHashes(this.instance(node)) };
+  }
+
   /**
    * Why the cluster is not quiescent yet (null when it is): every agent runs,
    * has nothing pending or in its outbox, parks nothing, reports no problem,
