@@ -179,7 +179,7 @@ describe("configuration", () => {
     const cli = (...args: string[]) => spawnSync("node", ["bin/unisync.js", ...args], { encoding: "utf8", env: { ...process.env, UNISYNC_NODE: "t1" } });
     const inst = join(dir, "inst2");
     mkdirSync(inst);
-    for (const args of [["run"], ["frobnicate"], ["run", inst, "ftp://nope"], ["run", inst, "file:///x", "--http-port", "many"], ["run", join(dir, "absent"), "file:///x"]]) {
+    for (const args of [["run"], ["frobnicate"], ["run", inst, "ftp://nope"], ["run", inst, "file:///x", "--http-port", "many"], ["run", join(dir, "absent"), "file:///x"], ["status"], ["conflicts"], ["conflicts", join(dir, "absent")]]) {
       const r = cli(...args);
       expect(r.status, args.join(" ")).toBe(2);
       expect(r.stderr).toMatch(/^unisync: /);

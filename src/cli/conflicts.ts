@@ -11,6 +11,7 @@ import { findDatabases } from "../agent/databases.js";
 import { hlcToIso } from "../log/hlc.js";
 import { quoteIdent } from "../capture/schema.js";
 import { decodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
+import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
@@ -123,7 +124,7 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
 export async function conflictsCommand(args: string[], parse: Parse): Promise<void> {
   const { values, positionals } = parse(args, { json: { type: "boolean" } });
   if (values.help) return console.log(CONFLICTS_HELP);
-  if (positionals.length !== 1) throw new Error(`conflicts needs INSTANCE_DIR\n\n${CONFLICTS_HELP}`);
+  if (positionals.length !== 1) throw new BadInputError(`conflicts needs INSTANCE_DIR\n\n${CONFLICTS_HELP}`);
   const config = loadConfig({ instanceDir: positionals[0], store: "unused" }, undefined);
   const reports: ConflictReport[] = [];
   for (const { path, stream } of findDatabases(config.instanceDir, config.databases, true).synced) {

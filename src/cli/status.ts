@@ -9,6 +9,7 @@ import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
 import { conflictCounts } from "./conflicts.js";
+import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
@@ -51,7 +52,7 @@ function startedAgain(instanceDir: string): { atMs: number; reason: string; stre
 export async function statusCommand(args: string[], parse: Parse, help: string): Promise<void> {
   const { values, positionals } = parse(args, { store: { type: "string" }, json: { type: "boolean" }, files: { type: "boolean" } });
   if (values.help) return console.log(help);
-  if (positionals.length !== 1) throw new Error(`status needs INSTANCE_DIR\n\n${help}`);
+  if (positionals.length !== 1) throw new BadInputError(`status needs INSTANCE_DIR\n\n${help}`);
   const config = loadConfig({ instanceDir: positionals[0], store: values.store as string | undefined }, undefined);
   const store = config.store ? openStore(config.store) : null;
   let storeOrigins: string[] = [];
