@@ -82,7 +82,14 @@ export class DbSync {
     o.clock.observe(lastHlc);
     this.states = new RowStateStore(this.db);
     const bag = (this.bag = new BagStore(this.db));
-    const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, (m) => {
+    const aside = new AsideRows(this.db, this.states, () => this.tables, (table, key, keptKey) => {
+      o.metrics.inc("unisync_rows_set_aside_total");
+      this.log.warn(
+        { table, key: key.map(String), kept: keptKey.map(String) },
+        "unique clash: two nodes created rows with the same unique values; the later one is set aside (see `unisync conflicts`)",
+      );
+    });
+    const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, aside, (m) => {
       // A tombstone moving (an id reused after a delete) is routine, not a collision.
       if (!m.live) return;
       o.metrics.inc("unisync_rows_moved_total");
@@ -91,7 +98,7 @@ export class DbSync {
         "id collision: two nodes created different rows with the same id; this one moved (see `unisync conflicts`)",
       );
     }));
-    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, (t) => this.tables.get(t)?.shape);
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape);
     this.outbox = new Outbox(this.db, o.node, o.stream);
     this.applier = new Applier(
       this.db,
@@ -100,13 +107,7 @@ export class DbSync {
       bag,
       () => this.tables,
       relocator,
-      new AsideRows(this.db, this.states, () => this.tables, (table, key, keptKey) => {
-        o.metrics.inc("unisync_rows_set_aside_total");
-        this.log.warn(
-          { table, key: key.map(String), kept: keptKey.map(String) },
-          "unique clash: two nodes created rows with the same unique values; the later one is set aside (see `unisync conflicts`)",
-        );
-      }),
+      aside,
       (p) => {
         o.metrics.inc("unisync_records_parked_total");
         if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");

@@ -6,10 +6,11 @@
 import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
-import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
 import { mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
 import type { BagStore } from "../replay/bag.js";
 import { enrolmentLineage, intKey, type Relocator } from "../replay/relocate.js";
+import type { AsideRows } from "../replay/unique.js";
 import type { RowStateStore } from "../replay/state.js";
 import type { TableShape } from "./schema.js";
 import { BASELINE_MASK, CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
@@ -55,6 +56,7 @@ export class ChangeDrain {
     private readonly states: RowStateStore,
     private readonly bag: BagStore,
     private readonly relocator: Relocator,
+    private readonly aside: AsideRows,
     /** The current shape of a synced table. */
     private readonly shapeOf: (table: string) => TableShape | undefined,
   ) {
@@ -153,8 +155,6 @@ export class ChangeDrain {
     const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
     let prior = this.states.get(change.table, pk);
-    // A fresh insert needs no current row to merge against (mergeChange's fast path).
-    const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, change.values[i]]));
     let lineage: Lineage | undefined;
     const key = intKey(keyValues[0]);
     if (shape?.autoId && key !== null) {
@@ -164,7 +164,7 @@ export class ChangeDrain {
         lineage = { ...(enrolment ? enrolmentLineage(change.values) : stamp), epoch: (prior?.lineage?.epoch ?? 0) + 1 };
         if (prior?.lineage) {
           // A live row the table no longer shows was replaced, unless a unique clash set it aside.
-          if (prior.alive && !this.isAside(change.table, keyValues)) emit(this.replacedRow(change, prior));
+          if (prior.alive && !this.aside.isAside(change.table, keyValues)) emit(this.replacedRow(change, prior));
           this.relocator.makeRoom(change.table, lineage, key);
           prior = null;
         }
@@ -172,12 +172,13 @@ export class ChangeDrain {
       if (lineage) {
         change.instance = { hlc: lineage.hlc, origin: lineage.origin };
         change.epoch = lineage.epoch;
-        const born = this.relocator.bornKey(change.table, lineage, key);
-        if (born !== key) change.bornKey = born;
+        change.bornKey = this.relocator.recordedBornKey(change.table, lineage, key);
       }
     }
     if (change.op !== OP_INSERT && prior?.incarnation) change.incarnation = prior.incarnation;
-    const { state } = mergeChange(prior, prior === null && change.op === OP_INSERT ? null : asRow, {
+    // A fresh insert needs no current row to merge against (mergeChange's fast path).
+    const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, change.values[i]]));
+    const { state } = mergeChange(prior, asRow, {
       op: change.op,
       stamp,
       columns: change.columns,
@@ -188,10 +189,6 @@ export class ChangeDrain {
     });
     if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);
-  }
-
-  private isAside(table: string, keyValues: SqlValue[]): boolean {
-    return !!this.db.prepare("SELECT 1 FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").get(table, encodeValues(keyValues));
   }
 
   /**
@@ -211,9 +208,7 @@ export class ChangeDrain {
       incarnation: prior.incarnation ?? undefined,
     };
     const keyValues = insert.key.map((k) => insert.values[insert.columns.indexOf(k)]);
-    const key = intKey(keyValues[0]) as bigint;
-    const born = this.relocator.bornKey(insert.table, lineage, key);
-    if (born !== key) row.bornKey = born;
+    row.bornKey = this.relocator.recordedBornKey(insert.table, lineage, intKey(keyValues[0]) as bigint);
     const pk = rowIdentity(keyValues, false);
     const stamp = { hlc, origin: this.origin };
     const { state } = mergeChange(prior, null, { op: OP_DELETE, stamp, columns: row.columns, values: row.values, changed: [], incarnation: row.incarnation });
@@ -235,8 +230,7 @@ export class ChangeDrain {
       const at = this.states.get(parent.name, rowIdentity([value], false))?.lineage;
       if (!at) continue;
       const lineage = { hlc: at.hlc, origin: at.origin };
-      const born = this.relocator.bornKey(parent.name, lineage, value);
-      (change.refs ??= []).push({ column: fk.column, lineage, bornKey: born === value ? undefined : born });
+      (change.refs ??= []).push({ column: fk.column, lineage, bornKey: this.relocator.recordedBornKey(parent.name, lineage, value) });
       const wrote = change.op === OP_INSERT || (change.op === OP_UPDATE && change.changed.includes(i));
       if (wrote) state.refs = { ...state.refs, [fk.column]: lineage };
     }

@@ -28,10 +28,11 @@ import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
 import { silenced } from "../capture/internal.js";
 import { compareStamp } from "../log/hlc.js";
-import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import { rowIdentity, type SqlValue } from "../log/value.js";
 import type { Lineage, Stamp } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
+import type { AsideRows } from "./unique.js";
 
 export type { Lineage };
 
@@ -98,6 +99,8 @@ export class Relocator {
     private readonly db: Database,
     private readonly states: RowStateStore,
     private readonly tables: () => Map<string, TableAccess>,
+    /** Rows set aside by unique clashes move with their lineage. */
+    private readonly aside: AsideRows,
     private readonly onMove: (m: Move) => void,
   ) {
     this.getMove = db.prepare("SELECT born_key, key FROM _unisync_moves WHERE tbl = ? AND lin_hlc = ? AND lin_origin = ?").safeIntegers(true);
@@ -122,6 +125,12 @@ export class Relocator {
   /** The key a lineage now at `key` was created at. */
   bornKey(table: string, lineage: Stamp, key: bigint): bigint {
     return this.moved(table, lineage)?.bornKey ?? key;
+  }
+
+  /** The born key a record must carry for a lineage now at `key`: undefined when it never moved. */
+  recordedBornKey(table: string, lineage: Stamp, key: bigint): bigint | undefined {
+    const born = this.bornKey(table, lineage, key);
+    return born === key ? undefined : born;
   }
 
   /** Where a lineage lives here, or null when this node has not seen it yet. */
@@ -205,7 +214,7 @@ export class Relocator {
       access.insert(row);
       m.live = true;
     }
-    this.moveAside(m.table, keyCol, m.from, m.to);
+    this.aside.rekey(m.table, keyCol, m.from, m.to);
     if (state) {
       this.states.delete(m.table, pkOf(m.from));
       state.dead?.set(keyCol, m.to);
@@ -213,19 +222,6 @@ export class Relocator {
     }
     this.recordMove(m, occupantInTable);
     if (occupantInTable) this.followReferences(access, m.lineage, m.from, m.to);
-  }
-
-  /** A row set aside by a unique clash (apply.ts) moves with its lineage; so does the key of a kept row. */
-  private moveAside(table: string, keyCol: string, from: bigint, to: bigint): void {
-    const fromKey = encodeValues([from]);
-    const toKey = encodeValues([to]);
-    const aside = this.db.prepare("SELECT vals FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").pluck(true).get(table, fromKey) as Buffer | undefined;
-    if (aside) {
-      const flat = decodeValues(aside);
-      for (let i = 0; i + 1 < flat.length; i += 2) if (flat[i] === keyCol) flat[i + 1] = to;
-      this.db.prepare("UPDATE _unisync_conflicts SET row_key = ?, vals = ? WHERE tbl = ? AND row_key = ?").run(toKey, encodeValues(flat), table, fromKey);
-    }
-    this.db.prepare("UPDATE _unisync_conflicts SET kept_key = ? WHERE tbl = ? AND kept_key = ?").run(toKey, table, fromKey);
   }
 
   /** Children that point at the moved lineage (by their refs) now point at its new key. */

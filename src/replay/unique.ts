@@ -56,6 +56,28 @@ export class AsideRows {
     return out;
   }
 
+  /** Whether the row with this key is set aside. */
+  isAside(table: string, keyValues: SqlValue[]): boolean {
+    return this.any && this.getStmt.get(table, encodeValues(keyValues)) !== undefined;
+  }
+
+  /**
+   * An id collision moved a row (relocate.ts): if it is set aside, its entry and
+   * the key in its values move with it; if it kept the values, entries name its new key.
+   */
+  rekey(table: string, keyCol: string, from: bigint, to: bigint): void {
+    if (!this.any) return;
+    const fromKey = encodeValues([from]);
+    const toKey = encodeValues([to]);
+    const vals = this.getStmt.get(table, fromKey) as Buffer | undefined;
+    if (vals) {
+      const flat = decodeValues(vals);
+      for (let i = 0; i + 1 < flat.length; i += 2) if (flat[i] === keyCol) flat[i + 1] = to;
+      this.db.prepare("UPDATE _unisync_conflicts SET row_key = ?, vals = ? WHERE tbl = ? AND row_key = ?").run(toKey, encodeValues(flat), table, fromKey);
+    }
+    this.db.prepare("UPDATE _unisync_conflicts SET kept_key = ? WHERE tbl = ? AND kept_key = ?").run(toKey, table, fromKey);
+  }
+
   /** The row is back in the table, or deleted: no longer aside. */
   release(table: string, keyValues: SqlValue[]): void {
     this.deleteStmt.run(table, encodeValues(keyValues));
