@@ -12,7 +12,8 @@ import { LogForkError, type Outbox } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
-import { DbSync, NodeIdentityError } from "./dbsync.js";
+import { NodeIdentityError, type DbSync } from "./dbsync.js";
+import { openDbSync } from "../snapshot/streams.js";
 import { FILES_STREAM, FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
 import { announceAgent, retireAgent } from "../snapshot/agentlink.js";
@@ -368,22 +369,7 @@ export class Agent {
       if (this.dbs.has(stream) || this.failed.has(stream)) continue;
       let db: DbSync | undefined;
       try {
-        db = new DbSync({
-          path,
-          stream,
-          node: this.config.node,
-          store: this.store,
-          clock: this.clock,
-          log: this.log,
-          metrics: this.metrics,
-          excludeTables: this.config.excludeTables,
-          naturalKeyTables: this.config.naturalKeyTables,
-          maxRecords: this.config.batchMaxRecords,
-          maxBytes: this.config.batchMaxBytes,
-          busyTimeoutMs: this.config.busyTimeoutMs,
-          walMode: this.config.walMode,
-        });
-        db.refreshSchema();
+        db = openDbSync({ ...this.config, store: this.store, log: this.log }, path, stream, this.clock, this.metrics);
         this.dbs.set(stream, db);
         this.log.info({ db: stream, path }, "syncing database");
       } catch (err) {

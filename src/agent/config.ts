@@ -20,6 +20,13 @@ export interface Config {
    * being kept (id collisions, ARCHITECTURE.md). Must be the same on every node.
    */
   naturalKeyTables: string[];
+  /**
+   * The nodes' databases never shared a copy: rows they held under the same
+   * INTEGER PRIMARY KEY before enrolment are different rows (both kept, one
+   * moves) unless equal. Default false: such rows are the same row, merged
+   * column by column. Must be the same on every node.
+   */
+  independentDatabases: boolean;
   captureIntervalMs: number;
   pollMinMs: number;
   pollMaxMs: number;
@@ -51,6 +58,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   databases: [],
   excludeTables: DEFAULT_EXCLUDED_TABLES,
   naturalKeyTables: [],
+  independentDatabases: false,
   captureIntervalMs: 50,
   pollMinMs: 100,
   pollMaxMs: 500,
@@ -78,6 +86,7 @@ const KINDS: Record<keyof Config, Kind> = {
   databases: "string[]",
   excludeTables: "string[]",
   naturalKeyTables: "string[]",
+  independentDatabases: "boolean",
   captureIntervalMs: "number",
   pollMinMs: "number",
   pollMaxMs: "number",
@@ -221,6 +230,14 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   // List here the tables whose integer ids mean the same thing on every node (merge
   // them instead). Must be the same on every node.
   "naturalKeyTables": ${JSON.stringify(d.naturalKeyTables)},
+  // Rows a database held before unisync met it ("enrolled") have no known time: they
+  // lose to every logged change and delete, and only fill in what the cluster lacks,
+  // so a node started from an old copy never drags the cluster back. Rows two nodes
+  // held under the same id before enrolment are the same row (copies of one
+  // database), merged column by column; \`unisync conflicts\` lists where they differed.
+  // true: the databases never shared a copy, so such rows are different rows (both
+  // kept, one moves to a new id). Must be the same on every node.
+  "independentDatabases": ${d.independentDatabases},
   // How often (ms) to look for new local changes.
   "captureIntervalMs": ${d.captureIntervalMs},
   // How often (ms) to poll the store for other nodes' changes: fast while busy, slower when idle.

@@ -35,6 +35,8 @@ export interface DbSyncOptions {
   excludeTables: string[];
   /** Tables whose integer keys merge by key instead of moving on a collision (config naturalKeyTables). */
   naturalKeyTables?: string[];
+  /** Config independentDatabases: rows two nodes held under one id before enrolment are two rows. */
+  independentDatabases?: boolean;
   maxRecords: number;
   maxBytes: number;
   busyTimeoutMs: number;
@@ -98,7 +100,7 @@ export class DbSync {
         "id collision: two nodes created different rows with the same id; this one moved (see `unisync conflicts`)",
       );
     }));
-    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape);
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases);
     this.outbox = new Outbox(this.db, o.node, o.stream);
     this.applier = new Applier(
       this.db,
@@ -152,6 +154,11 @@ export class DbSync {
         const natural = new Set((this.o.naturalKeyTables ?? []).map((t) => t.toLowerCase()));
         const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
         const defs = installTriggers(this.db, shapes, Date.now());
+        for (const d of defs.filter((x) => x.previousColumns && !x.shape.hasDeclaredKey)) {
+          // Copies of a table without a key are known by all their values: they follow the new columns.
+          const access = new TableAccess(this.db, d.shape);
+          this.bag.remap(d.shape.name, d.previousColumns as string[], d.shape.columns, (c) => access.defaultValue(c));
+        }
         return { defs, installedAt: schemaVersion(this.db) };
       })
       .immediate();
@@ -160,7 +167,10 @@ export class DbSync {
       const n = baselineTable(this.db, def, this.states, this.bag, () => this.sealEverything(), (rows) => {
         if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
       });
-      if (n > 0) this.log.info({ table: def.shape.name, rows: n }, "recorded rows that no trigger had seen (baseline)");
+      if (n > 0) {
+        this.applier.enrolments.count(this.o.node, def.shape.name, this.o.clock.current, "added", n);
+        this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");
+      }
     }
     this.lastSchemaVersion = installedAt;
     this.log.info({ tables: defs.length, schemaVersion: installedAt }, "capture triggers in place");

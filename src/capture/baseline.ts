@@ -10,7 +10,7 @@ import { rowIdentity, type SqlValue } from "../log/value.js";
 import type { BagStore } from "../replay/bag.js";
 import type { RowStateStore } from "../replay/state.js";
 import { quoteIdent } from "./schema.js";
-import { BASELINE_MASK, CHANGE_INSERT, CHANGE_UPDATE, maskFor, type CaptureDef } from "./triggers.js";
+import { CHANGE_INSERT, CHANGE_UPDATE, enrolmentMask, maskFor, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;
 
@@ -45,12 +45,13 @@ export function baselineTable(
   // Tables without a key may hold equal rows: record the copies beyond the counted ones.
   // (Held per scan; such tables are usually small.)
   const copiesSeen = new Map<string, number>();
-  const unrecorded = (values: SqlValue[]): boolean => {
-    if (shape.hasDeclaredKey) return !states.get(shape.name, rowIdentity(keyIdx.map((i) => values[i]), false))?.alive;
+  /** The copy number to record the row under, or 0 when the state has it already. */
+  const unrecorded = (values: SqlValue[]): number => {
+    if (shape.hasDeclaredKey) return states.get(shape.name, rowIdentity(keyIdx.map((i) => values[i]), false))?.alive ? 0 : 1;
     const id = rowIdentity(values, true).toString("base64");
     const nth = (copiesSeen.get(id) ?? 0) + 1;
     copiesSeen.set(id, nth);
-    return nth > bag.liveCopies(shape.name, values);
+    return nth > bag.liveCopies(shape.name, values) ? nth : 0;
   };
   let position: SqlValue[] | null = null;
   let recorded = 0;
@@ -60,8 +61,9 @@ export function baselineTable(
       const rows = (position ? next.all(...position) : first.all()) as SqlValue[][];
       for (const row of rows) {
         const values = row.slice(order.length);
-        if (!unrecorded(values)) continue;
-        record.run(capId, CHANGE_INSERT, Date.now(), BASELINE_MASK, ...values);
+        const copy = unrecorded(values);
+        if (!copy) continue;
+        record.run(capId, CHANGE_INSERT, Date.now(), enrolmentMask(copy), ...values);
         recorded++;
       }
       if (rows.length > 0) position = rows[rows.length - 1].slice(0, order.length);

@@ -7,13 +7,14 @@ import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
-import type { BagStore } from "../replay/bag.js";
-import { enrolmentLineage, intKey, type Relocator } from "../replay/relocate.js";
+import { enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
+import { enrolmentInstance, type BagStore } from "../replay/bag.js";
+import { enrolmentLineage, intKey, sameLineage, type Relocator } from "../replay/relocate.js";
 import type { AsideRows } from "../replay/unique.js";
 import type { RowStateStore } from "../replay/state.js";
 import type { TableShape } from "./schema.js";
-import { BASELINE_MASK, CHANGE_DELETE, CHANGE_INSERT, maskHasColumn } from "./triggers.js";
+import { silenced } from "./internal.js";
+import { CHANGE_DELETE, CHANGE_INSERT, enrolmentCopy, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {
   table: string;
@@ -25,9 +26,9 @@ type ChangeRow = unknown[]; // id, cap, op, ms, mask, v0..vN (raw row)
 
 /**
  * A row change as captured; keyless updates also carry the values before it,
- * and inserts recorded by enrolment say so (their lineage is named by their values).
+ * and inserts recorded by enrolment their copy number (tables without a key).
  */
-type CapturedChange = RowChange & { oldValues?: SqlValue[]; enrolment?: boolean };
+type CapturedChange = RowChange & { oldValues?: SqlValue[]; copy?: number };
 
 export interface DrainedBatch {
   records: LogRecord[];
@@ -59,6 +60,8 @@ export class ChangeDrain {
     private readonly aside: AsideRows,
     /** The current shape of a synced table. */
     private readonly shapeOf: (table: string) => TableShape | undefined,
+    /** Config independentDatabases: rows enrolled under one id on two nodes are two rows (relocate.ts). */
+    private readonly independent = false,
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
@@ -84,7 +87,10 @@ export class ChangeDrain {
     const n = g.columns.length;
     const values = slots.slice(0, n);
     const base = { table: g.table, columns: g.columns, key: g.key };
-    if (op === CHANGE_INSERT) return [{ ...base, op: OP_INSERT, values, changed: [], enrolment: mask === BASELINE_MASK }];
+    if (op === CHANGE_INSERT) {
+      const copy = enrolmentCopy(mask);
+      return [copy === null ? { ...base, op: OP_INSERT, values, changed: [] } : { ...base, op: OP_INSERT, values, changed: [], enrolment: true, copy }];
+    }
     if (op === CHANGE_DELETE) return [{ ...base, op: OP_DELETE, values, changed: [] }];
     const changed = g.columns.map((_, i) => i).filter((i) => maskHasColumn(mask, i));
     if (changed.length === 0) return [];
@@ -122,8 +128,8 @@ export class ChangeDrain {
         lastId = after;
         for (const change of this.toRowChanges(g, Number(op), mask, slots)) {
           const hlc = this.clock.tick(ms === null ? undefined : Number(ms));
-          const { oldValues, enrolment, ...row } = change;
-          this.fold(row, hlc, (r) => records.push(r), oldValues, enrolment);
+          const { oldValues, copy, ...row } = change;
+          this.fold(row, hlc, (r) => records.push(r), oldValues, copy);
           records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
@@ -137,31 +143,54 @@ export class ChangeDrain {
    * Records a local change in the merge state (the table already holds it),
    * and names in the record the row's lineage and those its references point at.
    */
-  private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], enrolment = false): void {
-    const stamp = { hlc, origin: this.origin };
+  private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], copy = 1): void {
+    const stamp = change.enrolment ? enrolmentStamp(hlc, this.origin) : { hlc, origin: this.origin };
     const shape = this.shapeOf(change.table);
     if (shape?.hasDeclaredKey === false) {
-      if (change.op === OP_INSERT) this.bag.record(change.table, stamp, "insert", change.values, stamp);
-      else {
+      // Copies are kept in the table's current columns (a change captured under an
+      // older shape lacks a column added since: the row holds its default).
+      const access = this.relocator.access(change.table);
+      const local = (values: SqlValue[]) => shape.columns.map((c) => {
+        const i = change.columns.indexOf(c);
+        return i >= 0 ? values[i] : (access?.defaultValue(c) ?? null);
+      });
+      const values = local(change.values);
+      if (change.op === OP_INSERT) {
+        const instance = change.enrolment ? enrolmentInstance(change.values, copy) : stamp;
+        if (change.enrolment) change.instance = instance;
+        const affected = this.bag.record(change.table, instance, "insert", values, stamp);
+        // An enrolled copy the log deleted (or has): the table holds one copy too many.
+        if (change.enrolment && !affected) this.matchBag(change.table, values);
+      } else {
         // The app changed one of the equal copies: name the oldest live one.
-        const instance = this.bag.pickInstance(change.table, oldValues ?? change.values);
+        const instance = this.bag.pickInstance(change.table, local(oldValues ?? change.values));
         if (instance) {
-          this.bag.record(change.table, instance, change.op === OP_DELETE ? "delete" : "update", change.values, stamp);
+          this.bag.record(change.table, instance, change.op === OP_DELETE ? "delete" : "update", values, stamp);
           change.instance = instance;
         }
       }
       return;
     }
-    const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
-    const pk = rowIdentity(keyValues, false);
-    let prior = this.states.get(change.table, pk);
+    let keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
+    let prior = this.states.get(change.table, rowIdentity(keyValues, false));
     let lineage: Lineage | undefined;
+    let values = change.values;
     const key = intKey(keyValues[0]);
     if (shape?.autoId && key !== null) {
-      if (change.op === OP_INSERT) {
+      if (change.enrolment) {
+        lineage = { ...enrolmentLineage(key, change.values, this.independent), epoch: 1 };
+        // A row there before unisync yields its id to a lineage the log has at it (relocate.ts).
+        if (prior?.lineage && !sameLineage(prior.lineage, lineage)) {
+          const at = this.relocator.placeEnrolled(change.table, lineage, key);
+          keyValues = [at];
+          values = values.slice();
+          values[change.columns.indexOf(change.key[0])] = at;
+          prior = this.states.get(change.table, rowIdentity(keyValues, false));
+        }
+      } else if (change.op === OP_INSERT) {
         // Every insert starts a lineage, one epoch above whatever this node held
         // at the key (a row it deleted, or replaced), which moves away (relocate.ts).
-        lineage = { ...(enrolment ? enrolmentLineage(change.values) : stamp), epoch: (prior?.lineage?.epoch ?? 0) + 1 };
+        lineage = { ...stamp, epoch: (prior?.lineage?.epoch ?? 0) + 1 };
         if (prior?.lineage) {
           // A live row the table no longer shows was replaced, unless a unique clash set it aside.
           if (prior.alive && !this.aside.isAside(change.table, keyValues)) emit(this.replacedRow(change, prior));
@@ -169,26 +198,43 @@ export class ChangeDrain {
           prior = null;
         }
       } else lineage = prior?.lineage ?? undefined;
+      if (lineage && !change.enrolment) {
+        change.bornKey = this.relocator.recordedBornKey(change.table, lineage, key);
+      }
       if (lineage) {
         change.instance = { hlc: lineage.hlc, origin: lineage.origin };
         change.epoch = lineage.epoch;
-        change.bornKey = this.relocator.recordedBornKey(change.table, lineage, key);
       }
     }
+    const pk = rowIdentity(keyValues, false);
     if (change.op !== OP_INSERT && prior?.incarnation) change.incarnation = prior.incarnation;
     // A fresh insert needs no current row to merge against (mergeChange's fast path).
-    const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, change.values[i]]));
+    const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, values[i]]));
     const { state } = mergeChange(prior, asRow, {
       op: change.op,
       stamp,
       columns: change.columns,
-      values: change.values,
+      values,
       changed: change.changed,
       lineage,
       incarnation: change.incarnation,
+      enrolment: change.enrolment,
     });
     if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);
+    // An enrolled row the log deleted: this node drops it too (every other node does).
+    if (change.enrolment && !state.alive) this.dropEnrolled(change.table, change.key, keyValues);
+  }
+
+  /** The table holds exactly the live copies of an enrolled row value (tables without a key). */
+  private matchBag(table: string, values: SqlValue[]): void {
+    const access = this.relocator.access(table);
+    if (access) silenced(this.db, () => this.bag.reconcile(access, [values]));
+  }
+
+  private dropEnrolled(table: string, key: string[], keyValues: SqlValue[]): void {
+    const access = this.relocator.access(table);
+    if (access) silenced(this.db, () => access.delete(key, keyValues));
   }
 
   /**

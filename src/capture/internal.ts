@@ -51,6 +51,18 @@ CREATE INDEX IF NOT EXISTS _unisync_bag_vid ON _unisync_bag(tbl, vid, alive);
 CREATE TABLE IF NOT EXISTS _unisync_conflicts(
   tbl TEXT NOT NULL, row_key BLOB NOT NULL, kept_key BLOB NOT NULL, vals BLOB NOT NULL, detected_ms INTEGER NOT NULL,
   PRIMARY KEY(tbl, row_key)) WITHOUT ROWID;
+-- Rows enrolled by each origin (there before unisync: values of unknown time)
+-- that this node received, per table, and what they did here (replay/enrolments.ts).
+CREATE TABLE IF NOT EXISTS _unisync_enrolments(
+  origin TEXT NOT NULL, tbl TEXT NOT NULL, rows INTEGER NOT NULL, added INTEGER NOT NULL, same INTEGER NOT NULL,
+  differed INTEGER NOT NULL, older INTEGER NOT NULL, first_hlc INTEGER NOT NULL, last_hlc INTEGER NOT NULL,
+  PRIMARY KEY(origin, tbl)) WITHOUT ROWID;
+-- Columns two nodes held differently under one key before enrolment (diverged
+-- copies), with the value kept (the earlier enrolment's) and the other one.
+CREATE TABLE IF NOT EXISTS _unisync_enrol_diffs(
+  tbl TEXT NOT NULL, row_key BLOB NOT NULL, col TEXT NOT NULL, kept_origin TEXT NOT NULL, kept_value BLOB,
+  other_origin TEXT NOT NULL, other_value BLOB, detected_ms INTEGER NOT NULL,
+  PRIMARY KEY(tbl, row_key, col, other_origin)) WITHOUT ROWID;
 -- Sealed segments waiting for upload. A retry uploads exactly these bytes.
 CREATE TABLE IF NOT EXISTS _unisync_outbox(
   seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);

@@ -9,10 +9,21 @@ import { ensureChangeWidth } from "./internal.js";
 import { quoteIdent, type TableShape } from "./schema.js";
 
 export const CHANGE_INSERT = 1;
-/** The mask of an insert recorded by the enrolment pass (baseline.ts), not by a trigger. */
-export const BASELINE_MASK = -1n;
 export const CHANGE_UPDATE = 2;
 export const CHANGE_DELETE = 3;
+
+/**
+ * The mask of an insert recorded by the enrolment pass (baseline.ts), not by a
+ * trigger: minus the copy number (tables without a key may hold equal rows,
+ * each enrolled copy is named by its values and its number).
+ */
+export const enrolmentMask = (copy = 1): bigint => BigInt(-copy);
+
+/** The copy number of an enrolment insert, or null for a trigger's change. */
+export function enrolmentCopy(mask: unknown): number | null {
+  const m = typeof mask === "bigint" ? mask : typeof mask === "number" ? BigInt(mask) : null;
+  return m !== null && m < 0n ? Number(-m) : null;
+}
 
 /** Above this many columns the changed-column mask is a text of 0/1 instead of an integer. */
 const MAX_INT_MASK_COLUMNS = 62;
@@ -91,6 +102,8 @@ export interface CaptureDef {
   needsBaseline: boolean;
   /** Columns added since the previous generation, to record where a migration set them. */
   backfill: string[];
+  /** The previous generation's columns, when this call made a new generation over one. */
+  previousColumns: string[] | null;
 }
 
 interface CaptureRow {
@@ -118,8 +131,10 @@ export function installTriggers(db: Database, shapes: TableShape[], nowMs: numbe
     let cap = db
       .prepare("SELECT id, columns, key, baseline_done, backfill FROM _unisync_capture WHERE tbl = ? ORDER BY id DESC LIMIT 1")
       .get(shape.name) as CaptureRow | undefined;
+    let previousColumns: string[] | null = null;
     if (!cap || cap.columns !== columns || cap.key !== key) {
       const before = cap ? (JSON.parse(cap.columns) as string[]) : null;
+      previousColumns = before;
       const added = before ? shape.columns.filter((c) => !before.includes(c)) : [];
       const backfill = added.length ? JSON.stringify(added) : null;
       const id = Number(
@@ -143,7 +158,7 @@ export function installTriggers(db: Database, shapes: TableShape[], nowMs: numbe
       db.exec(`DROP TRIGGER IF EXISTS ${quoteIdent(w.name)}`);
       db.exec(w.sql);
     }
-    defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0, backfill: cap.backfill ? (JSON.parse(cap.backfill) as string[]) : [] });
+    defs.push({ capId: cap.id, shape, needsBaseline: cap.baseline_done === 0, backfill: cap.backfill ? (JSON.parse(cap.backfill) as string[]) : [], previousColumns });
   }
   return defs;
 }

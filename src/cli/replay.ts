@@ -55,6 +55,7 @@ function settingsFor(config: Config, json: boolean) {
     log: pino({ level: "warn" }, pino.destination(2)),
     excludeTables: config.excludeTables,
     naturalKeyTables: config.naturalKeyTables,
+    independentDatabases: config.independentDatabases,
     batchMaxRecords: config.batchMaxRecords,
     batchMaxBytes: config.batchMaxBytes,
     busyTimeoutMs: config.busyTimeoutMs,

@@ -13,10 +13,12 @@ import type { SqlValue } from "./value.js";
 
 /**
  * Version 2 added row lineages, born keys and references (id collisions).
- * Version 1 segments still read: their rows simply have no lineage.
+ * Version 3 added enrolment records (values of unknown time), notes and
+ * `continues`; an older reader must stop at them rather than apply enrolment
+ * values as if they were new writes. Versions 1 and 2 still read.
  */
-export const FORMAT_VERSION = 2;
-const READABLE_VERSIONS = [1, 2];
+export const FORMAT_VERSION = 3;
+const READABLE_VERSIONS = [1, 2, 3];
 
 export type RowOp = 1 | 2 | 3;
 export const OP_INSERT: RowOp = 1;
@@ -45,6 +47,10 @@ export interface RowChange {
   incarnation?: { hlc: number; origin: string };
   /** With a lineage: its epoch at its born key (see relocate.ts). */
   epoch?: number;
+  /** An INSERT of a row no trigger saw (enrolment): values of unknown time (merge.ts). */
+  enrolment?: boolean;
+  /** Why the agent itself made this change (a foreign-key repair, references.ts). */
+  note?: string;
 }
 
 /** A foreign-key column's value as a reference to a row lineage. */
@@ -82,6 +88,8 @@ export interface Segment {
   seq: number;
   createdMs: number;
   records: LogRecord[];
+  /** The writer's app transaction goes on in the next segment. */
+  continues?: boolean;
 }
 
 /** Raised when stored bytes are not a valid segment; the message says why. */
@@ -147,6 +155,7 @@ export function encodeSegment(seg: Segment): Buffer {
     stream: seg.stream,
     seq: seg.seq,
     createdMs: seg.createdMs,
+    continues: seg.continues || undefined,
     records: seg.records.map((r) => ({
       hlc: r.hlc,
       row: r.row && {
@@ -162,6 +171,8 @@ export function encodeSegment(seg: Segment): Buffer {
         incarnationHlc: r.row.incarnation?.hlc,
         epoch: r.row.epoch,
         incarnationOrigin: r.row.incarnation?.origin,
+        enrolment: r.row.enrolment || undefined,
+        note: r.row.note || undefined,
         refs: r.row.refs?.map((f) => ({
           column: f.column,
           lineageHlc: f.lineage.hlc,
@@ -190,6 +201,8 @@ interface WireRecord {
     incarnationHlc?: LongLike;
     epoch?: number;
     incarnationOrigin?: string;
+    enrolment?: boolean;
+    note?: string;
     refs?: { column?: string; lineageHlc?: LongLike; lineageOrigin?: string; bornKey?: WireValue }[];
   };
   file?: {
@@ -211,6 +224,7 @@ interface WireSegment {
   stream?: string;
   seq?: LongLike;
   createdMs?: LongLike;
+  continues?: boolean;
   records?: WireRecord[];
 }
 
@@ -231,6 +245,7 @@ export function decodeSegment(bytes: Buffer): Segment {
     stream: wire.stream ?? "",
     seq: longToNumber(wire.seq),
     createdMs: longToNumber(wire.createdMs),
+    continues: wire.continues || undefined,
     records: (wire.records ?? []).map((r) => ({
       hlc: longToNumber(r.hlc),
       row: r.row ? {
@@ -244,6 +259,8 @@ export function decodeSegment(bytes: Buffer): Segment {
         bornKey: r.row.bornKey && has(r.row, "bornKey") ? fromWire(r.row.bornKey) : undefined,
         epoch: r.row.epoch || undefined,
         incarnation: r.row.incarnationOrigin ? { hlc: longToNumber(r.row.incarnationHlc), origin: r.row.incarnationOrigin } : undefined,
+        enrolment: r.row.enrolment || undefined,
+        note: r.row.note || undefined,
         refs: r.row.refs?.length
           ? r.row.refs.map((f) => ({
               column: f.column ?? "",

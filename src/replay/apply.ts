@@ -9,7 +9,8 @@ import { silenced } from "../capture/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, mergeChange } from "./merge.js";
+import { clockOf, enrolmentStamp, mergeChange } from "./merge.js";
+import { EnrolmentLedger } from "./enrolments.js";
 import { intKey, lineageName, sameLineage, type Relocator } from "./relocate.js";
 import type { AsideRows } from "./unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
@@ -53,6 +54,8 @@ function unfit(rec: LogRecord, tables: Map<string, TableAccess>): string | null 
 export class Applier {
   private readonly cursorStore: Cursors;
   private readonly park: Statement;
+  /** What each origin's enrolled rows did here (status, conflicts). */
+  readonly enrolments: EnrolmentLedger;
 
   constructor(
     private readonly db: Database,
@@ -70,6 +73,7 @@ export class Applier {
     private readonly now: () => number = Date.now,
   ) {
     this.cursorStore = new Cursors(db);
+    this.enrolments = new EnrolmentLedger(db);
     this.park = db.prepare(
       "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     );
@@ -137,7 +141,12 @@ export class Applier {
     // A row set aside after a unique clash is not in the table: its values are kept aside.
     const aside = current === null ? this.aside.values(access, keyValues) : null;
     const prior = this.states.get(row.table, pk);
-    const stamp = { hlc: rec.hlc, origin };
+    // A row enrolled at its origin has values of unknown time (merge.ts).
+    const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
+    if (row.enrolment) {
+      const outcome = this.enrolments.judge(row.table, pk, stamp, row.columns, values, prior, current ?? aside);
+      this.enrolments.count(origin, row.table, rec.hlc, outcome);
+    }
     const { state, write } = mergeChange(prior, current ?? aside, {
       op: row.op,
       stamp,
@@ -146,11 +155,12 @@ export class Applier {
       changed: row.changed,
       lineage: access.shape.autoId && row.instance ? { ...row.instance, epoch: row.epoch ?? 1 } : undefined,
       incarnation: row.incarnation,
+      enrolment: row.enrolment,
     });
     // A reference is this record's when the column's value is: the state keeps whose row it points at.
     for (const ref of row.refs ?? []) {
       const c = clockOf(state, ref.column);
-      if (c.origin === origin && (c.hlc === rec.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
+      if (c.origin === origin && (c.hlc === stamp.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
     }
     const written = write.kind === "insert" || write.kind === "update" ? write.values : new Map<string, SqlValue>();
     const full = new Map([...(current ?? aside ?? []), ...written]);
@@ -252,15 +262,17 @@ export class Applier {
   /** Tables without a key: merge into the named copy, then match the table's copies to the bag. */
   private applyToBag(origin: string, rec: LogRecord, access: TableAccess): string | null {
     const row = rec.row as RowChange;
-    // Values in local column order (a local column the origin lacks stays NULL).
+    // Values in local column order; a local column the origin lacks (it was added
+    // here first, or the origin's record predates it) takes its declared default.
     const values = access.shape.columns.map((c) => {
       const i = row.columns.indexOf(c);
-      return i < 0 ? null : row.values[i];
+      return i < 0 ? access.defaultValue(c) : row.values[i];
     });
-    const stamp = { hlc: rec.hlc, origin };
+    const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
     const op = row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : "update";
-    // An update or delete that names no copy changed a row its origin never recorded.
-    const instance = op === "insert" ? stamp : row.instance;
+    // An insert makes a copy named by its stamp (an enrolled copy: by its values,
+    // bag.ts); an update or delete that names no copy changed a row its origin never recorded.
+    const instance = op === "insert" ? (row.enrolment && row.instance ? row.instance : stamp) : row.instance;
     if (!instance) return null;
     const affected = this.bag.record(access.shape.name, instance, op, values, stamp);
     if (!affected) return null;

@@ -8,6 +8,7 @@
  * The table holds, for every distinct row value, as many copies as there are
  * live instances with that value.
  */
+import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
@@ -27,13 +28,22 @@ interface InstanceState {
 
 export const instanceKey = (i: Instance) => encodeValues([BigInt(i.hlc), i.origin]);
 
+/**
+ * The copies a table held when it was enrolled are named by their values and
+ * their number (hlc 0): two nodes that enrol equal rows hold the same copies,
+ * and a copy the log deleted stays deleted when an old copy enrols it again.
+ */
+export function enrolmentInstance(values: readonly SqlValue[], copy: number): Instance {
+  return { hlc: 0, origin: `#${createHash("sha256").update(rowIdentity(values, true)).digest("hex").slice(0, 32)}/${copy}` };
+}
+
 export class BagStore {
   private readonly getStmt: Statement;
   private readonly putStmt: Statement;
   private readonly liveStmt: Statement;
   private readonly countStmt: Statement;
 
-  constructor(db: Database) {
+  constructor(private readonly db: Database) {
     this.getStmt = db.prepare("SELECT vals, hlc, origin, alive FROM _unisync_bag WHERE tbl = ? AND inst = ?");
     this.putStmt = db.prepare("INSERT OR REPLACE INTO _unisync_bag(tbl, inst, vid, vals, hlc, origin, alive) VALUES (?, ?, ?, ?, ?, ?, ?)");
     this.liveStmt = db.prepare("SELECT inst FROM _unisync_bag WHERE tbl = ? AND vid = ? AND alive = 1 ORDER BY inst LIMIT 1").pluck(true);
@@ -79,6 +89,23 @@ export class BagStore {
     };
     this.put(table, key, next);
     return prior ? [prior.values, next.values] : [next.values];
+  }
+
+  /**
+   * The table's columns changed (a column added or dropped, a rebuild): every
+   * copy's values follow, a new column taking its default as SQLite gave the
+   * rows already there, so copies still match the table's rows.
+   */
+  remap(table: string, before: readonly string[], after: readonly string[], defaultOf: (column: string) => SqlValue): void {
+    const rows = this.db.prepare("SELECT inst, vals, hlc, origin, alive FROM _unisync_bag WHERE tbl = ?").all(table) as {
+      inst: Buffer; vals: Buffer; hlc: number | bigint; origin: string; alive: number | bigint;
+    }[];
+    const from = after.map((c) => before.indexOf(c));
+    for (const r of rows) {
+      const old = decodeValues(r.vals);
+      const values = after.map((c, i) => (from[i] < 0 ? defaultOf(c) : old[from[i]]));
+      this.put(table, r.inst, { values, hlc: Number(r.hlc), origin: r.origin, alive: Number(r.alive) === 1 });
+    }
   }
 
   /** Makes the table hold exactly as many copies of each row value as there are live instances. */

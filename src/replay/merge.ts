@@ -13,7 +13,7 @@
  *    weakest clock, so that any real write overrides them.
  * Applying a record twice changes nothing the second time: equal stamps never win.
  */
-import { compareStamp } from "../log/hlc.js";
+import { compareStamp, hlcToMs } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, type RowOp } from "../log/segment.js";
 import { sameValue, type SqlValue } from "../log/value.js";
 
@@ -55,6 +55,33 @@ export interface RowState {
   incarnation: Stamp | null;
 }
 
+/**
+ * Values that no trigger saw (a row there when unisync first met the database,
+ * or written while a table had no triggers) have an unknown time. They merge
+ * under stamps below every logged clock (a logged HLC is wall ms * 1024, far
+ * above 2^42 since 1970): so they lose to every logged write and delete of the
+ * same row and column, and only fill in what the cluster lacks. Among
+ * enrolments the earlier one ranks higher, so a node that joins later with an
+ * old copy never overrides what the cluster held before it came.
+ */
+const ENROLMENT_TOP_MS = 2 ** 42;
+
+export function enrolmentStamp(recordHlc: number, origin: string): Stamp {
+  return { hlc: Math.max(1, ENROLMENT_TOP_MS - hlcToMs(recordHlc)), origin };
+}
+
+/** Whether a column clock is an enrolment's (not a logged write's, not "never"). */
+export function isEnrolmentStamp(s: Stamp): boolean {
+  return s.hlc > 0 && s.hlc <= ENROLMENT_TOP_MS;
+}
+
+/**
+ * The incarnation every enrolled row belongs to, whichever node enrolled it:
+ * older than any logged insert. A logged delete of an enrolled row names it, so
+ * the same row enrolled again later (an old copy) stays deleted.
+ */
+export const ENROLMENT_INCARNATION: Stamp = { hlc: 0, origin: "#enrolment" };
+
 export interface IncomingChange {
   op: RowOp;
   stamp: Stamp;
@@ -65,6 +92,8 @@ export interface IncomingChange {
   lineage?: Lineage;
   /** UPDATE/DELETE: the incarnation the writer saw (undefined: not known). */
   incarnation?: Stamp;
+  /** An INSERT recorded at enrolment (its stamp is an enrolmentStamp). */
+  enrolment?: boolean;
 }
 
 export type TableWrite =
@@ -74,6 +103,8 @@ export type TableWrite =
   | { kind: "delete" };
 
 const NEVER: Stamp = { hlc: 0, origin: "" };
+
+export const sameStamp = (a: Stamp, b: Stamp) => a.hlc === b.hlc && a.origin === b.origin;
 
 function newer(a: Stamp, b: Stamp): boolean {
   return compareStamp(a.hlc, a.origin, b.hlc, b.origin) > 0;
@@ -130,7 +161,8 @@ export function mergeChange(
       cols[c] = null;
       values.set(c, change.values[i]);
     });
-    const state = { exists: change.stamp, alive: true, base: change.stamp, cols, dead: null, lineage: change.lineage ?? null, refs: null, incarnation: change.stamp };
+    const incarnation = change.enrolment ? ENROLMENT_INCARNATION : change.stamp;
+    const state = { exists: change.stamp, alive: true, base: change.stamp, cols, dead: null, lineage: change.lineage ?? null, refs: null, incarnation };
     return { state, write: { kind: "insert", values } };
   }
   const state: RowState = prior
@@ -158,7 +190,7 @@ export function mergeChange(
     else if (!values.has(column)) offer(column, value, weak);
   });
 
-  const incarnation = change.op === OP_INSERT ? change.stamp : change.incarnation;
+  const incarnation = change.enrolment ? ENROLMENT_INCARNATION : change.op === OP_INSERT ? change.stamp : change.incarnation;
   if (incarnation && (!state.incarnation || newer(incarnation, state.incarnation))) {
     // A newer incarnation starts existence afresh (a delete may name one before its insert arrives).
     state.incarnation = incarnation;

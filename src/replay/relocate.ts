@@ -29,7 +29,7 @@ import type { Database, Statement } from "better-sqlite3";
 import { silenced } from "../capture/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import type { Lineage, Stamp } from "./merge.js";
+import { sameStamp, type Lineage, type Stamp } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 import type { AsideRows } from "./unique.js";
@@ -62,21 +62,34 @@ export function freshKey(table: string, from: bigint, lineage: Lineage): bigint 
 }
 
 /**
- * Rows recorded at enrolment have a lineage named by their values (hlc 0): two
- * nodes that enrol copies of the same database hold the same rows, which must
- * merge, while different rows at the same id collide like any other.
+ * Rows recorded at enrolment (there before unisync) have a lineage with hlc 0.
+ * By default it is named by the row's key: rows that two nodes held under the
+ * same id before enrolment are the same row (copies of one database, perhaps
+ * edited apart), merged column by column. With `independent` (config
+ * independentDatabases: the databases never shared a copy) it is named by the
+ * row's values: equal rows still merge, different rows under one id are two
+ * rows and one moves, like any id collision.
  */
-export function enrolmentLineage(values: readonly SqlValue[]): Stamp {
+export function enrolmentLineage(key: bigint, values: readonly SqlValue[], independent = false): Stamp {
+  if (!independent) return { hlc: 0, origin: `#id:${key}` };
   return { hlc: 0, origin: `#${createHash("sha256").update(rowIdentity(values, true)).digest("hex").slice(0, 32)}` };
 }
 
-export const sameLineage = (a: Stamp, b: Stamp) => a.hlc === b.hlc && a.origin === b.origin;
+/** Whether a lineage was recorded at enrolment (a row there before unisync). */
+export const isEnrolled = (l: Stamp) => l.hlc === 0;
+
+export const sameLineage = sameStamp;
 
 export const lineageName = (l: Stamp) => `${l.origin}@${l.hlc}`;
 
-/** Whether lineage a keeps a key that b also claims. */
+/**
+ * Whether lineage a keeps a key that b also claims. A row there before unisync
+ * yields to a logged insert of the same epoch: a node that enrols later never
+ * takes an id away from a row the cluster already logged.
+ */
 export function outranks(a: Lineage, b: Lineage): boolean {
   if (a.epoch !== b.epoch) return a.epoch > b.epoch;
+  if (isEnrolled(a) !== isEnrolled(b)) return isEnrolled(b);
   return compareStamp(a.hlc, a.origin, b.hlc, b.origin) < 0;
 }
 
@@ -161,6 +174,31 @@ export class Relocator {
   makeRoom(table: string, lineage: Lineage, key: bigint): void {
     const access = this.tables().get(table);
     if (access) this.claim(access, lineage, key, key, false);
+  }
+
+  /**
+   * An enrolled row (there before unisync) at `key`, where the state holds
+   * another lineage: placed as a record of it would be on any node (it yields
+   * to a logged lineage), and moved in the table if it lost the key.
+   */
+  placeEnrolled(table: string, lineage: Lineage, key: bigint): bigint {
+    const access = this.tables().get(table);
+    if (!access) return key;
+    const row = access.find(access.shape.key, [key]);
+    const at = this.claim(access, lineage, key, key, true);
+    if (at !== key && row) {
+      silenced(this.db, () => {
+        access.delete(access.shape.key, [key]);
+        row.set(access.shape.key[0], at);
+        access.insert(row);
+      });
+    }
+    return at;
+  }
+
+  /** Row access to a synced table. */
+  access(table: string): TableAccess | undefined {
+    return this.tables().get(table);
   }
 
   /** Moves the references deferred by makeRoom; call when every captured change is folded. */

@@ -98,6 +98,24 @@ export class TableAccess {
   }
 
   private readonly known: Set<string>;
+  private readonly defaults = new Map<string, SqlValue>();
+
+  /** The value SQLite gives `column` when an INSERT leaves it out (its declared constant DEFAULT, or NULL). */
+  defaultValue(column: string): SqlValue {
+    if (!this.defaults.has(column)) {
+      const expr = this.shape.defaults[column];
+      let v: SqlValue = null;
+      if (expr !== null && expr !== undefined) {
+        try {
+          v = (this.db.prepare(`SELECT (${expr})`).raw(true).safeIntegers(true).get() as SqlValue[])[0];
+        } catch {
+          v = null; // not a constant expression: nothing to reproduce here
+        }
+      }
+      this.defaults.set(column, v);
+    }
+    return this.defaults.get(column) as SqlValue;
+  }
 
   /** Whether the table has this column now. */
   has(column: string): boolean {

@@ -16,7 +16,7 @@ import type { Database, Statement } from "better-sqlite3";
 import { silenced } from "../capture/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
-import type { RowState } from "./merge.js";
+import { ENROLMENT_INCARNATION, sameStamp, type RowState } from "./merge.js";
 import { outranks } from "./relocate.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
@@ -96,7 +96,7 @@ export class AsideRows {
   ): void {
     const key = access.shape.key;
     const other = this.states.get(access.shape.name, rowIdentity(otherKey, false));
-    if (createdFirst(access, incoming.state, other)) {
+    if (createdFirst(access, { state: incoming.state, key: incoming.keyValues }, { state: other, key: otherKey })) {
       this.setAside(access, otherKey, access.find(key, otherKey) as Map<string, SqlValue>, incoming.keyValues);
       access.delete(key, otherKey);
       writeTable();
@@ -144,7 +144,7 @@ export class AsideRows {
         } catch (err) {
           if ((err as { code?: string }).code !== "SQLITE_CONSTRAINT_UNIQUE") continue;
           const other = access.uniqueClash(values, access.shape.key, keyValues);
-          if (other && createdFirst(access, state, this.states.get(r.tbl, rowIdentity(other, false)))) {
+          if (other && createdFirst(access, { state, key: keyValues }, { state: this.states.get(r.tbl, rowIdentity(other, false)), key: other })) {
             this.db.transaction(() => this.settle(access, { keyValues, state, values, inTable: false }, other, bringBack))();
           }
         }
@@ -161,10 +161,22 @@ export class AsideRows {
   }
 }
 
-/** Whether row a was created before row b (rows whose creation is not known count as oldest). */
-function createdFirst(access: TableAccess, a: RowState, b: RowState | null): boolean {
-  if (access.shape.autoId && a.lineage && b?.lineage) return outranks(a.lineage, b.lineage);
-  const ia = a.incarnation ?? { hlc: 0, origin: "" };
-  const ib = b?.incarnation ?? { hlc: 0, origin: "" };
-  return compareStamp(ia.hlc, ia.origin, ib.hlc, ib.origin) < 0;
+/**
+ * Whether row a was created before row b: a row whose creation is not known
+ * (recorded before incarnations existed) first, then logged rows by lineage
+ * rank or first insert clock, then rows there before unisync (enrolled), and
+ * the keys break a tie (enrolled rows share one incarnation).
+ */
+function createdFirst(access: TableAccess, a: { state: RowState; key: SqlValue[] }, b: { state: RowState | null; key: SqlValue[] }): boolean {
+  if (access.shape.autoId && a.state.lineage && b.state?.lineage) return outranks(a.state.lineage, b.state.lineage);
+  const rank = (s: RowState | null) => {
+    const inc = s?.incarnation ?? { hlc: 0, origin: "" };
+    return { enrolled: sameStamp(inc, ENROLMENT_INCARNATION) ? 1 : 0, ...inc };
+  };
+  const ra = rank(a.state);
+  const rb = rank(b.state);
+  if (ra.enrolled !== rb.enrolled) return ra.enrolled < rb.enrolled;
+  const byClock = compareStamp(ra.hlc, ra.origin, rb.hlc, rb.origin);
+  if (byClock !== 0) return byClock < 0;
+  return Buffer.compare(rowIdentity(a.key, false), rowIdentity(b.key, false)) < 0;
 }

@@ -19,10 +19,13 @@ export interface StreamSettings {
   databases: string[];
   excludeTables: string[];
   naturalKeyTables?: string[];
+  independentDatabases?: boolean;
   batchMaxRecords: number;
   batchMaxBytes: number;
   busyTimeoutMs: number;
   syncFiles: boolean;
+  /** Put databases in WAL mode (default true). */
+  walMode?: boolean;
 }
 
 export interface OpenStreams {
@@ -43,10 +46,11 @@ export function openDbSync(s: StreamSettings, path: string, stream: string, cloc
     metrics,
     excludeTables: s.excludeTables,
     naturalKeyTables: s.naturalKeyTables,
+    independentDatabases: s.independentDatabases,
     maxRecords: s.batchMaxRecords,
     maxBytes: s.batchMaxBytes,
     busyTimeoutMs: s.busyTimeoutMs,
-    walMode: true,
+    walMode: s.walMode ?? true,
   });
   try {
     db.refreshSchema();

@@ -1,0 +1,189 @@
+/**
+ * Enrolment never rewinds (issue 9, DESIGN invariant 10): rows a database held
+ * before unisync met it have an unknown time. A node that joins late with an old
+ * copy converges to the cluster (its stale values and deleted rows lose, its new
+ * rows spread); copies of one database edited apart merge into one row per id,
+ * with the differences listed; independentDatabases keeps both.
+ */
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import Database from "better-sqlite3";
+import { afterAll, describe, expect, it } from "vitest";
+import type { DbSync, DbSyncOptions } from "../src/agent/dbsync.js";
+import { readEnrolments } from "../src/replay/enrolments.js";
+import { FileStore } from "../src/store/file.js";
+import { compareDatabases } from "./helpers/checker.js";
+import { appConnection, openSync } from "./helpers/node.js";
+
+const root = mkdtempSync(join(tmpdir(), "unisync-enrol-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const SCHEMA = `
+CREATE TABLE kv(k TEXT PRIMARY KEY, v);
+CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);
+CREATE TABLE tag(label TEXT, n);
+`;
+
+let n = 0;
+/** A folder with an "original" database that nodes start from as copies. */
+function setup(fill: (db: Database.Database) => void) {
+  const dir = join(root, `e${++n}`);
+  mkdirSync(dir, { recursive: true });
+  const original = join(dir, "original.db");
+  const db = new Database(original);
+  db.exec(SCHEMA);
+  fill(db);
+  db.close();
+  const store = new FileStore(join(dir, "store"));
+  const nodes = new Map<string, { name: string; path: string; app: Database.Database; sync: DbSync }>();
+  /** A node whose database is a copy of the original, edited by `before` while no agent ran yet. */
+  const join_ = (name: string, before?: (app: Database.Database) => void, extra: Partial<DbSyncOptions> = {}) => {
+    const path = join(dir, `${name}.db`);
+    copyFileSync(original, path);
+    const app = appConnection(path);
+    before?.(app);
+    const node = { name, path, app, sync: openSync(path, name, store, undefined, extra) };
+    nodes.set(name, node);
+    return node;
+  };
+  const ship = async (x: { sync: DbSync }) => {
+    x.sync.sealPending();
+    await x.sync.upload();
+  };
+  const pullAll = async (x: { sync: DbSync; name: string }) => {
+    for (const o of nodes.keys()) if (o !== x.name) while ((await x.sync.pull(o, 50)) > 0);
+    x.sync.retryParked();
+  };
+  const settle = async () => {
+    for (let round = 0; round < 2; round++) {
+      for (const x of nodes.values()) await ship(x);
+      for (const x of nodes.values()) await pullAll(x);
+    }
+  };
+  const rows = (x: { app: Database.Database } | Database.Database, sql: string) => ("app" in x ? x.app : x).prepare(sql).all() as Record<string, unknown>[];
+  const converged = () => compareDatabases([...nodes.values()].map((x) => x.path));
+  const close = () => [...nodes.values()].forEach((x) => (x.sync.close(), x.app.close()));
+  return { join: join_, ship, pullAll, settle, rows, converged, close, nodes };
+}
+
+const fill = (db: Database.Database) => {
+  db.exec("INSERT INTO kv VALUES ('a', '2025'), ('b', 'keep'), ('gone', 'x')");
+  db.exec("INSERT INTO item(id, name, qty) VALUES (1, 'bolt', 10), (2, 'nut', 20), (3, 'gear', 30)");
+  db.exec("INSERT INTO tag VALUES ('red', 1), ('red', 1), ('blue', 2)");
+};
+
+describe("enrolment", () => {
+  it("a node that joins late from an old copy converges to the cluster and does not drag it back", async () => {
+    const c = setup(fill);
+    const a = c.join("a");
+    const b = c.join("b");
+    await c.settle();
+    a.app.exec("UPDATE kv SET v = '2026new' WHERE k = 'a'; DELETE FROM kv WHERE k = 'gone'; UPDATE item SET qty = 11 WHERE id = 1; DELETE FROM item WHERE id = 3");
+    a.app.exec("DELETE FROM tag WHERE rowid = (SELECT min(rowid) FROM tag WHERE label = 'red')");
+    await c.settle();
+    expect(c.rows(b, "SELECT v FROM kv WHERE k = 'a'")).toEqual([{ v: "2026new" }]);
+    // c starts from the original copy (last night's backup), with one row of its own.
+    const cc = c.join("c", (app) => app.exec("INSERT INTO kv VALUES ('c-only', 'new'); INSERT INTO item(id, name, qty) VALUES (4, 'spring', 40)"));
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b, cc]) {
+      expect(c.rows(x, "SELECT k, v FROM kv ORDER BY k")).toEqual([
+        { k: "a", v: "2026new" },
+        { k: "b", v: "keep" },
+        { k: "c-only", v: "new" },
+      ]);
+      expect(c.rows(x, "SELECT id, name, qty FROM item ORDER BY id")).toEqual([
+        { id: 1n, name: "bolt", qty: 11n },
+        { id: 2n, name: "nut", qty: 20n },
+        { id: 4n, name: "spring", qty: 40n },
+      ]);
+      // The deleted copy of a keyless row does not come back, and equal copies do not double.
+      expect(c.rows(x, "SELECT label, n FROM tag ORDER BY label")).toEqual([
+        { label: "blue", n: 2n },
+        { label: "red", n: 1n },
+      ]);
+      expect(c.rows(x.sync.db, "SELECT count(*) AS n FROM _unisync_moves")).toEqual([{ n: 0 }]);
+    }
+    // What c's enrolment did, as a's ledger saw it: most rows older than the log, two new.
+    const seen = readEnrolments(a.sync.db).filter((e) => e.origin === "c");
+    const sum = (k: "rows" | "added" | "older" | "differed") => seen.reduce((t, e) => t + e[k], 0);
+    expect(sum("added")).toBe(2);
+    expect(sum("older")).toBeGreaterThanOrEqual(3);
+    expect(sum("differed")).toBe(0);
+    c.close();
+  });
+
+  it("copies edited apart before enrolment merge into one row per id; the differences are listed", async () => {
+    const c = setup(fill);
+    const a = c.join("a", (app) => app.exec("UPDATE item SET qty = 111 WHERE id = 1"));
+    await c.ship(a);
+    const b = c.join("b", (app) => app.exec("UPDATE item SET qty = 222 WHERE id = 1; UPDATE item SET name = 'nut2' WHERE id = 2"));
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b]) {
+      // a enrolled first: where the copies differ, a's values are kept (nobody knows which is newer).
+      expect(c.rows(x, "SELECT id, name, qty FROM item ORDER BY id")).toEqual([
+        { id: 1n, name: "bolt", qty: 111n },
+        { id: 2n, name: "nut", qty: 20n },
+        { id: 3n, name: "gear", qty: 30n },
+      ]);
+      expect(c.rows(x.sync.db, "SELECT count(*) AS n FROM _unisync_moves")).toEqual([{ n: 0 }]);
+    }
+    const diffs = c.rows(b.sync.db, "SELECT tbl, col, kept_origin, other_origin FROM _unisync_enrol_diffs ORDER BY tbl, col");
+    expect(diffs).toEqual([
+      { tbl: "item", col: "name", kept_origin: "a", other_origin: "b" },
+      { tbl: "item", col: "qty", kept_origin: "a", other_origin: "b" },
+    ]);
+    c.close();
+  });
+
+  it("independentDatabases keeps both rows that differ under one id", async () => {
+    const c = setup(fill);
+    const a = c.join("a", (app) => app.exec("UPDATE item SET qty = 111 WHERE id = 1"), { independentDatabases: true });
+    const b = c.join("b", (app) => app.exec("UPDATE item SET qty = 222 WHERE id = 1"), { independentDatabases: true });
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b]) {
+      expect(c.rows(x, "SELECT qty FROM item WHERE name = 'bolt' ORDER BY qty")).toEqual([{ qty: 111n }, { qty: 222n }]);
+      expect(c.rows(x, "SELECT count(*) AS n FROM item")).toEqual([{ n: 4n }]);
+    }
+    c.close();
+  });
+
+  it("a row there before unisync yields its id to a row the cluster logged there", async () => {
+    const c = setup(fill);
+    const a = c.join("a");
+    await c.ship(a);
+    a.app.exec("INSERT INTO item(name, qty) VALUES ('logged', 5)"); // id 4, logged by a
+    await c.ship(a);
+    const b = c.join("b", (app) => app.exec("INSERT INTO item(id, name, qty) VALUES (4, 'before-unisync', 6)"));
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b]) {
+      expect(c.rows(x, "SELECT name FROM item WHERE id = 4")).toEqual([{ name: "logged" }]);
+      expect(c.rows(x, "SELECT count(*) AS n FROM item WHERE name = 'before-unisync' AND id > 1000000")).toEqual([{ n: 1n }]);
+    }
+    c.close();
+  });
+
+  it("a record that does not carry a column leaves the local default (keyed and keyless tables)", async () => {
+    const c = setup(() => undefined);
+    const a = c.join("a");
+    a.app.exec("INSERT INTO item(id, name, qty) VALUES (1, 'old', 1); INSERT INTO tag VALUES ('old', 1)");
+    await c.ship(a);
+    a.app.exec("ALTER TABLE item ADD COLUMN d DEFAULT 123; ALTER TABLE tag ADD COLUMN d DEFAULT 123");
+    a.app.exec("INSERT INTO item(id, name, qty) VALUES (2, 'new', 2); INSERT INTO tag(label, n) VALUES ('new', 2)");
+    await c.ship(a);
+    // d's database gets the final schema straight away (create_all on a new node).
+    const d = c.join("d", (app) => {
+      app.exec("DROP TABLE item; DROP TABLE tag");
+      app.exec("CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER, d DEFAULT 123); CREATE TABLE tag(label TEXT, n, d DEFAULT 123)");
+    });
+    await c.settle();
+    expect(c.rows(d, "SELECT id, d FROM item ORDER BY id")).toEqual([{ id: 1n, d: 123n }, { id: 2n, d: 123n }]);
+    expect(c.rows(d, "SELECT label, d FROM tag ORDER BY label")).toEqual([{ label: "new", d: 123n }, { label: "old", d: 123n }]);
+    expect(c.converged()).toEqual([]);
+    c.close();
+  });
+});
