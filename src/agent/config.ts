@@ -27,6 +27,14 @@ export interface Config {
    * column by column. Must be the same on every node.
    */
   independentDatabases: boolean;
+  /**
+   * A child written on one node while another deleted its parent keeps the parent
+   * alive by default (its delete is undone). Child tables listed here ("table", or
+   * "table.column" for one foreign key, "*" for all) follow their declared ON DELETE
+   * action instead: CASCADE deletes the late child, SET NULL / SET DEFAULT change its
+   * reference. Must be the same on every node.
+   */
+  declaredOnDelete: string[];
   captureIntervalMs: number;
   pollMinMs: number;
   pollMaxMs: number;
@@ -59,6 +67,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   excludeTables: DEFAULT_EXCLUDED_TABLES,
   naturalKeyTables: [],
   independentDatabases: false,
+  declaredOnDelete: [],
   captureIntervalMs: 50,
   pollMinMs: 100,
   pollMaxMs: 500,
@@ -87,6 +96,7 @@ const KINDS: Record<keyof Config, Kind> = {
   excludeTables: "string[]",
   naturalKeyTables: "string[]",
   independentDatabases: "boolean",
+  declaredOnDelete: "string[]",
   captureIntervalMs: "number",
   pollMinMs: "number",
   pollMaxMs: "number",
@@ -238,6 +248,13 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   // true: the databases never shared a copy, so such rows are different rows (both
   // kept, one moves to a new id). Must be the same on every node.
   "independentDatabases": ${d.independentDatabases},
+  // A row written on one node while another node deleted the row it refers to (a
+  // foreign key): by default the deleted row is kept (its delete is undone, on every
+  // node, and \`unisync conflicts\` lists it), so nobody's work is lost. Child tables
+  // listed here ("table", "table.column" for one foreign key, "*" for all) follow
+  // their declared ON DELETE action instead: CASCADE deletes the late row, SET NULL /
+  // SET DEFAULT change its reference. Must be the same on every node.
+  "declaredOnDelete": ${JSON.stringify(d.declaredOnDelete)},
   // How often (ms) to look for new local changes.
   "captureIntervalMs": ${d.captureIntervalMs},
   // How often (ms) to poll the store for other nodes' changes: fast while busy, slower when idle.

@@ -18,6 +18,7 @@ import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
 import { lineageName, Relocator } from "../replay/relocate.js";
 import { AsideRows } from "../replay/unique.js";
+import { declaredRule, ReferenceKeeper } from "../replay/references.js";
 import { RowStateStore } from "../replay/state.js";
 import { TableAccess } from "../replay/table.js";
 import type { ObjectStore } from "../store/store.js";
@@ -37,6 +38,8 @@ export interface DbSyncOptions {
   naturalKeyTables?: string[];
   /** Config independentDatabases: rows two nodes held under one id before enrolment are two rows. */
   independentDatabases?: boolean;
+  /** Config declaredOnDelete: child tables ("table" or "table.column") whose late children follow the declared ON DELETE action. */
+  declaredOnDelete?: string[];
   maxRecords: number;
   maxBytes: number;
   busyTimeoutMs: number;
@@ -59,6 +62,8 @@ export class DbSync {
   private readonly applier: Applier;
   private readonly relocator: Relocator;
   private tables = new Map<string, TableAccess>();
+  /** The current capture generation of each table. */
+  private capIds = new Map<string, number>();
   private lastSchemaVersion = -1;
   private lastDataVersion = -1;
   private readonly tailProblems: TailProblems;
@@ -115,6 +120,23 @@ export class DbSync {
         if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
         this.log.warn(p, "record parked: cannot apply it yet");
       },
+      new ReferenceKeeper(
+        this.db,
+        this.states,
+        () => this.tables,
+        (t) => this.capIds.get(t),
+        declaredRule(o.declaredOnDelete ?? []),
+        (r) => {
+          o.metrics.inc("unisync_references_repaired_total", 1, { action: r.action });
+          this.log.warn(
+            { table: r.table, key: r.key.map(String), child: r.child, childKey: r.childKey.map(String), action: r.action },
+            r.action === "kept parent"
+              ? "a row was written that refers to a row deleted meanwhile: the deleted row is kept (see `unisync conflicts`)"
+              : "a row was written that refers to a row deleted meanwhile: its declared ON DELETE action applied (see `unisync conflicts`)",
+          );
+        },
+        (message) => this.log.error({ problem: message }, "could not repair a foreign key"),
+      ),
       o.maxClockDriftMs,
     );
   }
@@ -163,6 +185,7 @@ export class DbSync {
       })
       .immediate();
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
+    this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
     for (const def of defs.filter((d) => d.needsBaseline)) {
       const n = baselineTable(this.db, def, this.states, this.bag, () => this.sealEverything(), (rows) => {
         if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
@@ -207,7 +230,7 @@ export class DbSync {
       if (batch.lastId > 0) this.drain.removeThrough(batch.lastId); // no-op updates only
       return 0;
     }
-    const entry = this.outbox.seal(batch.records, Date.now());
+    const entry = this.outbox.seal(batch.records, Date.now(), batch.continues);
     this.drain.removeThrough(batch.lastId);
     // Rows pointing at a lineage a local insert displaced follow it once the tables and the state agree again.
     if (!this.hasPending()) {

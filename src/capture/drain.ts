@@ -14,7 +14,7 @@ import type { AsideRows } from "../replay/unique.js";
 import type { RowStateStore } from "../replay/state.js";
 import type { TableShape } from "./schema.js";
 import { silenced } from "./internal.js";
-import { CHANGE_DELETE, CHANGE_INSERT, enrolmentCopy, maskHasColumn } from "./triggers.js";
+import { CHANGE_DELETE, CHANGE_INSERT, CHANGE_REVIVE, enrolmentCopy, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {
   table: string;
@@ -36,6 +36,8 @@ export interface DrainedBatch {
   lastId: number;
   /** Approximate encoded size of the records, for batch bounds. */
   bytes: number;
+  /** The batch stopped at its size limit with changes left: an app transaction may go on in the next one. */
+  continues: boolean;
 }
 
 function approxSize(v: SqlValue): number {
@@ -49,6 +51,7 @@ export class ChangeDrain {
   private readonly generations = new Map<number, CaptureGeneration>();
   private readonly readBatch: Statement;
   private readonly readCap: Statement;
+  private readonly readNote: Statement;
 
   constructor(
     private readonly db: Database,
@@ -65,6 +68,7 @@ export class ChangeDrain {
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
+    this.readNote = db.prepare("SELECT note FROM _unisync_notes WHERE change_id = ?").pluck(true);
   }
 
   pendingCount(): number {
@@ -92,6 +96,7 @@ export class ChangeDrain {
       return [copy === null ? { ...base, op: OP_INSERT, values, changed: [] } : { ...base, op: OP_INSERT, values, changed: [], enrolment: true, copy }];
     }
     if (op === CHANGE_DELETE) return [{ ...base, op: OP_DELETE, values, changed: [] }];
+    if (op === CHANGE_REVIVE) return [{ ...base, op: OP_UPDATE, values, changed: [] }];
     const changed = g.columns.map((_, i) => i).filter((i) => maskHasColumn(mask, i));
     if (changed.length === 0) return [];
     const oldKey = slots.slice(n, n + g.key.length);
@@ -117,7 +122,10 @@ export class ChangeDrain {
     let lastId = 0;
     let bytes = 0;
     let after = 0;
-    while (records.length < maxRecords && bytes < maxBytes) {
+    let full = false;
+    // The agent's own changes (foreign-key repairs) carry a note saying why: rare, so looked up only when there are some.
+    const notes = this.db.prepare("SELECT 1 FROM _unisync_notes LIMIT 1").get() !== undefined;
+    while (!full) {
       const rows = this.readBatch.all(after, Math.min(1000, maxRecords - records.length)) as ChangeRow[];
       if (rows.length === 0) break;
       for (const row of rows) {
@@ -126,17 +134,21 @@ export class ChangeDrain {
         const g = this.generation(Number(cap));
         after = Number(id);
         lastId = after;
+        const note = notes ? (this.readNote.get(id) as string | undefined) : undefined;
         for (const change of this.toRowChanges(g, Number(op), mask, slots)) {
           const hlc = this.clock.tick(ms === null ? undefined : Number(ms));
           const { oldValues, copy, ...row } = change;
+          if (note) row.note = note;
           this.fold(row, hlc, (r) => records.push(r), oldValues, copy);
           records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
-        if (records.length >= maxRecords || bytes >= maxBytes) break;
+        full = records.length >= maxRecords || bytes >= maxBytes;
+        if (full) break;
       }
     }
-    return { records, lastId, bytes };
+    const continues = full && this.readBatch.all(lastId, 1).length > 0;
+    return { records, lastId, bytes, continues };
   }
 
   /**
@@ -284,5 +296,6 @@ export class ChangeDrain {
 
   removeThrough(lastId: number): void {
     this.db.prepare("DELETE FROM _unisync_changes WHERE id <= ?").run(lastId);
+    this.db.prepare("DELETE FROM _unisync_notes WHERE change_id <= ?").run(lastId);
   }
 }

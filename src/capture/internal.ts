@@ -63,12 +63,24 @@ CREATE TABLE IF NOT EXISTS _unisync_enrol_diffs(
   tbl TEXT NOT NULL, row_key BLOB NOT NULL, col TEXT NOT NULL, kept_origin TEXT NOT NULL, kept_value BLOB,
   other_origin TEXT NOT NULL, other_value BLOB, detected_ms INTEGER NOT NULL,
   PRIMARY KEY(tbl, row_key, col, other_origin)) WITHOUT ROWID;
+-- Why the agent made a change itself (a foreign-key repair): logged with it.
+CREATE TABLE IF NOT EXISTS _unisync_notes(change_id INTEGER PRIMARY KEY, note TEXT NOT NULL);
+-- Parent keys whose references must be checked once every origin's last
+-- applied segment ends a whole transaction (replay/references.ts): a parent
+-- deleted, or a child written, by replay.
+CREATE TABLE IF NOT EXISTS _unisync_refcheck(tbl TEXT NOT NULL, col TEXT NOT NULL, val, PRIMARY KEY(tbl, col, val));
+-- Foreign keys the agent repaired: a parent kept alive for a child written
+-- concurrently with its delete, or the child changed by the declared ON DELETE action.
+CREATE TABLE IF NOT EXISTS _unisync_repairs(
+  id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, row_key BLOB NOT NULL, action TEXT NOT NULL,
+  child_tbl TEXT NOT NULL, child_key BLOB NOT NULL, detected_ms INTEGER NOT NULL);
 -- Sealed segments waiting for upload. A retry uploads exactly these bytes.
 CREATE TABLE IF NOT EXISTS _unisync_outbox(
   seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);
 -- Last segment applied from each origin; advanced in the transaction that applies it.
+-- open = 1: that segment ended part way through an app transaction (it continues).
 CREATE TABLE IF NOT EXISTS _unisync_cursors(
-  origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER);
+  origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER, open INTEGER NOT NULL DEFAULT 0);
 -- Records that could not be applied yet (unknown table or column, constraint
 -- failure); retried after every schema change.
 CREATE TABLE IF NOT EXISTS _unisync_parked(
@@ -84,6 +96,8 @@ export function ensureInternalTables(db: Database): void {
   for (const [c, type] of [["lin_hlc", "INTEGER"], ["lin_origin", "TEXT"], ["lin_epoch", "INTEGER"], ["refs", "TEXT"], ["inc_hlc", "INTEGER"], ["inc_origin", "TEXT"]]) {
     if (!rowCols.has(c)) db.exec(`ALTER TABLE _unisync_rows ADD COLUMN ${c} ${type}`);
   }
+  const cursorCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_cursors)").all() as { name: string }[]).map((c) => c.name));
+  if (!cursorCols.has("open")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN open INTEGER NOT NULL DEFAULT 0");
 }
 
 /**
@@ -108,6 +122,20 @@ export function getMeta(db: Database, key: string): unknown {
 
 export function setMeta(db: Database, key: string, value: unknown): void {
   db.prepare("INSERT INTO _unisync_meta(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v").run(key, value);
+}
+
+/**
+ * Records a change the agent made itself (inside a silenced write, so no
+ * trigger saw it), to be drained and logged like the app's: `values` in the
+ * columns of capture generation `capId`, `oldKey` for an UPDATE, and why.
+ */
+export function recordAgentChange(db: Database, capId: number, op: number, values: unknown[], mask: unknown, oldKey: unknown[], note: string): void {
+  const slots = [...values, ...oldKey];
+  const names = slots.map((_, i) => `v${i}`).join(", ");
+  const id = db
+    .prepare(`INSERT INTO _unisync_changes(cap, op, ms, mask${slots.length ? `, ${names}` : ""}) VALUES (?, ?, ?, ?${slots.map(() => ", ?").join("")})`)
+    .run(capId, op, Date.now(), mask, ...slots).lastInsertRowid;
+  db.prepare("INSERT INTO _unisync_notes(change_id, note) VALUES (?, ?)").run(id, note);
 }
 
 /** Number of value columns (v0..vN-1) the changes table has now. */

@@ -32,6 +32,8 @@ export interface ForeignKey {
   column: string;
   table: string;
   to: string | null;
+  /** The declared ON DELETE action: "NO ACTION", "RESTRICT", "CASCADE", "SET NULL" or "SET DEFAULT". */
+  onDelete: string;
 }
 
 /** SQLite's affinity rule 3: a type naming no INT/CHAR/CLOB/TEXT but BLOB, or no type at all. */
@@ -68,6 +70,7 @@ interface ForeignKeyRow {
   table: string;
   from: string;
   to: string | null;
+  on_delete: string;
 }
 
 interface ColumnRow {
@@ -87,7 +90,9 @@ export function readTableShape(db: Database, name: string, withoutRowid: boolean
   const fkRows = db.prepare(`PRAGMA main.foreign_key_list(${quoteIdent(name)})`).all() as ForeignKeyRow[];
   const fkParts = new Map<number, ForeignKeyRow[]>();
   for (const r of fkRows) fkParts.set(r.id, [...(fkParts.get(r.id) ?? []), r]);
-  const foreignKeys = [...fkParts.values()].filter((parts) => parts.length === 1).map(([r]) => ({ column: r.from, table: r.table, to: r.to }));
+  const foreignKeys = [...fkParts.values()]
+    .filter((parts) => parts.length === 1)
+    .map(([r]) => ({ column: r.from, table: r.table, to: r.to, onDelete: (r.on_delete ?? "NO ACTION").toUpperCase() }));
   return {
     name,
     columns,

@@ -11,6 +11,12 @@ import { quoteIdent, type TableShape } from "./schema.js";
 export const CHANGE_INSERT = 1;
 export const CHANGE_UPDATE = 2;
 export const CHANGE_DELETE = 3;
+/**
+ * Written by the agent, not a trigger: a deleted row brought back to keep a
+ * foreign key satisfied (replay/references.ts). Logged as an UPDATE that writes
+ * no column: it only says the row exists again, so it never overrides a value.
+ */
+export const CHANGE_REVIVE = 4;
 
 /**
  * The mask of an insert recorded by the enrolment pass (baseline.ts), not by a

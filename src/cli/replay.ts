@@ -56,6 +56,7 @@ function settingsFor(config: Config, json: boolean) {
     excludeTables: config.excludeTables,
     naturalKeyTables: config.naturalKeyTables,
     independentDatabases: config.independentDatabases,
+    declaredOnDelete: config.declaredOnDelete,
     batchMaxRecords: config.batchMaxRecords,
     batchMaxBytes: config.batchMaxBytes,
     busyTimeoutMs: config.busyTimeoutMs,

@@ -14,14 +14,16 @@ export class Cursors {
   private readonly getStmt: Statement;
   private readonly allStmt: Statement;
   private readonly putStmt: Statement;
+  private readonly openStmt: Statement;
 
   constructor(db: Database) {
     this.getStmt = db.prepare("SELECT seq, key FROM _unisync_cursors WHERE origin = ?");
     this.allStmt = db.prepare("SELECT origin, seq, key FROM _unisync_cursors");
     this.putStmt = db.prepare(
-      "INSERT INTO _unisync_cursors(origin, seq, key, applied_ms, last_hlc) VALUES (?, ?, ?, ?, ?) " +
-        "ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq, key = excluded.key, applied_ms = excluded.applied_ms, last_hlc = excluded.last_hlc",
+      "INSERT INTO _unisync_cursors(origin, seq, key, applied_ms, last_hlc, open) VALUES (?, ?, ?, ?, ?, ?) " +
+        "ON CONFLICT(origin) DO UPDATE SET seq = excluded.seq, key = excluded.key, applied_ms = excluded.applied_ms, last_hlc = excluded.last_hlc, open = excluded.open",
     );
+    this.openStmt = db.prepare("SELECT 1 FROM _unisync_cursors WHERE open = 1 LIMIT 1");
   }
 
   get(origin: string): Cursor {
@@ -34,8 +36,16 @@ export class Cursors {
     return new Map(rows.map((r) => [r.origin, { seq: Number(r.seq), key: r.key }]));
   }
 
-  /** Records segment `seq` (stored under `key`) of `origin` as applied; call inside the apply transaction. */
-  set(origin: string, seq: number, key: string, lastHlc: number): void {
-    this.putStmt.run(origin, seq, key, Date.now(), lastHlc);
+  /**
+   * Records segment `seq` (stored under `key`) of `origin` as applied; call inside
+   * the apply transaction. `open`: the origin's app transaction goes on in the next segment.
+   */
+  set(origin: string, seq: number, key: string, lastHlc: number, open = false): void {
+    this.putStmt.run(origin, seq, key, Date.now(), lastHlc, open ? 1 : 0);
+  }
+
+  /** Whether some origin's last applied segment ended part way through an app transaction. */
+  anyOpen(): boolean {
+    return this.openStmt.get() !== undefined;
   }
 }

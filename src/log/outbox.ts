@@ -42,10 +42,13 @@ export class Outbox {
     return Number(getMeta(this.db, "next_seq") ?? 1);
   }
 
-  /** Seals records into a segment; must run inside the transaction that drained them. */
-  seal(records: LogRecord[], nowMs: number): OutboxEntry {
+  /**
+   * Seals records into a segment; must run inside the transaction that drained
+   * them. `continues`: the app transaction they belong to may go on in the next.
+   */
+  seal(records: LogRecord[], nowMs: number, continues = false): OutboxEntry {
     const seq = this.nextSeq();
-    const { bytes, sha256 } = sealSegment({ origin: this.origin, stream: this.stream, seq, createdMs: nowMs, records });
+    const { bytes, sha256 } = sealSegment({ origin: this.origin, stream: this.stream, seq, createdMs: nowMs, records, continues });
     const key = segmentKey(this.origin, this.stream, seq, sha256);
     this.insertStmt.run(seq, key, bytes, records.length, nowMs);
     setMeta(this.db, "next_seq", seq + 1);

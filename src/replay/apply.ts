@@ -11,6 +11,7 @@ import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type Ro
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { clockOf, enrolmentStamp, mergeChange } from "./merge.js";
 import { EnrolmentLedger } from "./enrolments.js";
+import type { ReferenceKeeper } from "./references.js";
 import { intKey, lineageName, sameLineage, type Relocator } from "./relocate.js";
 import type { AsideRows } from "./unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
@@ -68,6 +69,8 @@ export class Applier {
     /** Rows set aside by unique clashes (unique.ts). */
     readonly aside: AsideRows,
     private readonly onParked: (p: ParkedRecord) => void,
+    /** Foreign keys: what replay touched, checked at the end of whole transactions. */
+    private readonly references: ReferenceKeeper,
     /** Records stamped further ahead of this node's wall clock wait (parked) until it catches up. */
     private readonly maxDriftMs: number = 5 * 60_000,
     private readonly now: () => number = Date.now,
@@ -108,9 +111,19 @@ export class Applier {
           this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
         }
       });
-      this.cursorStore.set(segment.origin, segment.seq, key, lastHlc);
+      this.cursorStore.set(segment.origin, segment.seq, key, lastHlc, segment.continues);
+      this.checkReferences();
     });
     return { applied, parked, skipped: false };
+  }
+
+  /**
+   * Repairs foreign keys that replay broke (references.ts), unless some
+   * origin's last applied segment ended part way through an app transaction:
+   * then the rest of it comes first. Call inside the apply transaction.
+   */
+  checkReferences(): number {
+    return this.cursorStore.anyOpen() ? 0 : this.references.check();
   }
 
   /** Applies one record; returns null on success or the reason it must wait. */
@@ -176,6 +189,9 @@ export class Applier {
     };
     try {
       writeTable();
+      if (write.kind === "delete" && current) this.references.parentGone(access, current);
+      else if (write.kind === "insert" || (write.kind === "update" && aside)) this.references.childWritten(access, full);
+      else if (write.kind === "update") this.references.childWritten(access, full, write.values);
     } catch (err) {
       const clash = write.kind === "insert" || write.kind === "update" ? (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE" : false;
       const other = clash ? access.uniqueClash(full, row.key, keyValues) : null;
@@ -281,6 +297,7 @@ export class Applier {
     } catch (err) {
       return (err as Error).message;
     }
+    if (op !== "delete") this.references.childWritten(access, new Map(access.shape.columns.map((c, i) => [c, values[i]])));
     return null;
   }
 
@@ -308,6 +325,7 @@ export function retryParked(db: Database, applier: Applier, decode: (bytes: Buff
         const reason = rec ? applier.applyRecord(r.origin, rec) : null;
         if (reason === null) {
           db.prepare("DELETE FROM _unisync_parked WHERE id = ?").run(r.id);
+          applier.checkReferences();
           done++;
         } else db.prepare("UPDATE _unisync_parked SET reason = ? WHERE id = ?").run(reason, r.id);
       });

@@ -54,10 +54,10 @@ export class TableAccess {
     return new Map(this.shape.columns.map((c, i) => [c, row[i]]));
   }
 
-  /** Every row whose `column` equals `value` (children of a moved row; rare, so no index is assumed). */
-  rowsWhere(column: string, value: SqlValue): Map<string, SqlValue>[] {
+  /** Rows whose `column` equals `value`, at most `limit` (children of a moved or deleted row; rare, so no index is assumed). */
+  rowsWhere(column: string, value: SqlValue, limit = -1): Map<string, SqlValue>[] {
     const cols = this.shape.columns.map(quoteIdent).join(", ");
-    const rows = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${quoteIdent(column)} = ?`, true).raw(true).all(value) as SqlValue[][];
+    const rows = this.stmt(`SELECT ${cols} FROM ${this.t} WHERE ${quoteIdent(column)} = ? LIMIT ?`, true).raw(true).all(value, limit) as SqlValue[][];
     return rows.map((row) => new Map(this.shape.columns.map((c, i) => [c, row[i]])));
   }
 

@@ -20,6 +20,7 @@ export interface StreamSettings {
   excludeTables: string[];
   naturalKeyTables?: string[];
   independentDatabases?: boolean;
+  declaredOnDelete?: string[];
   batchMaxRecords: number;
   batchMaxBytes: number;
   busyTimeoutMs: number;
@@ -47,6 +48,7 @@ export function openDbSync(s: StreamSettings, path: string, stream: string, cloc
     excludeTables: s.excludeTables,
     naturalKeyTables: s.naturalKeyTables,
     independentDatabases: s.independentDatabases,
+    declaredOnDelete: s.declaredOnDelete,
     maxRecords: s.batchMaxRecords,
     maxBytes: s.batchMaxBytes,
     busyTimeoutMs: s.busyTimeoutMs,

@@ -10,7 +10,6 @@ export const silent = pino({ level: "silent" });
 
 export function openSync(path: string, node: string, store: ObjectStore, clock = new HybridClock(), extra: Partial<DbSyncOptions> = {}): DbSync {
   const sync = new DbSync({
-    ...extra,
     path,
     stream: "app.db",
     node,
@@ -23,6 +22,7 @@ export function openSync(path: string, node: string, store: ObjectStore, clock =
     maxBytes: 1 << 20,
     busyTimeoutMs: 2000,
     walMode: true,
+    ...extra,
   });
   sync.refreshSchema();
   return sync;

@@ -1,0 +1,260 @@
+/**
+ * Foreign keys hold after replay (DESIGN invariant 11). One node deletes a
+ * parent (its cascade removes the children it knows) while another, apart,
+ * writes a child of that parent. Merged, the child points at nothing. Every
+ * node repairs such a child the same way, as its own logged change:
+ *  - by default the parent is kept: its delete is undone with its last values
+ *    (a REVIVE record: it writes no column, it only says the row exists, so it
+ *    never overrides a value). People's work is kept;
+ *  - for a child table (or "table.column") listed in config declaredOnDelete,
+ *    the declared ON DELETE action applies instead: CASCADE deletes the late
+ *    child, SET NULL / SET DEFAULT change its reference (RESTRICT and NO ACTION
+ *    keep the parent, as SQLite would have refused that delete).
+ * A repair is a change with a clock newer than the delete (this node has seen
+ * it), so every node ends the same once every repair is in the log; repairs made
+ * by two nodes at once say the same thing. Each is logged, counted, and listed by
+ * `unisync conflicts`.
+ *
+ * When to look: replay notes the parent keys it touched (a parent deleted, a
+ * child written) in _unisync_refcheck, and they are checked at the end of an
+ * apply transaction once no origin's last segment stopped half way through one
+ * of its app's transactions (Segment.continues). A half-applied transaction (a
+ * cascade split over two segments) would otherwise look like a violation and
+ * revive a parent nobody meant to keep.
+ */
+import type { Database, Statement } from "better-sqlite3";
+import { recordAgentChange, silenced } from "../capture/internal.js";
+import type { ForeignKey } from "../capture/schema.js";
+import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture/triggers.js";
+import { encodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
+import type { RowStateStore } from "./state.js";
+import type { TableAccess } from "./table.js";
+
+export type RepairAction = "kept parent" | "deleted child" | "cleared reference" | "set reference to default";
+
+export interface Repair {
+  action: RepairAction;
+  /** The parent row (table and key) whose delete met a live child. */
+  table: string;
+  key: SqlValue[];
+  child: string;
+  childKey: SqlValue[];
+}
+
+/** A foreign key seen from its parent: which child column points at which parent column. */
+interface Edge {
+  child: TableAccess;
+  fk: ForeignKey;
+  parentColumn: string;
+}
+
+interface Pending {
+  table: string;
+  column: string;
+  value: SqlValue;
+}
+
+/** Rounds of repairs in one check: a repair can expose another (a kept parent's own parent). */
+const MAX_ROUNDS = 1000;
+
+export class ReferenceKeeper {
+  private readonly touchStmt: Statement;
+  /** Edges by parent table, rebuilt whenever the set of tables changes. */
+  private edges = new Map<string, Edge[]>();
+  private edgesOf: Map<string, TableAccess> | null = null;
+
+  constructor(
+    private readonly db: Database,
+    private readonly states: RowStateStore,
+    private readonly tables: () => Map<string, TableAccess>,
+    /** The current capture generation of a table (repairs are recorded in its columns). */
+    private readonly capOf: (table: string) => number | undefined,
+    /** Whether a child's foreign key follows its declared ON DELETE action (config declaredOnDelete). */
+    private readonly declared: (child: string, column: string) => boolean,
+    private readonly onRepair: (r: Repair) => void,
+    /** A repair that could not be made (e.g. the kept parent's unique values are taken now). */
+    private readonly onProblem: (message: string) => void,
+  ) {
+    this.touchStmt = db.prepare("INSERT OR IGNORE INTO _unisync_refcheck(tbl, col, val) VALUES (?, ?, ?)");
+  }
+
+  /** Foreign keys that point at `parent`, by the parent's table name. */
+  private edgesInto(parent: string): Edge[] {
+    const tables = this.tables();
+    if (this.edgesOf !== tables) {
+      const byLower = new Map([...tables.values()].map((t) => [t.shape.name.toLowerCase(), t]));
+      this.edges = new Map();
+      for (const child of tables.values()) {
+        for (const fk of child.shape.foreignKeys) {
+          const p = byLower.get(fk.table.toLowerCase());
+          // A reference to the primary key names no column; one to a composite key cannot be a single-column FK.
+          const parentColumn = fk.to ?? (p?.shape.hasDeclaredKey && p.shape.key.length === 1 ? p.shape.key[0] : null);
+          if (!p || !parentColumn) continue;
+          this.edges.set(p.shape.name, [...(this.edges.get(p.shape.name) ?? []), { child, fk, parentColumn }]);
+        }
+      }
+      this.edgesOf = tables;
+    }
+    return this.edges.get(parent) ?? [];
+  }
+
+  private parentOf(fk: ForeignKey): { access: TableAccess; column: string } | null {
+    const p = [...this.tables().values()].find((t) => t.shape.name.toLowerCase() === fk.table.toLowerCase());
+    if (!p) return null;
+    const column = fk.to ?? (p.shape.hasDeclaredKey && p.shape.key.length === 1 ? p.shape.key[0] : null);
+    return column ? { access: p, column } : null;
+  }
+
+  /** Replay removed `row` from `access`'s table: rows that point at it get checked. */
+  parentGone(access: TableAccess, row: Map<string, SqlValue>): void {
+    for (const e of this.edgesInto(access.shape.name)) this.touch(access.shape.name, e.parentColumn, row.get(e.parentColumn) ?? null);
+  }
+
+  /** Replay put `row` into `access`'s table (inserted, or changed `changed`): the rows it points at get checked. */
+  childWritten(access: TableAccess, row: Map<string, SqlValue>, changed: ReadonlyMap<string, SqlValue> | null = null): void {
+    for (const fk of access.shape.foreignKeys) {
+      if (changed && !changed.has(fk.column)) continue;
+      const parent = this.parentOf(fk);
+      if (parent) this.touch(parent.access.shape.name, parent.column, row.get(fk.column) ?? null);
+    }
+  }
+
+  private touch(table: string, column: string, value: SqlValue): void {
+    if (value !== null) this.touchStmt.run(table, column, value);
+  }
+
+  /**
+   * Checks every parent key touched since the last check and repairs what
+   * points at a deleted row. Call inside the apply transaction, once no origin
+   * is part way through an app transaction. Returns the repairs made.
+   */
+  check(): number {
+    let pending = (this.db.prepare("SELECT tbl, col, val FROM _unisync_refcheck").raw(true).safeIntegers(true).all() as [string, string, SqlValue][]).map(
+      ([table, column, value]) => ({ table, column, value }),
+    );
+    if (pending.length === 0) return 0;
+    this.db.prepare("DELETE FROM _unisync_refcheck").run();
+    let repairs = 0;
+    silenced(this.db, () => {
+      for (let round = 0; pending.length > 0 && round < MAX_ROUNDS; round++) {
+        const next: Pending[] = [];
+        for (const p of pending) repairs += this.repair(p, next);
+        pending = next;
+      }
+    });
+    return repairs;
+  }
+
+  /** Repairs the references to one parent key, if its row is gone; queues what that touches in `next`. */
+  private repair(p: Pending, next: Pending[]): number {
+    const parent = this.tables().get(p.table);
+    if (!parent || parent.rowsWhere(p.column, p.value, 1).length > 0) return 0;
+    const children = this.edgesInto(p.table)
+      .filter((e) => e.parentColumn === p.column)
+      .map((e) => ({ edge: e, rows: e.child.rowsWhere(e.fk.column, p.value) }))
+      .filter((c) => c.rows.length > 0);
+    if (children.length === 0) return 0;
+    // Only a parent this node holds as deleted is repaired: one not here yet may still arrive.
+    const keyed = parent.shape.hasDeclaredKey && parent.shape.key.length === 1 && parent.shape.key[0] === p.column;
+    const state = keyed ? this.states.get(p.table, rowIdentity([p.value], false)) : null;
+    if (!state || state.alive || !state.dead) return 0;
+    const keeps = (e: Edge) => !this.declared(e.child.shape.name, e.fk.column) || !["CASCADE", "SET NULL", "SET DEFAULT"].includes(e.fk.onDelete);
+    const keeper = children.find((c) => keeps(c.edge));
+    if (keeper) return this.keepParent(parent, p.value, state.dead, keeper.edge.child, keeper.rows[0], next);
+    let n = 0;
+    for (const { edge, rows } of children) for (const row of rows) n += this.applyDeclared(parent, p.value, edge, row, next);
+    return n;
+  }
+
+  /** Brings the deleted parent back with its last values, as this node's change. */
+  private keepParent(parent: TableAccess, key: SqlValue, dead: Map<string, SqlValue>, child: TableAccess, childRow: Map<string, SqlValue>, next: Pending[]): number {
+    const table = parent.shape.name;
+    const keyCol = parent.shape.key[0];
+    const values = new Map([...dead].filter(([c]) => parent.has(c)));
+    values.set(keyCol, key);
+    const childKey = child.shape.key.map((k) => childRow.get(k) ?? null);
+    const note = `kept ${table} ${describeKey([keyCol], [key])}: ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to it, written while it was being deleted`;
+    let row: Map<string, SqlValue>;
+    try {
+      // A savepoint: a failed insert leaves nothing half done.
+      row = this.db.transaction(() => {
+        parent.insert(values);
+        const inserted = parent.rowsWhere(keyCol, key, 1)[0];
+        this.record(parent, CHANGE_REVIVE, inserted, null, [], note);
+        return inserted;
+      })();
+    } catch (err) {
+      this.onProblem(`could not keep ${table} ${describeKey([keyCol], [key])} that ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to: ${(err as Error).message}`);
+      return 0;
+    }
+    this.childrenOf(parent, row, next);
+    this.report({ action: "kept parent", table, key: [key], child: child.shape.name, childKey });
+    return 1;
+  }
+
+  /** The child's declared ON DELETE action, as this node's change. */
+  private applyDeclared(parent: TableAccess, key: SqlValue, edge: Edge, row: Map<string, SqlValue>, next: Pending[]): number {
+    const child = edge.child;
+    const keyValues = child.shape.key.map((k) => row.get(k) ?? null);
+    const parentKey = describeKey([edge.parentColumn], [key]);
+    const base = { table: parent.shape.name, key: [key], child: child.shape.name, childKey: keyValues };
+    if (edge.fk.onDelete === "CASCADE") {
+      child.delete(child.shape.key, keyValues);
+      this.record(child, CHANGE_DELETE, row, null, [], `deleted: ${parent.shape.name} ${parentKey} it refers to was deleted (ON DELETE CASCADE)`);
+      // The deleted child may itself be a parent.
+      for (const e of this.edgesInto(child.shape.name)) next.push({ table: child.shape.name, column: e.parentColumn, value: row.get(e.parentColumn) ?? null });
+      this.report({ ...base, action: "deleted child" });
+      return 1;
+    }
+    const value = edge.fk.onDelete === "SET NULL" ? null : child.defaultValue(edge.fk.column);
+    const changed = new Map(row);
+    changed.set(edge.fk.column, value);
+    if (child.shape.hasDeclaredKey && !child.shape.key.includes(edge.fk.column)) child.update(child.shape.key, keyValues, new Map([[edge.fk.column, value]]));
+    else {
+      // The reference is part of what identifies the row: the row changes identity.
+      child.delete(child.shape.key, keyValues);
+      child.insert(changed);
+    }
+    const mask = maskFor(child.shape.columns.length, [child.shape.columns.indexOf(edge.fk.column)]);
+    const action: RepairAction = value === null ? "cleared reference" : "set reference to default";
+    this.record(child, CHANGE_UPDATE, changed, mask, keyValues, `${edge.fk.column} ${value === null ? "cleared" : "set to its default"}: ${parent.shape.name} ${parentKey} was deleted (ON DELETE ${edge.fk.onDelete})`);
+    if (value !== null) {
+      const p = this.parentOf(edge.fk);
+      if (p) next.push({ table: p.access.shape.name, column: p.column, value });
+    }
+    this.report({ ...base, action });
+    return 1;
+  }
+
+  /** The rows a kept parent points at must exist too. */
+  private childrenOf(access: TableAccess, row: Map<string, SqlValue>, next: Pending[]): void {
+    for (const fk of access.shape.foreignKeys) {
+      const p = this.parentOf(fk);
+      const value = row.get(fk.column) ?? null;
+      if (p && value !== null) next.push({ table: p.access.shape.name, column: p.column, value });
+    }
+  }
+
+  private record(access: TableAccess, op: number, row: Map<string, SqlValue>, mask: unknown, oldKey: SqlValue[], note: string): void {
+    const capId = this.capOf(access.shape.name);
+    if (capId === undefined) throw new Error(`no capture generation for ${access.shape.name}`);
+    recordAgentChange(this.db, capId, op, access.shape.columns.map((c) => row.get(c) ?? null), mask, oldKey, note);
+  }
+
+  private report(r: Repair): void {
+    this.db
+      .prepare("INSERT INTO _unisync_repairs(tbl, row_key, action, child_tbl, child_key, detected_ms) VALUES (?, ?, ?, ?, ?, ?)")
+      .run(r.table, encodeValues(r.key), r.action, r.child, encodeValues(r.childKey), Date.now());
+    this.onRepair(r);
+  }
+}
+
+export function describeKey(columns: string[], values: SqlValue[]): string {
+  return columns.map((c, i) => `${c}=${showValue(values[i])}`).join(",");
+}
+
+/** Config declaredOnDelete: entries "*", "table" or "table.column", case-insensitive. */
+export function declaredRule(entries: readonly string[]): (child: string, column: string) => boolean {
+  const set = new Set(entries.map((e) => e.toLowerCase()));
+  return (child, column) => set.has("*") || set.has(child.toLowerCase()) || set.has(`${child}.${column}`.toLowerCase());
+}

@@ -1,0 +1,150 @@
+/**
+ * Foreign keys hold after replay (issue 9, DESIGN invariant 11): a child written
+ * on one node while another deleted its parent keeps the parent alive (the
+ * delete is undone, the same on every node, and reported), or follows the
+ * declared ON DELETE action for tables listed in declaredOnDelete. A cascade
+ * split over several segments is never mistaken for such a race.
+ */
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import type Database from "better-sqlite3";
+import { afterAll, describe, expect, it } from "vitest";
+import type { DbSync, DbSyncOptions } from "../src/agent/dbsync.js";
+import { FileStore } from "../src/store/file.js";
+import { compareDatabases } from "./helpers/checker.js";
+import { appConnection, openSync } from "./helpers/node.js";
+
+const root = mkdtempSync(join(tmpdir(), "unisync-refs-"));
+afterAll(() => rmSync(root, { recursive: true, force: true }));
+
+const SCHEMA = `
+CREATE TABLE event(id INTEGER PRIMARY KEY, name TEXT);
+CREATE TABLE match(id INTEGER PRIMARY KEY, event_id INTEGER REFERENCES event(id) ON DELETE CASCADE, name TEXT);
+CREATE TABLE scouting(id INTEGER PRIMARY KEY, match_id INTEGER REFERENCES match(id) ON DELETE CASCADE, team TEXT, score INTEGER);
+CREATE TABLE note(match_id INTEGER REFERENCES match(id) ON DELETE SET NULL, body TEXT);
+`;
+
+let n = 0;
+function cluster(names: string[], extra: Partial<DbSyncOptions> = {}) {
+  const dir = join(root, `r${++n}`);
+  mkdirSync(dir, { recursive: true });
+  const store = new FileStore(join(dir, "store"));
+  const nodes = names.map((name) => {
+    const path = join(dir, `${name}.db`);
+    const app = appConnection(path);
+    app.pragma("foreign_keys = ON");
+    app.exec(SCHEMA);
+    return { name, path, app, sync: openSync(path, name, store, undefined, extra) };
+  });
+  const ship = async (x: { sync: DbSync }) => {
+    x.sync.sealPending();
+    await x.sync.upload();
+  };
+  const pull = async (x: { sync: DbSync }, from: string, segments = 50) => {
+    while ((await x.sync.pull(from, segments)) > 0 && segments === 50);
+  };
+  const settle = async () => {
+    for (let round = 0; round < 3; round++) {
+      for (const x of nodes) await ship(x);
+      for (const x of nodes) for (const o of names) if (o !== x.name) await pull(x, o);
+    }
+  };
+  const all = (db: Database.Database, sql: string) => db.prepare(sql).all() as Record<string, unknown>[];
+  const check = () => {
+    expect(compareDatabases(nodes.map((x) => x.path))).toEqual([]);
+    for (const x of nodes) {
+      expect(all(x.app, "PRAGMA foreign_key_check"), `${x.name}: foreign_key_check`).toEqual([]);
+      expect(x.sync.parkedCount(), `${x.name}: parked`).toBe(0);
+    }
+  };
+  const close = () => nodes.forEach((x) => (x.sync.close(), x.app.close()));
+  return { nodes, ship, pull, settle, all, check, close };
+}
+
+describe("references after replay", () => {
+  it("a child written while its parent was deleted keeps the parent, with its last values, on every node", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO event(id, name) VALUES (1, 'regional'); INSERT INTO match(id, event_id, name) VALUES (7, 1, 'q7'); INSERT INTO scouting(id, match_id, team, score) VALUES (1, 7, 'red', 10), (2, 7, 'blue', 5)");
+    await c.settle();
+    // Apart: a renames then deletes match 7 (its scouting rows cascade); b adds a scouting row for it and edits one.
+    a.app.exec("UPDATE match SET name = 'q7-final' WHERE id = 7");
+    a.app.exec("DELETE FROM match WHERE id = 7");
+    b.app.exec("INSERT INTO scouting(id, match_id, team, score) VALUES (100, 7, 'green', 3)");
+    await c.ship(a);
+    await c.ship(b);
+    // c hears a's delete first, then b's child: it keeps the parent itself.
+    await c.pull(cc, "a");
+    expect(c.all(cc.app, "SELECT id FROM match")).toEqual([]);
+    await c.pull(cc, "b");
+    expect(c.all(cc.app, "SELECT id, name FROM match")).toEqual([{ id: 7n, name: "q7-final" }]);
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      expect(c.all(x.app, "SELECT id, event_id, name FROM match")).toEqual([{ id: 7n, event_id: 1n, name: "q7-final" }]);
+      // The rows a's cascade deleted stay deleted; b's new row stays.
+      expect(c.all(x.app, "SELECT id, team FROM scouting ORDER BY id")).toEqual([{ id: 100n, team: "green" }]);
+      expect(c.all(x.sync.db, "SELECT DISTINCT tbl, action, child_tbl FROM _unisync_repairs")).toEqual([{ tbl: "match", action: "kept parent", child_tbl: "scouting" }]);
+    }
+    c.close();
+  });
+
+  it("a kept parent keeps its own parent too, and an edit newer than the cascade keeps its row", async () => {
+    const c = cluster(["a", "b"]);
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO event(id, name) VALUES (1, 'regional'); INSERT INTO match(id, event_id, name) VALUES (7, 1, 'q7'); INSERT INTO scouting(id, match_id, team, score) VALUES (1, 7, 'red', 10)");
+    await c.settle();
+    a.app.exec("DELETE FROM event WHERE id = 1"); // cascades to match 7 and scouting 1
+    b.app.exec("UPDATE scouting SET score = 11 WHERE id = 1"); // later than a's cascade
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      expect(c.all(x.app, "SELECT id FROM event")).toEqual([{ id: 1n }]);
+      expect(c.all(x.app, "SELECT id FROM match")).toEqual([{ id: 7n }]);
+      expect(c.all(x.app, "SELECT id, score FROM scouting")).toEqual([{ id: 1n, score: 11n }]);
+    }
+    c.close();
+  });
+
+  it("declaredOnDelete: the late child follows ON DELETE CASCADE / SET NULL instead", async () => {
+    const c = cluster(["a", "b"], { declaredOnDelete: ["scouting", "note.match_id"] });
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO event(id, name) VALUES (1, 'regional'); INSERT INTO match(id, event_id, name) VALUES (7, 1, 'q7')");
+    await c.settle();
+    a.app.exec("DELETE FROM match WHERE id = 7");
+    b.app.exec("INSERT INTO scouting(id, match_id, team, score) VALUES (100, 7, 'green', 3); INSERT INTO note VALUES (7, 'windy')");
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      expect(c.all(x.app, "SELECT id FROM match")).toEqual([]);
+      expect(c.all(x.app, "SELECT id FROM scouting")).toEqual([]);
+      expect(c.all(x.app, "SELECT match_id, body FROM note")).toEqual([{ match_id: null, body: "windy" }]);
+    }
+    expect(c.all(a.sync.db, "SELECT action, child_tbl FROM _unisync_repairs ORDER BY child_tbl").map((r) => r.action).sort()).toEqual(["cleared reference", "deleted child"]);
+    c.close();
+  });
+
+  it("a cascade split over several segments is not taken for a late child", async () => {
+    const c = cluster(["a", "b"], { maxRecords: 3 });
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO event(id, name) VALUES (1, 'regional'); INSERT INTO match(id, event_id, name) VALUES (7, 1, 'q7')");
+    for (let i = 1; i <= 10; i++) a.app.exec(`INSERT INTO scouting(match_id, team, score) VALUES (7, 't${i}', ${i})`);
+    await c.settle();
+    // One app transaction of 11 deletes (4 segments), the parent first: an app without
+    // foreign-key enforcement (SQLite's default) deletes in whatever order it likes.
+    a.app.pragma("foreign_keys = OFF");
+    a.app.exec("BEGIN; DELETE FROM match WHERE id = 7; DELETE FROM scouting WHERE match_id = 7; COMMIT");
+    await c.ship(a);
+    // b applies them one segment at a time: never a row kept.
+    for (let i = 0; i < 6; i++) {
+      await c.pull(b, "a", 1);
+      expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_repairs")).toEqual([{ n: 0 }]);
+    }
+    await c.settle();
+    c.check();
+    expect(c.all(b.app, "SELECT count(*) AS n FROM scouting")).toEqual([{ n: 0n }]);
+    expect(c.all(b.app, "SELECT count(*) AS n FROM match")).toEqual([{ n: 0n }]);
+    c.close();
+  });
+});
