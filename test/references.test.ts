@@ -23,6 +23,8 @@ CREATE TABLE event(id INTEGER PRIMARY KEY, name TEXT);
 CREATE TABLE match(id INTEGER PRIMARY KEY, event_id INTEGER REFERENCES event(id) ON DELETE CASCADE, name TEXT);
 CREATE TABLE scouting(id INTEGER PRIMARY KEY, match_id INTEGER REFERENCES match(id) ON DELETE CASCADE, team TEXT, score INTEGER);
 CREATE TABLE note(match_id INTEGER REFERENCES match(id) ON DELETE SET NULL, body TEXT);
+CREATE TABLE team(id INTEGER PRIMARY KEY, name TEXT UNIQUE);
+CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), name TEXT);
 `;
 
 let n = 0;
@@ -122,6 +124,22 @@ describe("references after replay", () => {
       expect(c.all(x.app, "SELECT match_id, body FROM note")).toEqual([{ match_id: null, body: "windy" }]);
     }
     expect(c.all(a.sync.db, "SELECT action, child_tbl FROM _unisync_repairs ORDER BY child_tbl").map((r) => r.action).sort()).toEqual(["cleared reference", "deleted child"]);
+    c.close();
+  });
+
+  it("children of a row set aside by a unique clash move to the row that kept the values", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b] = c.nodes;
+    // Apart, a and b both create team "red" (ids collide too) and add players to it.
+    a.app.exec("INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (1, 'ann')");
+    b.app.exec("INSERT INTO team(name) VALUES ('blue'); INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (2, 'bob')");
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      const red = c.all(x.app, "SELECT id FROM team WHERE name = 'red'");
+      expect(red).toHaveLength(1);
+      expect(c.all(x.app, "SELECT p.name FROM player p JOIN team t ON t.id = p.team_id WHERE t.name = 'red' ORDER BY p.name")).toEqual([{ name: "ann" }, { name: "bob" }]);
+    }
     c.close();
   });
 

@@ -61,6 +61,7 @@ export class DbSync {
   readonly outbox: Outbox;
   private readonly applier: Applier;
   private readonly relocator: Relocator;
+  private readonly references: ReferenceKeeper;
   private tables = new Map<string, TableAccess>();
   /** The current capture generation of each table. */
   private capIds = new Map<string, number>();
@@ -90,6 +91,9 @@ export class DbSync {
     this.states = new RowStateStore(this.db);
     const bag = (this.bag = new BagStore(this.db));
     const aside = new AsideRows(this.db, this.states, () => this.tables, (table, key, keptKey) => {
+      // The row left the table: what refers to it follows the row that kept its values.
+      const access = this.tables.get(table);
+      if (access) this.references.parentGone(access, new Map(access.shape.key.map((k, i) => [k, key[i]])));
       o.metrics.inc("unisync_rows_set_aside_total");
       this.log.warn(
         { table, key: key.map(String), kept: keptKey.map(String) },
@@ -107,6 +111,26 @@ export class DbSync {
     }));
     this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases);
     this.outbox = new Outbox(this.db, o.node, o.stream);
+    this.references = new ReferenceKeeper(
+      this.db,
+      this.states,
+      () => this.tables,
+      aside,
+      (t) => this.capIds.get(t),
+      declaredRule(o.declaredOnDelete ?? []),
+      (r) => {
+        o.metrics.inc("unisync_references_repaired_total", 1, { action: r.action });
+        this.log.warn(
+          { table: r.table, key: r.key.map(String), child: r.child, childKey: r.childKey.map(String), action: r.action },
+          r.action === "kept parent"
+            ? "a row was written that refers to a row deleted meanwhile: the deleted row is kept (see `unisync conflicts`)"
+            : r.action === "moved to kept row"
+              ? "a row refers to a row set aside by a unique clash: it now refers to the row that kept those values (see `unisync conflicts`)"
+              : "a row was written that refers to a row deleted meanwhile: its declared ON DELETE action applied (see `unisync conflicts`)",
+        );
+      },
+      (message) => this.log.error({ problem: message }, "could not repair a foreign key"),
+    );
     this.applier = new Applier(
       this.db,
       o.clock,
@@ -120,23 +144,7 @@ export class DbSync {
         if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
         this.log.warn(p, "record parked: cannot apply it yet");
       },
-      new ReferenceKeeper(
-        this.db,
-        this.states,
-        () => this.tables,
-        (t) => this.capIds.get(t),
-        declaredRule(o.declaredOnDelete ?? []),
-        (r) => {
-          o.metrics.inc("unisync_references_repaired_total", 1, { action: r.action });
-          this.log.warn(
-            { table: r.table, key: r.key.map(String), child: r.child, childKey: r.childKey.map(String), action: r.action },
-            r.action === "kept parent"
-              ? "a row was written that refers to a row deleted meanwhile: the deleted row is kept (see `unisync conflicts`)"
-              : "a row was written that refers to a row deleted meanwhile: its declared ON DELETE action applied (see `unisync conflicts`)",
-          );
-        },
-        (message) => this.log.error({ problem: message }, "could not repair a foreign key"),
-      ),
+      this.references,
       o.maxClockDriftMs,
     );
   }

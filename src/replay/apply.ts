@@ -202,6 +202,7 @@ export class Applier {
       } catch (err2) {
         return `${(err2 as Error).message}`;
       }
+      this.references.childWritten(access, full);
     }
     this.states.put(row.table, pk, state);
     this.aside.restore(row.table);

@@ -10,6 +10,9 @@
  *    the declared ON DELETE action applies instead: CASCADE deletes the late
  *    child, SET NULL / SET DEFAULT change its reference (RESTRICT and NO ACTION
  *    keep the parent, as SQLite would have refused that delete).
+ * A child of a row set aside by a unique clash (unique.ts: two nodes created
+ * "alice") is moved to the row that kept those values: the two were meant to be
+ * one entity.
  * A repair is a change with a clock newer than the delete (this node has seen
  * it), so every node ends the same once every repair is in the log; repairs made
  * by two nodes at once say the same thing. Each is logged, counted, and listed by
@@ -29,8 +32,9 @@ import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture
 import { encodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
+import type { AsideRows } from "./unique.js";
 
-export type RepairAction = "kept parent" | "deleted child" | "cleared reference" | "set reference to default";
+export type RepairAction = "kept parent" | "deleted child" | "cleared reference" | "set reference to default" | "moved to kept row";
 
 export interface Repair {
   action: RepairAction;
@@ -67,6 +71,7 @@ export class ReferenceKeeper {
     private readonly db: Database,
     private readonly states: RowStateStore,
     private readonly tables: () => Map<string, TableAccess>,
+    private readonly aside: AsideRows,
     /** The current capture generation of a table (repairs are recorded in its columns). */
     private readonly capOf: (table: string) => number | undefined,
     /** Whether a child's foreign key follows its declared ON DELETE action (config declaredOnDelete). */
@@ -157,7 +162,8 @@ export class ReferenceKeeper {
     // Only a parent this node holds as deleted is repaired: one not here yet may still arrive.
     const keyed = parent.shape.hasDeclaredKey && parent.shape.key.length === 1 && parent.shape.key[0] === p.column;
     const state = keyed ? this.states.get(p.table, rowIdentity([p.value], false)) : null;
-    if (!state || state.alive || !state.dead) return 0;
+    if (state?.alive) return this.followKeptRow(parent, p.value, children, next);
+    if (!state || !state.dead) return 0;
     const keeps = (e: Edge) => !this.declared(e.child.shape.name, e.fk.column) || !["CASCADE", "SET NULL", "SET DEFAULT"].includes(e.fk.onDelete);
     const keeper = children.find((c) => keeps(c.edge));
     if (keeper) return this.keepParent(parent, p.value, state.dead, keeper.edge.child, keeper.rows[0], next);
@@ -207,6 +213,37 @@ export class ReferenceKeeper {
       return 1;
     }
     const value = edge.fk.onDelete === "SET NULL" ? null : child.defaultValue(edge.fk.column);
+    const note = `${edge.fk.column} ${value === null ? "cleared" : "set to its default"}: ${parent.shape.name} ${parentKey} was deleted (ON DELETE ${edge.fk.onDelete})`;
+    this.setReference(edge, row, value, note, next);
+    this.report({ ...base, action: value === null ? "cleared reference" : "set reference to default" });
+    return 1;
+  }
+
+  /**
+   * The parent is alive but not in the table: a unique clash set it aside in
+   * favour of an older row with the same unique values. Its children move to that row.
+   */
+  private followKeptRow(parent: TableAccess, key: SqlValue, children: { edge: Edge; rows: Map<string, SqlValue>[] }[], next: Pending[]): number {
+    const keptKey = this.aside.keptKey(parent.shape.name, [key]);
+    const kept = keptKey ? parent.find(parent.shape.key, keptKey) : null;
+    if (!keptKey || !kept) return 0;
+    let n = 0;
+    for (const { edge, rows } of children) {
+      const to = kept.get(edge.parentColumn) ?? null;
+      for (const row of rows) {
+        const note = `${edge.fk.column} moved to ${parent.shape.name} ${describeKey(parent.shape.key, keptKey)}: ${describeKey(parent.shape.key, [key])} it referred to clashed with it on a UNIQUE constraint and was set aside`;
+        this.setReference(edge, row, to, note, next);
+        this.report({ action: "moved to kept row", table: parent.shape.name, key: [key], child: edge.child.shape.name, childKey: edge.child.shape.key.map((k) => row.get(k) ?? null) });
+        n++;
+      }
+    }
+    return n;
+  }
+
+  /** Points a child's foreign key at `value`, as this node's change. */
+  private setReference(edge: Edge, row: Map<string, SqlValue>, value: SqlValue, note: string, next: Pending[]): void {
+    const child = edge.child;
+    const keyValues = child.shape.key.map((k) => row.get(k) ?? null);
     const changed = new Map(row);
     changed.set(edge.fk.column, value);
     if (child.shape.hasDeclaredKey && !child.shape.key.includes(edge.fk.column)) child.update(child.shape.key, keyValues, new Map([[edge.fk.column, value]]));
@@ -216,14 +253,11 @@ export class ReferenceKeeper {
       child.insert(changed);
     }
     const mask = maskFor(child.shape.columns.length, [child.shape.columns.indexOf(edge.fk.column)]);
-    const action: RepairAction = value === null ? "cleared reference" : "set reference to default";
-    this.record(child, CHANGE_UPDATE, changed, mask, keyValues, `${edge.fk.column} ${value === null ? "cleared" : "set to its default"}: ${parent.shape.name} ${parentKey} was deleted (ON DELETE ${edge.fk.onDelete})`);
+    this.record(child, CHANGE_UPDATE, changed, mask, keyValues, note);
     if (value !== null) {
       const p = this.parentOf(edge.fk);
       if (p) next.push({ table: p.access.shape.name, column: p.column, value });
     }
-    this.report({ ...base, action });
-    return 1;
   }
 
   /** The rows a kept parent points at must exist too. */

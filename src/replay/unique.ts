@@ -56,6 +56,13 @@ export class AsideRows {
     return out;
   }
 
+  /** The key of the row that kept the values a set-aside row clashed on, or null when it is not set aside. */
+  keptKey(table: string, keyValues: SqlValue[]): SqlValue[] | null {
+    if (!this.any) return null;
+    const kept = this.db.prepare("SELECT kept_key FROM _unisync_conflicts WHERE tbl = ? AND row_key = ?").pluck(true).get(table, encodeValues(keyValues)) as Buffer | undefined;
+    return kept ? decodeValues(kept) : null;
+  }
+
   /** Whether the row with this key is set aside. */
   isAside(table: string, keyValues: SqlValue[]): boolean {
     return this.any && this.getStmt.get(table, encodeValues(keyValues)) !== undefined;
