@@ -37,10 +37,10 @@ function setup(fill: (db: Database.Database) => void) {
   db.close();
   const store = new FileStore(join(dir, "store"));
   const nodes = new Map<string, { name: string; path: string; app: Database.Database; sync: DbSync }>();
-  /** A node whose database is a copy of the original, edited by `before` while no agent ran yet. */
-  const join_ = (name: string, before?: (app: Database.Database) => void, extra: Partial<DbSyncOptions> = {}) => {
+  /** A node whose database is a copy of `from` (the original), edited by `before` while no agent ran yet. */
+  const join_ = (name: string, before?: (app: Database.Database) => void, extra: Partial<DbSyncOptions> = {}, from = original) => {
     const path = join(dir, `${name}.db`);
-    copyFileSync(original, path);
+    copyFileSync(from, path);
     const app = appConnection(path);
     before?.(app);
     const node = { name, path, app, sync: openSync(path, name, store, undefined, extra) };
@@ -151,7 +151,7 @@ describe("enrolment", () => {
     c.close();
   });
 
-  it("a row there before unisync yields its id to a row the cluster logged there", async () => {
+  it("a row there before unisync under an id the cluster logged is that row: the logged values win", async () => {
     const c = setup(fill);
     const a = c.join("a");
     await c.ship(a);
@@ -161,8 +161,43 @@ describe("enrolment", () => {
     await c.settle();
     expect(c.converged()).toEqual([]);
     for (const x of [a, b]) {
-      expect(c.rows(x, "SELECT name FROM item WHERE id = 4")).toEqual([{ name: "logged" }]);
-      expect(c.rows(x, "SELECT count(*) AS n FROM item WHERE name = 'before-unisync' AND id > 1000000")).toEqual([{ n: 1n }]);
+      expect(c.rows(x, "SELECT id, name, qty FROM item WHERE id >= 4")).toEqual([{ id: 4n, name: "logged", qty: 5n }]);
+      expect(c.rows(x.sync.db, "SELECT count(*) AS n FROM _unisync_moves")).toEqual([{ n: 0 }]);
+    }
+    expect(readEnrolments(a.sync.db).find((e) => e.origin === "b" && e.table === "item")?.older).toBe(1);
+    c.close();
+  });
+
+  it("a node started from a backup of a synced node (unisync's tables stripped) adds no phantom rows", async () => {
+    const c = setup(fill);
+    const a = c.join("a");
+    const b = c.join("b");
+    await c.settle();
+    for (let i = 0; i < 5; i++) a.app.exec(`INSERT INTO item(name, qty) VALUES ('new${i}', ${i})`); // ids 4..8, logged
+    await c.settle();
+    // Last night's backup of a, without unisync's tables.
+    const backup = a.path + ".backup";
+    a.app.exec(`VACUUM INTO '${backup}'`);
+    const stripped = new Database(backup);
+    for (const t of stripped.prepare("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_unisync\\_%' ESCAPE '\\' AND type IN ('table', 'trigger')").all() as { type: string; name: string }[]) {
+      stripped.exec(`DROP ${t.type} IF EXISTS "${t.name}"`);
+    }
+    stripped.close();
+    // Since the backup: a edits one new row, b deletes another and reuses nothing.
+    a.app.exec("UPDATE item SET qty = 100 WHERE name = 'new0'");
+    b.app.exec("DELETE FROM item WHERE name = 'new1'");
+    await c.settle();
+    const cc = c.join("c", undefined, {}, backup);
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b, cc]) {
+      expect(c.rows(x, "SELECT name, qty FROM item WHERE name LIKE 'new%' ORDER BY name")).toEqual([
+        { name: "new0", qty: 100n },
+        { name: "new2", qty: 2n },
+        { name: "new3", qty: 3n },
+        { name: "new4", qty: 4n },
+      ]);
+      expect(c.rows(x, "SELECT count(*) AS n FROM item")).toEqual([{ n: 7n }]);
     }
     c.close();
   });

@@ -191,7 +191,8 @@ export class ChangeDrain {
     if (shape?.autoId && key !== null) {
       if (change.enrolment) {
         lineage = { ...enrolmentLineage(key, change.values, this.independent), epoch: 1 };
-        // A row there before unisync yields its id to a lineage the log has at it (relocate.ts).
+        // The state has another row at this id: it merges into it, or (independent
+        // databases) the two collide like any two rows and one moves (relocate.ts).
         if (prior?.lineage && !sameLineage(prior.lineage, lineage)) {
           const at = this.relocator.placeEnrolled(change.table, lineage, key);
           keyValues = [at];

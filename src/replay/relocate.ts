@@ -63,9 +63,13 @@ export function freshKey(table: string, from: bigint, lineage: Lineage): bigint 
 
 /**
  * Rows recorded at enrolment (there before unisync) have a lineage with hlc 0.
- * By default it is named by the row's key: rows that two nodes held under the
- * same id before enrolment are the same row (copies of one database, perhaps
- * edited apart), merged column by column. With `independent` (config
+ * By default it is named by the row's id ("#id:57"), and it stands for
+ * whichever row the log has at that id: rows held under the same id before
+ * enrolment are the same row (copies of one database, maybe edited apart or
+ * restored from a backup), merged column by column with the enrolled values
+ * losing to every logged write. Such a lineage never collides: at its id it
+ * merges into the lineage there, and a logged lineage of the same epoch that
+ * meets it there takes it over. With `independent` (config
  * independentDatabases: the databases never shared a copy) it is named by the
  * row's values: equal rows still merge, different rows under one id are two
  * rows and one moves, like any id collision.
@@ -77,6 +81,9 @@ export function enrolmentLineage(key: bigint, values: readonly SqlValue[], indep
 
 /** Whether a lineage was recorded at enrolment (a row there before unisync). */
 export const isEnrolled = (l: Stamp) => l.hlc === 0;
+
+/** Whether a lineage is the enrolled row that stands for whatever row is at `key` (see enrolmentLineage). */
+const standsFor = (l: Stamp, key: bigint) => l.hlc === 0 && l.origin === `#id:${key}`;
 
 export const sameLineage = sameStamp;
 
@@ -151,7 +158,7 @@ export class Relocator {
     const m = this.moved(table, lineage);
     if (m) return m.key;
     const at = this.states.get(table, pkOf(bornKey))?.lineage;
-    return at && sameLineage(at, lineage) ? bornKey : null;
+    return at && (sameLineage(at, lineage) || standsFor(lineage, bornKey)) ? bornKey : null;
   }
 
   /**
@@ -219,9 +226,17 @@ export class Relocator {
   /** `occupantInTable`: whether the table row at the key belongs to its current occupant (false while the drain is part way). */
   private claim(access: TableAccess, lineage: Lineage, key: bigint, bornKey: bigint, occupantInTable: boolean): bigint {
     const table = access.shape.name;
-    const occupant = this.states.get(table, pkOf(key))?.lineage;
+    const occupantState = this.states.get(table, pkOf(key));
+    const occupant = occupantState?.lineage;
     // Rows recorded before lineages existed merge by key, as they always did.
     if (!occupant || sameLineage(occupant, lineage)) return key;
+    // A row enrolled by id is the row at that id, whichever lineage the log has there.
+    if (standsFor(lineage, key)) return key;
+    if (standsFor(occupant, key) && lineage.epoch <= occupant.epoch && occupantState) {
+      occupantState.lineage = lineage;
+      this.states.put(table, pkOf(key), occupantState);
+      return key;
+    }
     if (outranks(lineage, occupant)) {
       const occupantBorn = this.bornKey(table, occupant, key);
       const dest = this.claim(access, occupant, freshKey(table, key, occupant), occupantBorn, true);
