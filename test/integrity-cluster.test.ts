@@ -13,7 +13,9 @@
  * 2. Three nodes write at once through the app (get-or-create matches, scouting
  *    rows for existing matches, edits, match deletes that cascade, kv, comments),
  *    in three rounds; during round 2 n3's agent is stopped while its app keeps
- *    writing, so n3's scouting inserts certainly race n1's and n2's match deletes.
+ *    writing (a whole further batch before the agent starts again), so n3's
+ *    scouting inserts certainly race n1's and n2's match deletes. Round 3 runs
+ *    while n3 catches up.
  *    Afterwards every node holds identical tables, every scouting row no one
  *    deleted is there once, and PRAGMA foreign_key_check finds no orphan: a
  *    delete that raced a child's insert is undone (the match comes back).
@@ -184,6 +186,9 @@ describe("integrity with a Flask-SQLAlchemy app (foreign keys on, natural match 
       const bad = c.badLogLines();
       if (bad.length) console.log(`agent log lines at error level (${bad.length}):\n${bad.slice(0, 10).join("\n")}`);
       console.log(`late join: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+    } catch (err) {
+      suite.keep = true; // (onTestFailed runs only after the finally below)
+      throw err;
     } finally {
       // The second scenario starts its own cluster; this one's processes go now.
       await c.destroy(suite.keep);

@@ -30,6 +30,7 @@ import { recordAgentChange, silenced } from "../capture/internal.js";
 import type { ForeignKey } from "../capture/schema.js";
 import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture/triggers.js";
 import { encodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
+import type { RowState } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 import type { AsideRows } from "./unique.js";
@@ -51,6 +52,9 @@ interface Edge {
   fk: ForeignKey;
   parentColumn: string;
 }
+
+/** The rows of each child table that point at one parent key. */
+type Children = { edge: Edge; rows: Map<string, SqlValue>[] }[];
 
 interface Pending {
   table: string;
@@ -166,35 +170,46 @@ export class ReferenceKeeper {
     if (!state || !state.dead) return 0;
     const keeps = (e: Edge) => !this.declared(e.child.shape.name, e.fk.column) || !["CASCADE", "SET NULL", "SET DEFAULT"].includes(e.fk.onDelete);
     const keeper = children.find((c) => keeps(c.edge));
-    if (keeper) return this.keepParent(parent, p.value, state.dead, keeper.edge.child, keeper.rows[0], next);
+    if (keeper) return this.keepParent(parent, p.value, state, children, keeper, next);
     let n = 0;
     for (const { edge, rows } of children) for (const row of rows) n += this.applyDeclared(parent, p.value, edge, row, next);
     return n;
   }
 
-  /** Brings the deleted parent back with its last values, as this node's change. */
-  private keepParent(parent: TableAccess, key: SqlValue, dead: Map<string, SqlValue>, child: TableAccess, childRow: Map<string, SqlValue>, next: Pending[]): number {
+  /**
+   * Brings the deleted parent back with its last values, as this node's change.
+   * If another row holds its unique values now, the unique-clash rule decides
+   * which stays (unique.ts), and a parent set aside hands its children on.
+   */
+  private keepParent(parent: TableAccess, key: SqlValue, state: RowState, children: Children, keeper: Children[number], next: Pending[]): number {
     const table = parent.shape.name;
     const keyCol = parent.shape.key[0];
-    const values = new Map([...dead].filter(([c]) => parent.has(c)));
+    const dead = state.dead as Map<string, SqlValue>;
+    const values = new Map(parent.shape.columns.map((c) => [c, dead.has(c) ? (dead.get(c) as SqlValue) : parent.defaultValue(c)]));
     values.set(keyCol, key);
-    const childKey = child.shape.key.map((k) => childRow.get(k) ?? null);
-    const note = `kept ${table} ${describeKey([keyCol], [key])}: ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to it, written while it was being deleted`;
-    let row: Map<string, SqlValue>;
+    const child = keeper.edge.child;
+    const childKey = child.shape.key.map((k) => keeper.rows[0].get(k) ?? null);
+    const what = `${table} ${describeKey([keyCol], [key])}`;
+    const note = `kept ${what}: ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to it, written while it was being deleted`;
     try {
       // A savepoint: a failed insert leaves nothing half done.
-      row = this.db.transaction(() => {
-        parent.insert(values);
-        const inserted = parent.rowsWhere(keyCol, key, 1)[0];
-        this.record(parent, CHANGE_REVIVE, inserted, null, [], note);
-        return inserted;
+      this.db.transaction(() => {
+        try {
+          parent.insert(values);
+        } catch (err) {
+          const other = (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE" ? parent.uniqueClash(values, parent.shape.key, [key]) : null;
+          if (!other) throw err;
+          this.aside.settle(parent, { keyValues: [key], state, values, inTable: false }, other, () => parent.insert(values));
+        }
+        this.record(parent, CHANGE_REVIVE, values, null, [], note);
       })();
     } catch (err) {
-      this.onProblem(`could not keep ${table} ${describeKey([keyCol], [key])} that ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to: ${(err as Error).message}`);
+      this.onProblem(`could not keep ${what} that ${child.shape.name} ${describeKey(child.shape.key, childKey)} refers to: ${(err as Error).message}`);
       return 0;
     }
-    this.childrenOf(parent, row, next);
     this.report({ action: "kept parent", table, key: [key], child: child.shape.name, childKey });
+    if (this.aside.isAside(table, [key])) return 1 + this.followKeptRow(parent, key, children, next);
+    this.childrenOf(parent, values, next);
     return 1;
   }
 
@@ -223,7 +238,7 @@ export class ReferenceKeeper {
    * The parent is alive but not in the table: a unique clash set it aside in
    * favour of an older row with the same unique values. Its children move to that row.
    */
-  private followKeptRow(parent: TableAccess, key: SqlValue, children: { edge: Edge; rows: Map<string, SqlValue>[] }[], next: Pending[]): number {
+  private followKeptRow(parent: TableAccess, key: SqlValue, children: Children, next: Pending[]): number {
     const keptKey = this.aside.keptKey(parent.shape.name, [key]);
     const kept = keptKey ? parent.find(parent.shape.key, keptKey) : null;
     if (!keptKey || !kept) return 0;
