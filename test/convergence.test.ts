@@ -1,18 +1,22 @@
 /**
- * Property test of invariants 1-3 and 6: three nodes write at random (inserts
- * with values of every storage class, inserts that let SQLite pick the id and so
- * collide across nodes, children pointing at them, updates of rows other nodes
- * made, deletes with ON DELETE CASCADE), exchange segments in random
- * interleavings, with segments applied twice, and must end with identical
- * tables, every row that no node deleted, and every child still pointing at the
- * row its node gave it. Rerun a failure with SEED=<printed seed>.
+ * Property test of invariants 1-3, 6, 10 and 11: three nodes write at random
+ * (inserts with values of every storage class, inserts that let SQLite pick the
+ * id and so collide across nodes, children pointing at them, updates of rows
+ * other nodes made, deletes with ON DELETE CASCADE racing children written
+ * elsewhere), exchange segments in random interleavings, with segments applied
+ * twice; part way through a fourth node joins from an old copy of one node's
+ * database (unisync's tables stripped, like a plain backup), sometimes edited
+ * before it joins (a diverged copy). All must end with identical tables, every
+ * row that no node deleted, every child on the row its node gave it (or on the
+ * row that kept the values of a row set aside), no phantom copy, and every
+ * foreign key satisfied. Rerun a failure with SEED=<printed seed>.
  */
-import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { FileStore } from "../src/store/file.js";
-import { decodeValues, type SqlValue } from "../src/log/value.js";
+import { decodeValues, encodeValues, type SqlValue } from "../src/log/value.js";
 import { compareDatabases } from "./helpers/checker.js";
 import { appConnection, openSync } from "./helpers/node.js";
 import { mulberry32, randomValue } from "./helpers/random.js";
@@ -37,12 +41,23 @@ async function run(seed: number, steps: number) {
   mkdirSync(dir, { recursive: true });
   const store = new FileStore(join(dir, "store"));
   const names = ["n1", "n2", "n3"];
-  const nodes = names.map((name) => {
+  const open = (name: string, schema = true, extra: Parameters<typeof openSync>[4] = {}) => {
     const path = join(dir, `${name}.db`);
     const app = appConnection(path);
-    app.exec(SCHEMA);
-    return { name, path, app, sync: openSync(path, name, store) };
-  });
+    app.pragma("foreign_keys = ON"); // the app's cascades really happen
+    if (schema) app.exec(SCHEMA);
+    return { name, path, app, sync: openSync(path, name, store, undefined, extra) };
+  };
+  /** The agent enrols a new database's rows once every origin is replayed into it. */
+  const enrolIfCaughtUp = (n: (typeof nodes)[0]) => {
+    if (n.sync.enrolling && n.sync.caughtUp(names.filter((o) => o !== n.name))) n.sync.finishEnrolment();
+  };
+  const nodes = names.map((name) => open(name));
+  // A fourth node joins at `joinAt` from a copy of a node's database taken at `copyAt`.
+  const copyAt = Math.floor(rand() * steps * 0.4);
+  const joinAt = process.env.NOLATE ? Infinity : copyAt + Math.floor(rand() * steps * 0.4);
+  const late = { name: "n4", from: pick(nodes), diverged: rand() < 0.5 };
+  const backup = join(dir, "backup.db");
   let counter = 0;
   // Tags name rows across nodes (ids may move): every tag inserted and never deleted must survive.
   const insertedTags = new Set<string>();
@@ -52,15 +67,32 @@ async function run(seed: number, steps: number) {
   // copies to SQL (nothing can select one of them), so those values stay unsigned.
   const bagValue = () => randomValue(rand, false);
   const rows = (app: (typeof nodes)[0]["app"], sql: string) => app.prepare(sql).raw(true).all() as SqlValue[][];
+  const hasZ = (app: (typeof nodes)[0]["app"]) => rows(app, "PRAGMA table_info(item)").some((c) => c[1] === "z");
 
   // Each node's app migrates (ADD COLUMN z) at its own moment: schemas differ for a while.
   const migrateAt = new Map(nodes.map((n) => [n.name, Math.floor(rand() * steps)]));
   const migrated = new Set<string>();
   for (let step = 0; step < steps; step++) {
+    if (step === copyAt) {
+      late.from.app.exec(`VACUUM INTO '${backup}'`);
+      stripUnisync(backup);
+    }
+    if (step === joinAt) {
+      copyFileSync(backup, join(dir, "n4.db"));
+      const pre = appConnection(join(dir, "n4.db"));
+      // Edited apart before unisync came (updates only: rows inserted then are merged by id by design).
+      if (late.diverged) for (const [id] of pre.prepare("SELECT id FROM item").raw(true).all() as SqlValue[][]) if (rand() < 0.3) pre.prepare("UPDATE item SET a = ?, e = ? WHERE id = ?").run(value(), value(), id);
+      pre.close();
+      // As the agent does: n4 replays the log before it enrols its own rows.
+      nodes.push(open("n4", false, { enrolAfterCatchUp: true }));
+      names.push("n4");
+      trace("n4 joins from a copy of", late.from.name, "taken at step", copyAt, late.diverged ? "(diverged)" : "");
+    }
     const n = pick(nodes);
     const r = rand();
     if (!migrated.has(n.name) && step >= (migrateAt.get(n.name) ?? 0)) {
-      n.app.exec("ALTER TABLE item ADD COLUMN z");
+      // n4's copy may have it already.
+      if (!hasZ(n.app)) n.app.exec("ALTER TABLE item ADD COLUMN z");
       migrated.add(n.name);
     }
     if (migrated.has(n.name) && rand() < 0.2) {
@@ -130,12 +162,13 @@ async function run(seed: number, steps: number) {
       const from = pick(names.filter((x) => x !== n.name));
       const applied = await n.sync.pull(from, 1 + Math.floor(rand() * 3));
       trace(n.name, "pulled", applied, "records from", from);
+      enrolIfCaughtUp(n);
     } else {
       // Forget the last applied segment: it is applied again, and must change nothing.
       n.sync.db.prepare("UPDATE _unisync_cursors SET seq = seq - 1 WHERE seq > 0").run();
     }
   }
-  for (const n of nodes) if (!migrated.has(n.name)) n.app.exec("ALTER TABLE item ADD COLUMN z");
+  for (const n of nodes) if (!hasZ(n.app)) n.app.exec("ALTER TABLE item ADD COLUMN z");
   // Quiesce: everyone ships everything, then everyone applies everything.
   for (let round = 0; round < 3; round++) {
     for (const n of nodes) {
@@ -145,12 +178,15 @@ async function run(seed: number, steps: number) {
     for (const n of nodes) {
       n.sync.refreshSchema();
       for (const o of names) if (o !== n.name) while ((await n.sync.pull(o, 50)) > 0);
+      enrolIfCaughtUp(n);
     }
   }
   const lost: string[] = [];
   // Rows set aside by unique clashes are the same on every node.
   const aside = nodes.map((n) => JSON.stringify(rows(n.sync.db, "SELECT tbl, hex(row_key) FROM _unisync_conflicts ORDER BY 1, 2")));
   for (const [i, a] of aside.entries()) if (a !== aside[0]) lost.push(`${nodes[i].name} set aside ${a}, ${nodes[0].name} ${aside[0]}`);
+  // Parts some node moved to the row that kept the unique values of their item (logged, so everywhere).
+  const movedToKept = new Set(nodes.flatMap((n) => rows(n.sync.db, "SELECT hex(child_key) FROM _unisync_repairs WHERE action = 'moved to kept row'").map((r) => String(r[0]))));
   for (const n of nodes) {
     expect(n.sync.problems.size).toBe(0);
     expect(n.sync.db.prepare("SELECT tbl, reason FROM _unisync_parked").all(), n.name).toEqual([]);
@@ -163,17 +199,35 @@ async function run(seed: number, steps: number) {
       for (let i = 0; i + 1 < flat.length; i += 2) if (flat[i] === "tag") present.add(String(flat[i + 1]));
     }
     for (const t of insertedTags) if (!deletedTags.has(t) && !present.has(t)) lost.push(`${n.name} lost row ${t}`);
-    // A child points at the row its node gave it, or at nothing if that row was deleted or set aside.
-    const inTable = new Set(tags);
+    // Every foreign key holds: a part written while its item was deleted kept the item.
+    for (const v of rows(n.app, "PRAGMA foreign_key_check")) lost.push(`${n.name}: foreign key broken ${JSON.stringify(v.map(String))}`);
+    // A child points at the row its node gave it, or, if that row was set aside by a
+    // unique clash, at the row that kept its unique value.
+    const asideU = new Map<string, SqlValue>();
+    for (const [vals] of rows(n.sync.db, "SELECT vals FROM _unisync_conflicts WHERE tbl = 'item'")) {
+      const flat = decodeValues(vals as Buffer);
+      const field = (c: string) => flat[flat.indexOf(c) + 1];
+      asideU.set(String(field("tag")), field("u"));
+    }
     for (const [partId, itemId, ptag] of rows(n.app, "SELECT part.id, part.item_id, part.ptag FROM part")) {
-      const at = rows(n.app, `SELECT tag FROM item WHERE id = ${String(itemId)}`)[0];
-      const gone = deletedTags.has(String(ptag)) || (present.has(String(ptag)) && !inTable.has(String(ptag)));
-      if (at ? at[0] !== ptag : !gone) lost.push(`${n.name}: part ${String(partId)} of ${String(ptag)} points at ${at ? String(at[0]) : "nothing"}`);
+      const at = rows(n.app, `SELECT tag, u FROM item WHERE id = ${String(itemId)}`)[0];
+      const partKey = encodeValues([partId]).toString("hex").toUpperCase();
+      const followed = at && ((asideU.has(String(ptag)) && at[1] === asideU.get(String(ptag))) || movedToKept.has(partKey));
+      if (!at || (at[0] !== ptag && !followed)) lost.push(`${n.name}: part ${String(partId)} of ${String(ptag)} points at ${at ? String(at[0]) : "nothing"}`);
     }
     n.sync.close();
     n.app.close();
   }
   return [...lost, ...compareDatabases(nodes.map((n) => n.path))];
+}
+
+/** A plain copy of an app database, as a backup tool that knows nothing of unisync keeps it. */
+function stripUnisync(path: string): void {
+  const db = appConnection(path);
+  for (const [type, name] of db.prepare("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_unisync\\_%' ESCAPE '\\' AND type IN ('trigger', 'table')").raw(true).all() as string[][]) {
+    db.exec(`DROP ${type} IF EXISTS "${name}"`);
+  }
+  db.close();
 }
 
 describe("convergence", () => {

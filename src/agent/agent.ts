@@ -12,7 +12,7 @@ import { LogForkError, type Outbox } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
-import { NodeIdentityError, type DbSync } from "./dbsync.js";
+import { DbSync, NodeIdentityError } from "./dbsync.js";
 import { openDbSync } from "../snapshot/streams.js";
 import { FILES_STREAM, FolderSync } from "./foldersync.js";
 import { Metrics } from "./metrics.js";
@@ -369,7 +369,8 @@ export class Agent {
       if (this.dbs.has(stream) || this.failed.has(stream)) continue;
       let db: DbSync | undefined;
       try {
-        db = openDbSync({ ...this.config, store: this.store, log: this.log }, path, stream, this.clock, this.metrics);
+        db = openDbSync({ ...this.config, store: this.store, log: this.log, enrolAfterCatchUp: true }, path, stream, this.clock, this.metrics);
+        if (db.enrolling) this.log.info({ db: stream }, "new database: replaying the cluster's log into it before enrolling its existing rows");
         this.dbs.set(stream, db);
         this.log.info({ db: stream, path }, "syncing database");
       } catch (err) {
@@ -402,8 +403,12 @@ export class Agent {
   /** Origins are the folders under log/ in the store, except our own. */
   private async refreshOrigins(): Promise<void> {
     this.origins = (await listOrigins(this.store)).filter((o) => o !== this.config.node);
+    this.originsListed = true;
     this.storeOk();
   }
+
+  /** Whether the store's origins were listed at least once (a new database enrols only after replaying them all). */
+  private originsListed = false;
 
   private async captureLoop(): Promise<void> {
     while (!this.halted()) {
@@ -490,6 +495,11 @@ export class Agent {
             if (this.halted()) break;
             applied += await s.pull(origin);
             this.storeOk(); // judged only from calls really made (pull lists the store)
+          }
+          // A new database enrols its own rows once the cluster's log is in it.
+          if (s instanceof DbSync && s.enrolling && this.originsListed && !this.halted() && s.caughtUp(this.origins)) {
+            s.finishEnrolment();
+            this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
           }
         }
       } catch (err) {

@@ -40,6 +40,12 @@ export interface DbSyncOptions {
   independentDatabases?: boolean;
   /** Config declaredOnDelete: child tables ("table" or "table.column") whose late children follow the declared ON DELETE action. */
   declaredOnDelete?: string[];
+  /**
+   * A database enrolled for the first time replays the log before it records
+   * its existing rows (see finishEnrolment). The agent sets it; tools that open
+   * a database on their own enrol it at once.
+   */
+  enrolAfterCatchUp?: boolean;
   maxRecords: number;
   maxBytes: number;
   busyTimeoutMs: number;
@@ -109,7 +115,7 @@ export class DbSync {
         "id collision: two nodes created different rows with the same id; this one moved (see `unisync conflicts`)",
       );
     }));
-    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases);
+    this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases, () => this.enrolling);
     this.outbox = new Outbox(this.db, o.node, o.stream);
     this.references = new ReferenceKeeper(
       this.db,
@@ -147,6 +153,7 @@ export class DbSync {
       this.references,
       o.maxClockDriftMs,
     );
+    this.applier.enrolling = Number(getMeta(this.db, "enrol_pending") ?? 0) === 1;
   }
 
   /** Connection settings, our tables and the node check; throws (the caller closes). */
@@ -166,7 +173,29 @@ export class DbSync {
     this.db.pragma("foreign_keys = OFF");
     this.db.pragma("recursive_triggers = OFF");
     ensureInternalTables(this.db);
-    claimForNode(this.db, o.path, o.node);
+    // A copy of one database merges into the cluster's rows by id only if the log
+    // is replayed into it first; independent databases keep their rows apart instead.
+    if (claimForNode(this.db, o.path, o.node) && o.enrolAfterCatchUp && !o.independentDatabases) setMeta(this.db, "enrol_pending", 1);
+  }
+
+  /**
+   * True while this database's existing rows wait to be enrolled: a database met
+   * for the first time replays what the cluster logged first, so rows the log
+   * has land on its rows with the same key (a copy or a backup of the cluster's
+   * database is the same rows, and the logged values win), and only what the log
+   * does not have is enrolled afterwards. The app's new writes are captured meanwhile.
+   */
+  get enrolling(): boolean {
+    return this.applier.enrolling;
+  }
+
+  /** Enrols the existing rows once the log has been replayed (the agent calls it when every origin is caught up). */
+  finishEnrolment(): void {
+    if (!this.enrolling) return;
+    setMeta(this.db, "enrol_pending", 0);
+    this.applier.enrolling = false;
+    this.lastSchemaVersion = -1;
+    this.refreshSchema();
   }
 
   get stream(): string {
@@ -194,7 +223,7 @@ export class DbSync {
       .immediate();
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
-    for (const def of defs.filter((d) => d.needsBaseline)) {
+    for (const def of this.enrolling ? [] : defs.filter((d) => d.needsBaseline)) {
       const n = baselineTable(this.db, def, this.states, this.bag, () => this.sealEverything(), (rows) => {
         if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
       });
@@ -309,12 +338,15 @@ export class DbSync {
   async pull(origin: string, maxSegments = 16, untilHlc = Infinity): Promise<number> {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
+    this.readToEnd.set(origin, false);
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
     if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
     const cursor = this.applier.cursor(origin);
     const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
     let applied = 0;
+    let seen = 0;
     for await (const s of segments) {
+      seen++;
       const segment = untilHlc === Infinity ? s.segment : { ...s.segment, records: s.segment.records.filter((r) => r.hlc <= untilHlc) };
       if (segment.records.length === 0) break;
       this.refreshSchema();
@@ -334,7 +366,16 @@ export class DbSync {
     // Children that arrived before their parent wait for it: the parent may be in what just applied.
     if (applied > 0) this.retryParked(WAITING_FOR_ROW);
     this.tailProblems.update(origin, problem());
+    this.readToEnd.set(origin, seen < maxSegments && !problem());
     return applied;
+  }
+
+  /** Per origin: whether the last pull applied everything the store held (no gap, nothing left). */
+  private readonly readToEnd = new Map<string, boolean>();
+
+  /** Whether the last pull of each of these origins applied all the store held. */
+  caughtUp(origins: readonly string[]): boolean {
+    return origins.every((o) => this.readToEnd.get(o) === true);
   }
 
   cursors() {

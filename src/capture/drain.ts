@@ -65,6 +65,8 @@ export class ChangeDrain {
     private readonly shapeOf: (table: string) => TableShape | undefined,
     /** Config independentDatabases: rows enrolled under one id on two nodes are two rows (relocate.ts). */
     private readonly independent = false,
+    /** Whether this database's own rows still wait to be enrolled (DbSync.enrolling). */
+    private readonly enrolling: () => boolean = () => false,
   ) {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
@@ -139,8 +141,7 @@ export class ChangeDrain {
           const hlc = this.clock.tick(ms === null ? undefined : Number(ms));
           const { oldValues, copy, ...row } = change;
           if (note) row.note = note;
-          this.fold(row, hlc, (r) => records.push(r), oldValues, copy);
-          records.push({ hlc, row });
+          if (this.fold(row, hlc, (r) => records.push(r), oldValues, copy)) records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
         full = records.length >= maxRecords || bytes >= maxBytes;
@@ -154,10 +155,18 @@ export class ChangeDrain {
   /**
    * Records a local change in the merge state (the table already holds it),
    * and names in the record the row's lineage and those its references point at.
+   * Returns false when there is nothing to log (a stale enrolled row, dropped
+   * here, or a change of a row the enrolment will record).
    */
-  private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], copy = 1): void {
-    const stamp = change.enrolment ? enrolmentStamp(hlc, this.origin) : { hlc, origin: this.origin };
+  private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], copy = 1): boolean {
     const shape = this.shapeOf(change.table);
+    if (shape?.hasDeclaredKey !== false && change.op !== OP_INSERT && this.enrolling()) {
+      // The app changed a row of its copy that neither the log nor the enrolment has
+      // recorded yet: part of the copy, which its enrolment records as it is then.
+      const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
+      if (!this.states.get(change.table, rowIdentity(keyValues, false))) return false;
+    }
+    const stamp = change.enrolment ? enrolmentStamp(hlc, this.origin) : { hlc, origin: this.origin };
     if (shape?.hasDeclaredKey === false) {
       // Copies are kept in the table's current columns (a change captured under an
       // older shape lacks a column added since: the row holds its default).
@@ -181,18 +190,25 @@ export class ChangeDrain {
           change.instance = instance;
         }
       }
-      return;
+      return true;
     }
     let keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     let prior = this.states.get(change.table, rowIdentity(keyValues, false));
+    // A row this node held before it enrolled, at a key the log has deleted (the log was
+    // replayed into the database first): a stale copy of that row, dropped here as
+    // on every node. Unless the databases are independent: then it is a row of its own.
+    if (change.enrolment && prior && !prior.alive && !(this.independent && shape?.autoId)) {
+      this.dropEnrolled(change.table, change.key, keyValues);
+      return false;
+    }
     let lineage: Lineage | undefined;
     let values = change.values;
     const key = intKey(keyValues[0]);
     if (shape?.autoId && key !== null) {
       if (change.enrolment) {
         lineage = { ...enrolmentLineage(key, change.values, this.independent), epoch: 1 };
-        // The state has another row at this id: it merges into it, or (independent
-        // databases) the two collide like any two rows and one moves (relocate.ts).
+        // Independent databases: a row at an id the log holds another lineage at is a
+        // row of its own; the two collide like any two rows and one moves (relocate.ts).
         if (prior?.lineage && !sameLineage(prior.lineage, lineage)) {
           const at = this.relocator.placeEnrolled(change.table, lineage, key);
           keyValues = [at];
@@ -237,6 +253,7 @@ export class ChangeDrain {
     this.states.put(change.table, pk, state);
     // An enrolled row the log deleted: this node drops it too (every other node does).
     if (change.enrolment && !state.alive) this.dropEnrolled(change.table, change.key, keyValues);
+    return true;
   }
 
   /** The table holds exactly the live copies of an enrolled row value (tables without a key). */

@@ -171,11 +171,15 @@ export class NodeIdentityError extends Error {}
 /**
  * Enrols `db` (whose file is `path`) under `node` the first time, and refuses it
  * afterwards for any other node name: its seqs and clocks belong to that node.
+ * Returns true the first time.
  */
-export function claimForNode(db: Database, path: string, node: string): void {
+export function claimForNode(db: Database, path: string, node: string): boolean {
   const enrolledAs = getMeta(db, "node");
-  if (enrolledAs === undefined) return setMeta(db, "node", node);
-  if (enrolledAs === node) return;
+  if (enrolledAs === undefined) {
+    setMeta(db, "node", node);
+    return true;
+  }
+  if (enrolledAs === node) return false;
   throw new NodeIdentityError(
     `${path} belongs to node "${String(enrolledAs)}" but this agent runs as "${node}". ` +
       `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,

@@ -57,6 +57,8 @@ export class Applier {
   private readonly park: Statement;
   /** What each origin's enrolled rows did here (status, conflicts). */
   readonly enrolments: EnrolmentLedger;
+  /** This database's own rows wait to be enrolled (DbSync.enrolling): copies of keyless rows are not taken away. */
+  enrolling = false;
 
   constructor(
     private readonly db: Database,
@@ -156,10 +158,10 @@ export class Applier {
     const prior = this.states.get(row.table, pk);
     // A row enrolled at its origin has values of unknown time (merge.ts).
     const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
-    if (row.enrolment) {
+    if (row.enrolment && row.op === OP_INSERT) {
       const outcome = this.enrolments.judge(row.table, pk, stamp, row.columns, values, prior, current ?? aside);
       this.enrolments.count(origin, row.table, rec.hlc, outcome);
-    }
+    } else if (!prior && current) this.enrolments.replaceUnrecorded(row.table, pk, origin, false, row.columns, values, current, row.op === OP_DELETE);
     const { state, write } = mergeChange(prior, current ?? aside, {
       op: row.op,
       stamp,
@@ -294,7 +296,7 @@ export class Applier {
     const affected = this.bag.record(access.shape.name, instance, op, values, stamp);
     if (!affected) return null;
     try {
-      this.bag.reconcile(access, affected);
+      this.bag.reconcile(access, affected, this.enrolling);
     } catch (err) {
       return (err as Error).message;
     }

@@ -8,7 +8,8 @@
  * (a stale copy: it changed nothing). `unisync status` and `conflicts` read it.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { hlcToIso } from "../log/hlc.js";
+import { getMeta } from "../capture/internal.js";
+import { hlcFromMs, hlcToIso } from "../log/hlc.js";
 import { encodeValues, sameValue, type SqlValue } from "../log/value.js";
 import { clockOf, isEnrolmentStamp, type RowState, type Stamp } from "./merge.js";
 
@@ -40,7 +41,7 @@ export class EnrolmentLedger {
   private readonly countStmt: Statement;
   private readonly diffStmt: Statement;
 
-  constructor(db: Database) {
+  constructor(private readonly db: Database) {
     this.countStmt = db.prepare(
       `INSERT INTO _unisync_enrolments(origin, tbl, rows, added, same, differed, older, first_hlc, last_hlc)
        VALUES (@origin, @tbl, @rows, @added, @same, @differed, @older, @hlc, @hlc)
@@ -65,6 +66,7 @@ export class EnrolmentLedger {
    */
   judge(table: string, key: Buffer, stamp: Stamp, columns: string[], values: SqlValue[], prior: RowState | null, held: Map<string, SqlValue> | null): EnrolmentOutcome {
     if (!prior && !held) return "added";
+    if (!prior && held) return this.replaceUnrecorded(table, key, stamp.origin, true, columns, values, held) ? "differed" : "same";
     if (prior && !prior.alive) return "older";
     let outcome: EnrolmentOutcome = "same";
     columns.forEach((column, i) => {
@@ -86,6 +88,25 @@ export class EnrolmentLedger {
       this.diffStmt.run(table, key, column, kept.origin, encodeValues([kept.value]), other.origin, encodeValues([other.value]), Date.now());
     });
     return outcome;
+  }
+
+  /**
+   * A record met a row this node held before it enrolled (no merge state yet:
+   * the log is replayed into a new database before its own rows are enrolled).
+   * The record's values win; this node's copy counts them as older, and an
+   * enrolled record's differences from the copy are listed. Returns whether any
+   * differed (a delete always does).
+   */
+  replaceUnrecorded(table: string, key: Buffer, origin: string, enrolment: boolean, columns: string[], values: SqlValue[], held: Map<string, SqlValue>, deleted = false): boolean {
+    const local = String(getMeta(this.db, "node") ?? "");
+    let differed = deleted;
+    if (!deleted) columns.forEach((column, i) => {
+      if (!held.has(column) || sameValue(held.get(column) as SqlValue, values[i])) return;
+      differed = true;
+      if (enrolment) this.diffStmt.run(table, key, column, origin, encodeValues([values[i]]), local, encodeValues([held.get(column) as SqlValue]), Date.now());
+    });
+    this.count(local, table, hlcFromMs(Date.now()), differed ? "older" : "same");
+    return differed;
   }
 }
 

@@ -63,16 +63,14 @@ export function freshKey(table: string, from: bigint, lineage: Lineage): bigint 
 
 /**
  * Rows recorded at enrolment (there before unisync) have a lineage with hlc 0.
- * By default it is named by the row's id ("#id:57"), and it stands for
- * whichever row the log has at that id: rows held under the same id before
- * enrolment are the same row (copies of one database, maybe edited apart or
- * restored from a backup), merged column by column with the enrolled values
- * losing to every logged write. Such a lineage never collides: at its id it
- * merges into the lineage there, and a logged lineage of the same epoch that
- * meets it there takes it over. With `independent` (config
- * independentDatabases: the databases never shared a copy) it is named by the
- * row's values: equal rows still merge, different rows under one id are two
- * rows and one moves, like any id collision.
+ * By default it is named by the row's id ("#id:57"): nodes that enrol copies of
+ * one database at the same time (before either has replayed the other) hold the
+ * same rows under the same names, merged column by column. (A node that joins a
+ * cluster with a log replays it before it enrols, so its rows take the log's
+ * lineages at their ids: see DbSync.finishEnrolment.) With `independent`
+ * (config independentDatabases: the databases never shared a copy) it is named
+ * by the row's values: equal rows still merge, different rows under one id are
+ * two rows and one moves, like any id collision.
  */
 export function enrolmentLineage(key: bigint, values: readonly SqlValue[], independent = false): Stamp {
   if (!independent) return { hlc: 0, origin: `#id:${key}` };
@@ -81,9 +79,6 @@ export function enrolmentLineage(key: bigint, values: readonly SqlValue[], indep
 
 /** Whether a lineage was recorded at enrolment (a row there before unisync). */
 export const isEnrolled = (l: Stamp) => l.hlc === 0;
-
-/** Whether a lineage is the enrolled row that stands for whatever row is at `key` (see enrolmentLineage). */
-const standsFor = (l: Stamp, key: bigint) => l.hlc === 0 && l.origin === `#id:${key}`;
 
 export const sameLineage = sameStamp;
 
@@ -158,7 +153,7 @@ export class Relocator {
     const m = this.moved(table, lineage);
     if (m) return m.key;
     const at = this.states.get(table, pkOf(bornKey))?.lineage;
-    return at && (sameLineage(at, lineage) || standsFor(lineage, bornKey)) ? bornKey : null;
+    return at && sameLineage(at, lineage) ? bornKey : null;
   }
 
   /**
@@ -226,17 +221,9 @@ export class Relocator {
   /** `occupantInTable`: whether the table row at the key belongs to its current occupant (false while the drain is part way). */
   private claim(access: TableAccess, lineage: Lineage, key: bigint, bornKey: bigint, occupantInTable: boolean): bigint {
     const table = access.shape.name;
-    const occupantState = this.states.get(table, pkOf(key));
-    const occupant = occupantState?.lineage;
+    const occupant = this.states.get(table, pkOf(key))?.lineage;
     // Rows recorded before lineages existed merge by key, as they always did.
     if (!occupant || sameLineage(occupant, lineage)) return key;
-    // A row enrolled by id is the row at that id, whichever lineage the log has there.
-    if (standsFor(lineage, key)) return key;
-    if (standsFor(occupant, key) && lineage.epoch <= occupant.epoch && occupantState) {
-      occupantState.lineage = lineage;
-      this.states.put(table, pkOf(key), occupantState);
-      return key;
-    }
     if (outranks(lineage, occupant)) {
       const occupantBorn = this.bornKey(table, occupant, key);
       const dest = this.claim(access, occupant, freshKey(table, key, occupant), occupantBorn, true);
@@ -261,6 +248,9 @@ export class Relocator {
     const keyCol = access.shape.key[0];
     const state = this.states.get(m.table, pkOf(m.from));
     const row = occupantInTable && state?.alive ? access.find([keyCol], [m.from]) : null;
+    // A row there that no state knows is this node's own copy, not enrolled yet
+    // (DbSync.enrolling): the same id, so the same row, which the log's replaces.
+    if (row && !this.states.get(m.table, pkOf(m.to))) access.delete([keyCol], [m.to]);
     if (row) {
       access.delete([keyCol], [m.from]);
       row.set(keyCol, m.to);

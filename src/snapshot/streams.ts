@@ -27,6 +27,8 @@ export interface StreamSettings {
   syncFiles: boolean;
   /** Put databases in WAL mode (default true). */
   walMode?: boolean;
+  /** The agent: a database met for the first time replays the log before it enrols its rows. */
+  enrolAfterCatchUp?: boolean;
 }
 
 export interface OpenStreams {
@@ -49,6 +51,7 @@ export function openDbSync(s: StreamSettings, path: string, stream: string, cloc
     naturalKeyTables: s.naturalKeyTables,
     independentDatabases: s.independentDatabases,
     declaredOnDelete: s.declaredOnDelete,
+    enrolAfterCatchUp: s.enrolAfterCatchUp,
     maxRecords: s.batchMaxRecords,
     maxBytes: s.batchMaxBytes,
     busyTimeoutMs: s.busyTimeoutMs,
