@@ -25,6 +25,7 @@ CREATE TABLE scouting(id INTEGER PRIMARY KEY, match_id INTEGER REFERENCES match(
 CREATE TABLE note(match_id INTEGER REFERENCES match(id) ON DELETE SET NULL, body TEXT);
 CREATE TABLE team(id INTEGER PRIMARY KEY, name TEXT UNIQUE);
 CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), name TEXT);
+CREATE TABLE team_tag(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY KEY(team_id, tag)) WITHOUT ROWID;
 `;
 
 let n = 0;
@@ -131,14 +132,16 @@ describe("references after replay", () => {
     const c = cluster(["a", "b", "c"]);
     const [a, b] = c.nodes;
     // Apart, a and b both create team "red" (ids collide too) and add players to it.
-    a.app.exec("INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (1, 'ann')");
-    b.app.exec("INSERT INTO team(name) VALUES ('blue'); INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (2, 'bob')");
+    a.app.exec("INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (1, 'ann'); INSERT INTO team_tag VALUES (1, 'fast'), (1, 'tall')");
+    b.app.exec("INSERT INTO team(name) VALUES ('blue'); INSERT INTO team(name) VALUES ('red'); INSERT INTO player(team_id, name) VALUES (2, 'bob'); INSERT INTO team_tag VALUES (2, 'fast')");
     await c.settle();
     c.check();
     for (const x of c.nodes) {
       const red = c.all(x.app, "SELECT id FROM team WHERE name = 'red'");
       expect(red).toHaveLength(1);
       expect(c.all(x.app, "SELECT p.name FROM player p JOIN team t ON t.id = p.team_id WHERE t.name = 'red' ORDER BY p.name")).toEqual([{ name: "ann" }, { name: "bob" }]);
+      // Both had the association red-fast: it is there once.
+      expect(c.all(x.app, "SELECT tt.tag FROM team_tag tt JOIN team t ON t.id = tt.team_id WHERE t.name = 'red' ORDER BY tt.tag")).toEqual([{ tag: "fast" }, { tag: "tall" }]);
     }
     c.close();
   });

@@ -7,12 +7,13 @@ import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
-import { claimForNode, ensureInternalTables, getMeta, NodeIdentityError, setMeta } from "../capture/internal.js";
+import { claimForNode, ensureInternalTables, getMeta, NodeIdentityError, recordAgentChange, setMeta } from "../capture/internal.js";
 import { discoverTables, schemaVersion } from "../capture/schema.js";
-import { installTriggers } from "../capture/triggers.js";
+import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import type { HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
+import { decodeValues } from "../log/value.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
@@ -192,11 +193,33 @@ export class DbSync {
   /** Enrols the existing rows once the log has been replayed (the agent calls it when every origin is caught up). */
   finishEnrolment(): void {
     if (!this.enrolling) return;
-    setMeta(this.db, "enrol_pending", 0);
+    this.db
+      .transaction(() => {
+        // Rows the app changed before the log reached them: enrolled as they are now.
+        const touched = this.db.prepare("SELECT tbl, row_key FROM _unisync_enrol_touched").all() as { tbl: string; row_key: Buffer }[];
+        for (const t of touched) {
+          const access = this.tables.get(t.tbl);
+          const capId = this.capIds.get(t.tbl);
+          const row = access && capId !== undefined ? access.find(access.shape.key, decodeValues(t.row_key)) : null;
+          if (!access || capId === undefined || !row) continue;
+          recordAgentChange(this.db, capId, CHANGE_INSERT, access.shape.columns.map((c) => row.get(c) ?? null), enrolmentMask(), [], "changed by the app before this database was enrolled");
+        }
+        this.db.prepare("DELETE FROM _unisync_enrol_touched").run();
+        setMeta(this.db, "enrol_pending", 0);
+      })
+      .immediate();
     this.applier.enrolling = false;
     this.lastSchemaVersion = -1;
-    this.refreshSchema();
+    this.firstEnrolment = true;
+    try {
+      this.refreshSchema();
+    } finally {
+      this.firstEnrolment = false;
+    }
   }
+
+  /** While finishEnrolment records the rows: columns the log never wrote hold this copy's own values. */
+  private firstEnrolment = false;
 
   get stream(): string {
     return this.o.stream;
@@ -224,9 +247,17 @@ export class DbSync {
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
     for (const def of this.enrolling ? [] : defs.filter((d) => d.needsBaseline)) {
-      const n = baselineTable(this.db, def, this.states, this.bag, () => this.sealEverything(), (rows) => {
-        if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
-      });
+      const n = baselineTable(
+        this.db,
+        def,
+        this.states,
+        this.bag,
+        () => this.sealEverything(),
+        (rows) => {
+          if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
+        },
+        this.firstEnrolment,
+      );
       if (n > 0) {
         this.applier.enrolments.count(this.o.node, def.shape.name, this.o.clock.current, "added", n);
         this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");

@@ -27,6 +27,11 @@ export function baselineTable(
   bag: BagStore,
   sealPending: () => void,
   progress?: (rows: number) => void,
+  /**
+   * Also record rows the log has but with columns no record ever wrote: their
+   * values are this database's own (a node's first enrolment, after the log was replayed in).
+   */
+  fillUnwritten = false,
 ): number {
   const { shape, capId } = def;
   const t = quoteIdent(shape.name);
@@ -47,7 +52,11 @@ export function baselineTable(
   const copiesSeen = new Map<string, number>();
   /** The copy number to record the row under, or 0 when the state has it already. */
   const unrecorded = (values: SqlValue[]): number => {
-    if (shape.hasDeclaredKey) return states.get(shape.name, rowIdentity(keyIdx.map((i) => values[i]), false))?.alive ? 0 : 1;
+    if (shape.hasDeclaredKey) {
+      const state = states.get(shape.name, rowIdentity(keyIdx.map((i) => values[i]), false));
+      if (!state?.alive) return 1;
+      return fillUnwritten && shape.columns.some((c) => !(c in state.cols)) ? 1 : 0;
+    }
     const id = rowIdentity(values, true).toString("base64");
     const nth = (copiesSeen.get(id) ?? 0) + 1;
     copiesSeen.set(id, nth);

@@ -6,10 +6,10 @@
 import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
-import { rowIdentity, type SqlValue } from "../log/value.js";
-import { enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
+import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
 import { enrolmentInstance, type BagStore } from "../replay/bag.js";
-import { enrolmentLineage, intKey, sameLineage, type Relocator } from "../replay/relocate.js";
+import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../replay/relocate.js";
 import type { AsideRows } from "../replay/unique.js";
 import type { RowStateStore } from "../replay/state.js";
 import type { TableShape } from "./schema.js";
@@ -155,17 +155,10 @@ export class ChangeDrain {
   /**
    * Records a local change in the merge state (the table already holds it),
    * and names in the record the row's lineage and those its references point at.
-   * Returns false when there is nothing to log (a stale enrolled row, dropped
-   * here, or a change of a row the enrolment will record).
+   * Returns false when there is nothing to log (a stale enrolled row, dropped here).
    */
   private fold(change: RowChange, hlc: number, emit: (r: LogRecord) => void, oldValues?: SqlValue[], copy = 1): boolean {
     const shape = this.shapeOf(change.table);
-    if (shape?.hasDeclaredKey !== false && change.op !== OP_INSERT && this.enrolling()) {
-      // The app changed a row of its copy that neither the log nor the enrolment has
-      // recorded yet: part of the copy, which its enrolment records as it is then.
-      const keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
-      if (!this.states.get(change.table, rowIdentity(keyValues, false))) return false;
-    }
     const stamp = change.enrolment ? enrolmentStamp(hlc, this.origin) : { hlc, origin: this.origin };
     if (shape?.hasDeclaredKey === false) {
       // Copies are kept in the table's current columns (a change captured under an
@@ -194,6 +187,12 @@ export class ChangeDrain {
     }
     let keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     let prior = this.states.get(change.table, rowIdentity(keyValues, false));
+    if (change.op !== OP_INSERT && !prior && this.enrolling()) {
+      // The app changed a row of its copy that the log has not reached yet: that
+      // is the copy as it is enrolled later (DbSync.finishEnrolment), not a change.
+      this.db.prepare("INSERT OR IGNORE INTO _unisync_enrol_touched(tbl, row_key) VALUES (?, ?)").run(change.table, encodeValues(keyValues));
+      return false;
+    }
     // A row this node held before it enrolled, at a key the log has deleted (the log was
     // replayed into the database first): a stale copy of that row, dropped here as
     // on every node. Unless the databases are independent: then it is a row of its own.
@@ -205,7 +204,11 @@ export class ChangeDrain {
     let values = change.values;
     const key = intKey(keyValues[0]);
     if (shape?.autoId && key !== null) {
-      if (change.enrolment) {
+      if (change.enrolment && prior?.alive && prior.lineage) {
+        // A row the log has (the app changed it before the log reached it): its values
+        // of unknown time merge into the row the log has at its id.
+        lineage = prior.lineage;
+      } else if (change.enrolment) {
         lineage = { ...enrolmentLineage(key, change.values, this.independent), epoch: 1 };
         // Independent databases: a row at an id the log holds another lineage at is a
         // row of its own; the two collide like any two rows and one moves (relocate.ts).
@@ -227,9 +230,7 @@ export class ChangeDrain {
           prior = null;
         }
       } else lineage = prior?.lineage ?? undefined;
-      if (lineage && !change.enrolment) {
-        change.bornKey = this.relocator.recordedBornKey(change.table, lineage, key);
-      }
+      if (lineage && !isEnrolled(lineage)) change.bornKey = this.relocator.recordedBornKey(change.table, lineage, key);
       if (lineage) {
         change.instance = { hlc: lineage.hlc, origin: lineage.origin };
         change.epoch = lineage.epoch;
@@ -237,6 +238,10 @@ export class ChangeDrain {
     }
     const pk = rowIdentity(keyValues, false);
     if (change.op !== OP_INSERT && prior?.incarnation) change.incarnation = prior.incarnation;
+    // A row no trigger has recorded yet (its database is not enrolled yet, or it was
+    // written while its table had no triggers) belongs to the enrolled incarnation:
+    // a delete of it does not remove a row the log inserted at its key since.
+    else if (change.op !== OP_INSERT && !prior) change.incarnation = ENROLMENT_INCARNATION;
     // A fresh insert needs no current row to merge against (mergeChange's fast path).
     const asRow = prior === null && change.op === OP_INSERT ? null : new Map(change.columns.map((c, i) => [c, values[i]]));
     const { state } = mergeChange(prior, asRow, {

@@ -63,6 +63,9 @@ CREATE TABLE IF NOT EXISTS _unisync_enrol_diffs(
   tbl TEXT NOT NULL, row_key BLOB NOT NULL, col TEXT NOT NULL, kept_origin TEXT NOT NULL, kept_value BLOB,
   other_origin TEXT NOT NULL, other_value BLOB, detected_ms INTEGER NOT NULL,
   PRIMARY KEY(tbl, row_key, col, other_origin)) WITHOUT ROWID;
+-- Rows the app changed while its database waited to be enrolled, before the log
+-- reached them: enrolled as they are once the log is in (DbSync.finishEnrolment).
+CREATE TABLE IF NOT EXISTS _unisync_enrol_touched(tbl TEXT NOT NULL, row_key BLOB NOT NULL, PRIMARY KEY(tbl, row_key)) WITHOUT ROWID;
 -- Why the agent made a change itself (a foreign-key repair): logged with it.
 CREATE TABLE IF NOT EXISTS _unisync_notes(change_id INTEGER PRIMARY KEY, note TEXT NOT NULL);
 -- Parent keys whose references must be checked once every origin's last

@@ -29,7 +29,7 @@ import type { Database, Statement } from "better-sqlite3";
 import { recordAgentChange, silenced } from "../capture/internal.js";
 import type { ForeignKey } from "../capture/schema.js";
 import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture/triggers.js";
-import { encodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
+import { encodeValues, rowIdentity, sameValue, showValue, type SqlValue } from "../log/value.js";
 import type { RowState } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
@@ -147,7 +147,14 @@ export class ReferenceKeeper {
     silenced(this.db, () => {
       for (let round = 0; pending.length > 0 && round < MAX_ROUNDS; round++) {
         const next: Pending[] = [];
-        for (const p of pending) repairs += this.repair(p, next);
+        for (const p of pending) {
+          try {
+            // A savepoint each: a repair that fails leaves nothing half done, and replay goes on.
+            repairs += this.db.transaction(() => this.repair(p, next))();
+          } catch (err) {
+            this.onProblem(`references to ${p.table} ${describeKey([p.column], [p.value])}: ${(err as Error).message}`);
+          }
+        }
         pending = next;
       }
     });
@@ -261,11 +268,21 @@ export class ReferenceKeeper {
     const keyValues = child.shape.key.map((k) => row.get(k) ?? null);
     const changed = new Map(row);
     changed.set(edge.fk.column, value);
-    if (child.shape.hasDeclaredKey && !child.shape.key.includes(edge.fk.column)) child.update(child.shape.key, keyValues, new Map([[edge.fk.column, value]]));
-    else {
-      // The reference is part of what identifies the row: the row changes identity.
+    try {
+      if (child.shape.hasDeclaredKey && !child.shape.key.includes(edge.fk.column)) child.update(child.shape.key, keyValues, new Map([[edge.fk.column, value]]));
+      else {
+        // The reference is part of what identifies the row: the row changes identity.
+        child.delete(child.shape.key, keyValues);
+        child.insert(changed);
+      }
+    } catch (err) {
+      // The row it would become is there already (an association both rows had): this one goes.
+      const code = (err as { code?: string }).code;
+      const there = code === "SQLITE_CONSTRAINT_UNIQUE" || code === "SQLITE_CONSTRAINT_PRIMARYKEY" ? this.rowInTheWay(child, changed) : null;
+      if (!there || child.shape.columns.some((c) => !sameValue(there.get(c) ?? null, changed.get(c) ?? null))) throw err;
       child.delete(child.shape.key, keyValues);
-      child.insert(changed);
+      this.record(child, CHANGE_DELETE, row, null, [], `${note}; the same row is there already`);
+      return;
     }
     const mask = maskFor(child.shape.columns.length, [child.shape.columns.indexOf(edge.fk.column)]);
     this.record(child, CHANGE_UPDATE, changed, mask, keyValues, note);
@@ -273,6 +290,15 @@ export class ReferenceKeeper {
       const p = this.parentOf(edge.fk);
       if (p) next.push({ table: p.access.shape.name, column: p.column, value });
     }
+  }
+
+  /** The row that holds `row`'s key or unique values now, if any. */
+  private rowInTheWay(access: TableAccess, row: Map<string, SqlValue>): Map<string, SqlValue> | null {
+    const key = access.shape.key.map((k) => row.get(k) ?? null);
+    const atKey = access.find(access.shape.key, key);
+    if (atKey) return atKey;
+    const other = access.uniqueClash(row, access.shape.key, key);
+    return other ? access.find(access.shape.key, other) : null;
   }
 
   /** The rows a kept parent points at must exist too. */
