@@ -58,6 +58,11 @@ export interface AgentStatus {
     /** Rows moved by id collisions and set aside by unique clashes (unisync conflicts lists them). */
     moved: number;
     setAside: number;
+    /** Its existing rows wait for the cluster's log to be replayed before they are enrolled. */
+    enrolling: boolean;
+    /** The longest the agent held this database's write lock (ms) since it started, and doing what. */
+    longestWriteLockMs: number;
+    longestWriteLockFor: string;
     cursors: Record<string, number>;
     problems: Record<string, string>;
   }[];
@@ -566,6 +571,9 @@ export class Agent {
         outboxSegments: db.outbox.size().segments,
         parked: db.parkedCount(),
         ...db.conflictCounts(),
+        enrolling: db.enrolling,
+        longestWriteLockMs: Math.round(db.writes.longestMs),
+        longestWriteLockFor: db.writes.longestWhat,
         cursors: Object.fromEntries([...db.cursors()].map(([o, c]) => [o, c.seq])),
         problems: Object.fromEntries([...db.problems].map(([o, p]) => [o, p.message])),
       })),

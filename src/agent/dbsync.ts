@@ -23,6 +23,7 @@ import { declaredRule, ReferenceKeeper } from "../replay/references.js";
 import { RowStateStore } from "../replay/state.js";
 import { TableAccess } from "../replay/table.js";
 import type { ObjectStore } from "../store/store.js";
+import { deadline, WriteTimer } from "../db/writes.js";
 import type { Metrics } from "./metrics.js";
 
 export interface DbSyncOptions {
@@ -76,6 +77,13 @@ export class DbSync {
   private lastDataVersion = -1;
   private readonly tailProblems: TailProblems;
 
+  /** Every write transaction on the app's database, timed: how long the app may have waited for us. */
+  readonly writes: WriteTimer;
+
+  private write<T>(what: string, fn: () => T): T {
+    return this.writes.run(this.db, what, fn);
+  }
+
   /** Per origin: why its stream is stopped (gap, corrupt segment, fork), for status. */
   get problems(): ReadonlyMap<string, TailProblem> {
     return this.tailProblems.byOrigin;
@@ -85,6 +93,12 @@ export class DbSync {
 
   constructor(private readonly o: DbSyncOptions) {
     this.log = o.log.child({ db: o.stream });
+    this.writes = new WriteTimer((ms, what) => {
+      o.metrics.inc("unisync_write_locks_total", 1, { db: o.stream });
+      o.metrics.inc("unisync_write_lock_held_seconds_total", ms / 1000, { db: o.stream });
+      if (ms >= this.writes.longestMs) o.metrics.set("unisync_write_lock_longest_seconds", ms / 1000, { db: o.stream });
+      if (ms > 1000) this.log.warn({ ms: Math.round(ms), what }, "held the database's write lock over a second: the app's writes waited");
+    });
     this.tailProblems = new TailProblems(this.log, "replay");
     this.db = new Database(o.path, { fileMustExist: true, timeout: o.busyTimeoutMs });
     try {
@@ -193,8 +207,7 @@ export class DbSync {
   /** Enrols the existing rows once the log has been replayed (the agent calls it when every origin is caught up). */
   finishEnrolment(): void {
     if (!this.enrolling) return;
-    this.db
-      .transaction(() => {
+    this.write("enrolment", () => {
         // Rows the app changed before the log reached them: enrolled as they are now.
         const touched = this.db.prepare("SELECT tbl, row_key FROM _unisync_enrol_touched").all() as { tbl: string; row_key: Buffer }[];
         for (const t of touched) {
@@ -206,8 +219,7 @@ export class DbSync {
         }
         this.db.prepare("DELETE FROM _unisync_enrol_touched").run();
         setMeta(this.db, "enrol_pending", 0);
-      })
-      .immediate();
+      });
     this.applier.enrolling = false;
     this.lastSchemaVersion = -1;
     this.firstEnrolment = true;
@@ -231,8 +243,7 @@ export class DbSync {
     if (version === this.lastSchemaVersion) return false;
     // The version is read in the transaction that installs the triggers (our own DDL
     // bumps it), so a migration the app runs while the baseline below goes on is noticed.
-    const { defs, installedAt } = this.db
-      .transaction(() => {
+    const { defs, installedAt } = this.write("installing triggers", () => {
         const natural = new Set((this.o.naturalKeyTables ?? []).map((t) => t.toLowerCase()));
         const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
         const defs = installTriggers(this.db, shapes, Date.now());
@@ -242,19 +253,22 @@ export class DbSync {
           this.bag.remap(d.shape.name, d.previousColumns as string[], d.shape.columns, (c) => access.defaultValue(c));
         }
         return { defs, installedAt: schemaVersion(this.db) };
-      })
-      .immediate();
+      });
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
     for (const def of this.enrolling ? [] : defs.filter((d) => d.needsBaseline)) {
+      let logged = 0;
       const n = baselineTable(
         this.db,
         def,
         this.states,
         this.bag,
-        () => this.sealEverything(),
+        () => (this.sealBatch(deadline()), !this.hasPending()),
+        (what, fn) => this.write(what, fn),
         (rows) => {
-          if (rows > 0 && rows % 100000 === 0) this.log.info({ table: def.shape.name, rows }, "recording existing rows");
+          if (rows - logged < 100_000) return;
+          logged = rows;
+          this.log.info({ table: def.shape.name, rows }, "recording existing rows");
         },
         this.firstEnrolment,
       );
@@ -278,7 +292,7 @@ export class DbSync {
   retryParked(reasonPrefix = ""): number {
     if (!reasonPrefix) this.lastParkedRetry = Date.now();
     if (!this.db.prepare("SELECT 1 FROM _unisync_parked WHERE substr(reason, 1, ?) = ? LIMIT 1").get(reasonPrefix.length, reasonPrefix)) return 0;
-    const n = retryParked(this.db, this.applier, decodeSegment, () => this.sealEverything(), reasonPrefix);
+    const n = retryParked(this.db, this.applier, decodeSegment, (fn) => this.write("retrying parked records", () => (this.sealEverything(), fn())), reasonPrefix);
     if (n > 0) this.log.info({ records: n }, "applied parked records");
     return n;
   }
@@ -291,9 +305,9 @@ export class DbSync {
     return changed;
   }
 
-  /** Seals one batch of captured changes into the outbox; returns the records sealed. */
-  private sealBatch(): number {
-    const batch = this.drain.drain(this.o.maxRecords, this.o.maxBytes);
+  /** Seals one batch of captured changes into the outbox (until `until` passes, if given); returns the records sealed. */
+  private sealBatch(until?: { passed(): boolean }): number {
+    const batch = this.drain.drain(this.o.maxRecords, this.o.maxBytes, until);
     if (batch.records.length === 0) {
       if (batch.lastId > 0) this.drain.removeThrough(batch.lastId); // no-op updates only
       return 0;
@@ -329,7 +343,7 @@ export class DbSync {
     this.refreshSchema();
     let total = 0;
     for (let batch = 0; batch < maxBatches; batch++) {
-      const n = this.db.transaction(() => this.sealBatch()).immediate();
+      const n = this.write("sealing", () => this.sealBatch(deadline()));
       if (n === 0 && !this.hasPending()) break;
       total += n;
     }
@@ -381,16 +395,18 @@ export class DbSync {
       const segment = untilHlc === Infinity ? s.segment : { ...s.segment, records: s.segment.records.filter((r) => r.hlc <= untilHlc) };
       if (segment.records.length === 0) break;
       this.refreshSchema();
-      const outcome = this.db
-        .transaction(() => {
+      // One transaction per turn: a long segment takes several, the app writes in between.
+      for (;;) {
+        const outcome = this.write("applying", () => {
           this.sealEverything();
-          const r = this.applier.applySegment(segment, s.key);
+          const r = this.applier.applySegment(segment, s.key, deadline());
           setMeta(this.db, "hlc", this.o.clock.current);
           return r;
-        })
-        .immediate();
-      applied += outcome.applied;
-      this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
+        });
+        applied += outcome.applied;
+        this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
+        if (outcome.done) break;
+      }
       this.o.metrics.inc("unisync_segments_applied_total");
       if (segment.records.length < s.segment.records.length) break;
     }

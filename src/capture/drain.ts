@@ -115,11 +115,12 @@ export class ChangeDrain {
   }
 
   /**
-   * Reads, stamps and folds up to `maxRecords` changes (or about `maxBytes`).
+   * Reads, stamps and folds up to `maxRecords` changes (or about `maxBytes`, or
+   * until `until` passes).
    * Must run inside a write transaction that also seals the records, so the
    * stamps and the merge state commit together with the segment.
    */
-  drain(maxRecords: number, maxBytes: number): DrainedBatch {
+  drain(maxRecords: number, maxBytes: number, until?: { passed(): boolean }): DrainedBatch {
     const records: LogRecord[] = [];
     let lastId = 0;
     let bytes = 0;
@@ -144,7 +145,8 @@ export class ChangeDrain {
           if (this.fold(row, hlc, (r) => records.push(r), oldValues, copy)) records.push({ hlc, row });
           for (const v of change.values) bytes += approxSize(v);
         }
-        full = records.length >= maxRecords || bytes >= maxBytes;
+        // A batch also ends when its time is up, so the app gets its write lock soon.
+        full = records.length >= maxRecords || bytes >= maxBytes || (until?.passed() ?? false);
         if (full) break;
       }
     }

@@ -81,9 +81,11 @@ CREATE TABLE IF NOT EXISTS _unisync_repairs(
 CREATE TABLE IF NOT EXISTS _unisync_outbox(
   seq INTEGER PRIMARY KEY, key TEXT NOT NULL, bytes BLOB NOT NULL, records INTEGER NOT NULL, sealed_ms INTEGER);
 -- Last segment applied from each origin; advanced in the transaction that applies it.
--- open = 1: that segment ended part way through an app transaction (it continues).
+-- open = 1: that segment ended part way through an app transaction (it continues),
+-- or the next one is applied up to record idx (long segments are applied in turns).
 CREATE TABLE IF NOT EXISTS _unisync_cursors(
-  origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER, open INTEGER NOT NULL DEFAULT 0);
+  origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER,
+  open INTEGER NOT NULL DEFAULT 0, idx INTEGER NOT NULL DEFAULT 0);
 -- Records that could not be applied yet (unknown table or column, constraint
 -- failure); retried after every schema change.
 CREATE TABLE IF NOT EXISTS _unisync_parked(
@@ -101,6 +103,7 @@ export function ensureInternalTables(db: Database): void {
   }
   const cursorCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_cursors)").all() as { name: string }[]).map((c) => c.name));
   if (!cursorCols.has("open")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN open INTEGER NOT NULL DEFAULT 0");
+  if (!cursorCols.has("idx")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN idx INTEGER NOT NULL DEFAULT 0");
 }
 
 /**

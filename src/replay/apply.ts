@@ -28,6 +28,8 @@ export interface ApplyOutcome {
   applied: number;
   parked: number;
   skipped: boolean;
+  /** False when the time ran out part way: call again (a new transaction) to go on. */
+  done: boolean;
 }
 
 export interface ParkedRecord {
@@ -96,15 +98,18 @@ export class Applier {
    * Applies one segment. Must be called inside a write transaction (the caller
    * folds pending local captures into the merge state first, in the same one).
    */
-  applySegment(segment: Segment, key: string): ApplyOutcome {
+  applySegment(segment: Segment, key: string, until?: { passed(): boolean }): ApplyOutcome {
     const cur = this.cursor(segment.origin);
-    if (segment.seq <= cur.seq) return { applied: 0, parked: 0, skipped: true };
+    if (segment.seq <= cur.seq) return { applied: 0, parked: 0, skipped: true, done: true };
     if (segment.seq !== cur.seq + 1) throw new Error(`segment ${segment.seq} of "${segment.origin}" is not next (cursor at ${cur.seq})`);
+    if (cur.idx > segment.records.length) throw new Error(`segment ${segment.seq} of "${segment.origin}" has ${segment.records.length} records, ${cur.idx} were applied already`);
     let applied = 0;
     let parked = 0;
-    let lastHlc = 0;
+    let lastHlc = cur.idx > 0 ? cur.lastHlc : 0;
+    let done = true;
     silenced(this.db, () => {
-      segment.records.forEach((rec, idx) => {
+      for (let idx = cur.idx; idx < segment.records.length; idx++) {
+        const rec = segment.records[idx];
         lastHlc = Math.max(lastHlc, rec.hlc);
         const reason = this.applyRecord(segment.origin, rec);
         if (reason === null) applied++;
@@ -112,11 +117,18 @@ export class Applier {
           parked++;
           this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
         }
-      });
+        // A long segment is applied in turns, so the app gets its write lock in between:
+        // the cursor says how far, and the segment counts as part way through a transaction.
+        if (until && idx + 1 < segment.records.length && idx % 32 === 31 && until.passed()) {
+          this.cursorStore.setPartial(segment.origin, idx + 1, lastHlc);
+          done = false;
+          return;
+        }
+      }
       this.cursorStore.set(segment.origin, segment.seq, key, lastHlc, segment.continues);
       this.checkReferences();
     });
-    return { applied, parked, skipped: false };
+    return { applied, parked, skipped: false, done };
   }
 
   /**
@@ -312,18 +324,17 @@ export class Applier {
 }
 
 /**
- * Retries parked records; returns how many applied now. `first` runs at the
- * start of each transaction (the caller folds pending local captures there).
+ * Retries parked records; returns how many applied now. `turn` runs each in
+ * its own write transaction (the caller folds pending local captures first).
  */
-export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, first: () => void, reasonPrefix = ""): number {
+export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, turn: (fn: () => void) => void, reasonPrefix = ""): number {
   const rows = db
     .prepare("SELECT id, origin, record FROM _unisync_parked WHERE substr(reason, 1, ?) = ? ORDER BY id")
     .all(reasonPrefix.length, reasonPrefix) as { id: number; origin: string; record: Buffer }[];
   let done = 0;
   for (const r of rows) {
     const rec = decode(r.record).records[0];
-    const run = db.transaction(() => {
-      first();
+    turn(() =>
       silenced(db, () => {
         const reason = rec ? applier.applyRecord(r.origin, rec) : null;
         if (reason === null) {
@@ -331,9 +342,8 @@ export function retryParked(db: Database, applier: Applier, decode: (bytes: Buff
           applier.checkReferences();
           done++;
         } else db.prepare("UPDATE _unisync_parked SET reason = ? WHERE id = ?").run(reason, r.id);
-      });
-    });
-    run.immediate();
+      }),
+    );
   }
   return done;
 }
