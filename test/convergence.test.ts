@@ -85,6 +85,7 @@ async function run(seed: number, steps: number) {
       pre.close();
       // As the agent does: n4 replays the log before it enrols its own rows.
       nodes.push(open("n4", false, { enrolAfterCatchUp: true }));
+      nodes[3].sync.continueLog(0);
       names.push("n4");
       trace("n4 joins from a copy of", late.from.name, "taken at step", copyAt, late.diverged ? "(diverged)" : "");
     }

@@ -45,6 +45,7 @@ function setup(fill: (db: Database.Database) => void) {
     before?.(app);
     // As the agent does: the log is replayed into a new database before its rows are enrolled.
     const node = { name, path, app, sync: openSync(path, name, store, undefined, { enrolAfterCatchUp: true, ...extra }) };
+    node.sync.continueLog(0); // a new node name: no log of its own yet
     nodes.set(name, node);
     return node;
   };

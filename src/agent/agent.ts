@@ -4,10 +4,12 @@
  * pull (apply other origins). The store being down never stops capture: sealed
  * segments wait in each database's outbox until it is back.
  */
-import { mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
+import Database from "better-sqlite3";
+import { forgetUnisync, getMeta } from "../capture/internal.js";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
-import { listOrigins } from "../log/keys.js";
+import { decodeName, encodeName, listOrigins, logHead } from "../log/keys.js";
 import { LogForkError, type Outbox } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
@@ -34,6 +36,9 @@ import {
   writeRejoinNote,
   type RejoinStatus,
 } from "../snapshot/rejoin.js";
+
+/** Spools of replaced database files' last segments, in the state folder: replaced-<stream>-<ms>/ (Agent.retire). */
+const SPOOL = "replaced-";
 
 /** Segments one database may seal per capture tick (the app's writes get the lock in between). */
 const SEAL_TURN = 2;
@@ -85,6 +90,8 @@ export interface AgentStatus {
   rejoin?: RejoinStatus;
   /** Databases not synced, with why. */
   notSynced: Record<string, string>;
+  /** Database files replaced under the running agent (and re-enrolled), with when and why. */
+  replaced: { stream: string; at: string; why: string }[];
 }
 
 /** What nodes/<node>.json holds. */
@@ -129,7 +136,8 @@ export class Agent {
       store,
       log,
       intervalMs: config.snapshotIntervalMs,
-      sources: () => ({ dbs: [...this.dbs.values()], files: this.files }),
+      // A database whose own rows are not enrolled yet holds rows the log does not have: not in a snapshot.
+      sources: () => ({ dbs: [...this.dbs.values()].filter((d) => !d.enrolling && !d.logUnknown), files: this.files }),
       stopping: () => this.halted(),
     });
   }
@@ -146,6 +154,7 @@ export class Agent {
         })
       : null;
     this.rescanDatabases();
+    await this.placeLogs().catch((err) => this.storeFailed(err, "looking up this node's log"));
     if (this.config.syncFiles) this.files = this.openFolder();
     if (placed) {
       await finishBootstrap(boot, { dbs: [...this.dbs.values()], files: this.files }).catch((err: Error) =>
@@ -321,6 +330,7 @@ export class Agent {
       // Reopen what was replaced, then the bootstrap replay, as at start.
       this.rescanDatabases();
       const reopened = [...this.dbs.values()].filter((d) => affected.includes(d.stream));
+      await this.placeLogs();
       if (folder) this.files = this.openFolder();
       const boot: BootstrapSettings = { ...this.config, store: this.store, log: this.log };
       await finishBootstrap(boot, { dbs: reopened, files: folder ? this.files : null }).catch((err: Error) =>
@@ -351,6 +361,72 @@ export class Agent {
     }
   }
 
+  /**
+   * The file at a database's path is not the one the agent has open (an
+   * operator moved a restored backup into place, or removed it). Nothing more is
+   * applied to or captured from the old file; what it had captured still goes up
+   * (the log goes on from there), then it is closed. The new file is opened at
+   * the next rescan as a database new to this node: it replays the log (this
+   * node's own included) before its rows are enrolled, so a restored backup never
+   * drags the cluster back and gets everything logged since it was taken. If it
+   * is a backup of this node's own file, unisync's old state in it (behind the
+   * log) is dropped first.
+   */
+  private async retire(db: DbSync, why: string): Promise<void> {
+    const stream = db.stream;
+    this.dbs.delete(stream);
+    this.storeChecked.delete(stream);
+    this.replacements.push({ stream, atMs: Date.now(), why });
+    this.log.warn({ db: stream, why }, "the database file is not the one unisync had open: it stops syncing the old one and enrols the new one as a copy (its rows never override newer logged changes)");
+    // What the old file captured goes up (its log goes on in the new file), from a
+    // spool: the old connection is closed at once, so that its -wal and -shm are
+    // gone before the app opens the new file.
+    const spool = join(stateDir(this.config.instanceDir), `${SPOOL}${encodeName(stream)}-${Date.now()}`);
+    try {
+      db.sealPending();
+      mkdirSync(spool, { recursive: true });
+      for (const e of db.outbox.oldest(Number.MAX_SAFE_INTEGER)) writeFileSync(join(spool, encodeURIComponent(e.key)), e.bytes);
+    } catch (err) {
+      this.log.error({ db: stream, err: (err as Error).message }, "could not keep the old file's last changes");
+    }
+    db.close();
+    if (!existsSync(db.db.name)) return;
+    const copy = new Database(db.db.name, { fileMustExist: true, timeout: this.config.busyTimeoutMs });
+    try {
+      const owner = copy.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_meta'").get() ? getMeta(copy, "node") : undefined;
+      if (owner === this.config.node) {
+        const n = forgetUnisync(copy);
+        this.log.warn({ db: stream, objects: n }, "the new file is an older copy of this node's own: dropped unisync's state in it (the log is ahead of it)");
+      }
+    } finally {
+      copy.close();
+    }
+    await this.uploadSpools().catch((err) => this.storeFailed(err, "uploading what a replaced file held"));
+  }
+
+  /** Streams whose replaced file's last segments wait in a spool (.unisync/replaced-*): not reopened before they are up. */
+  private spooledStreams(): Set<string> {
+    const dir = stateDir(this.config.instanceDir);
+    if (!existsSync(dir)) return new Set();
+    return new Set(readdirSync(dir).filter((n) => n.startsWith(SPOOL)).map((n) => decodeName(n.slice(SPOOL.length).replace(/-\d+$/, ""))));
+  }
+
+  /** Uploads the spooled segments of replaced files (idempotent puts: fixed keys and bytes), then drops the spool. */
+  private async uploadSpools(): Promise<void> {
+    const dir = stateDir(this.config.instanceDir);
+    for (const name of existsSync(dir) ? readdirSync(dir).filter((n) => n.startsWith(SPOOL)) : []) {
+      const spool = join(dir, name);
+      for (const f of readdirSync(spool)) {
+        await this.store.put(decodeURIComponent(f), readFileSync(join(spool, f)));
+        rmSync(join(spool, f));
+      }
+      rmSync(spool, { recursive: true, force: true });
+    }
+  }
+
+  /** Every file replacement seen in this run (status). */
+  private readonly replacements: { stream: string; atMs: number; why: string }[] = [];
+
   /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
   private async dropForked(s: DbSync | FolderSync, err: LogForkError): Promise<void> {
     if (s instanceof FolderSync) {
@@ -370,8 +446,9 @@ export class Agent {
   rescanDatabases(): void {
     const open = new Set([...this.dbs.values()].map((d) => d.db.name));
     const found = findDatabases(this.config.instanceDir, this.config.databases, false, open);
+    const spooled = this.spooledStreams();
     for (const { path, stream } of found.synced) {
-      if (this.dbs.has(stream) || this.failed.has(stream)) continue;
+      if (this.dbs.has(stream) || this.failed.has(stream) || spooled.has(stream)) continue;
       let db: DbSync | undefined;
       try {
         db = openDbSync({ ...this.config, store: this.store, log: this.log, enrolAfterCatchUp: true }, path, stream, this.clock, this.metrics);
@@ -410,6 +487,15 @@ export class Agent {
     this.origins = (await listOrigins(this.store)).filter((o) => o !== this.config.node);
     this.originsListed = true;
     this.storeOk();
+  }
+
+  /**
+   * A database new to this node: its log goes on after whatever this node's log
+   * already holds for it (a restored or replaced file), learnt from the store
+   * before anything is sealed (DbSync.continueLog).
+   */
+  private async placeLogs(): Promise<void> {
+    for (const db of this.dbs.values()) if (db.logUnknown) db.continueLog(await logHead(this.store, this.config.node, db.stream));
   }
 
   /** Whether the store's origins were listed at least once (a new database enrols only after replaying them all). */
@@ -469,6 +555,10 @@ export class Agent {
           }
         }
       }
+      await this.uploadSpools().catch((err) => {
+        failed = true;
+        this.storeFailed(err, "uploading what a replaced file held");
+      });
       backoff = failed ? Math.min(Math.max(backoff * 2, 250), 10000) : 0;
       if (more && !failed) continue;
       await new Promise<void>((resolve) => {
@@ -495,14 +585,16 @@ export class Agent {
         }
         const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
         if (this.files) streams.push(this.files);
+        await this.placeLogs();
         for (const s of streams) {
-          for (const origin of this.origins) {
+          const origins = s instanceof DbSync && s.ownThrough > (s.cursors().get(this.config.node)?.seq ?? 0) ? [this.config.node, ...this.origins] : this.origins;
+          for (const origin of origins) {
             if (this.halted()) break;
             applied += await s.pull(origin);
             this.storeOk(); // judged only from calls really made (pull lists the store)
           }
           // A new database enrols its own rows once the cluster's log is in it.
-          if (s instanceof DbSync && s.enrolling && this.originsListed && !this.halted() && s.caughtUp(this.origins)) {
+          if (s instanceof DbSync && s.enrolling && this.originsListed && !this.halted() && s.caughtUp(origins)) {
             s.finishEnrolment();
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
           }
@@ -523,6 +615,10 @@ export class Agent {
     while (!this.halted()) {
       await sleep(Math.min(this.config.rescanMs, 1000));
       if (this.halted()) break;
+      for (const db of [...this.dbs.values()]) {
+        const why = db.fileReplaced();
+        if (why) await this.retire(db, why);
+      }
       this.rescanDatabases();
       this.updateGauges();
       if (this.rejoinWanted()) {
@@ -581,6 +677,7 @@ export class Agent {
       storeError: this.storeError,
       rejoin: this.rejoinStatus,
       notSynced: Object.fromEntries(this.failed),
+      replaced: this.replacements.map((r) => ({ stream: r.stream, at: new Date(r.atMs).toISOString(), why: r.why })),
     };
   }
 

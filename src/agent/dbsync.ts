@@ -3,6 +3,7 @@
  * sealing local changes into the outbox, uploading, and applying other origins'
  * segments. Each database has its own stream and its own cursors.
  */
+import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable } from "../capture/baseline.js";
@@ -92,6 +93,8 @@ export class DbSync {
   private readonly log: Logger;
 
   constructor(private readonly o: DbSyncOptions) {
+    const st = statSync(o.path);
+    this.identity = `${st.dev}:${st.ino}`;
     this.log = o.log.child({ db: o.stream });
     this.writes = new WriteTimer((ms, what) => {
       o.metrics.inc("unisync_write_locks_total", 1, { db: o.stream });
@@ -188,9 +191,60 @@ export class DbSync {
     this.db.pragma("foreign_keys = OFF");
     this.db.pragma("recursive_triggers = OFF");
     ensureInternalTables(this.db);
-    // A copy of one database merges into the cluster's rows by id only if the log
-    // is replayed into it first; independent databases keep their rows apart instead.
-    if (claimForNode(this.db, o.path, o.node) && o.enrolAfterCatchUp && !o.independentDatabases) setMeta(this.db, "enrol_pending", 1);
+    if (claimForNode(this.db, o.path, o.node) && o.enrolAfterCatchUp) {
+      // A copy of one database merges into the cluster's rows by id only if the log
+      // is replayed into it first; independent databases keep their rows apart instead.
+      if (!o.independentDatabases) setMeta(this.db, "enrol_pending", 1);
+      // This node may have a log for this stream already (the file was restored or
+      // replaced): nothing is sealed until we know where it goes on (continueLog).
+      setMeta(this.db, "log_unknown", 1);
+    }
+  }
+
+  /** (device, inode) of the file when it was opened: a file moved into its place is another file. */
+  private readonly identity: string;
+
+  /**
+   * Why this connection no longer reads the file at the database's path (an
+   * operator moved a restored backup into place, or deleted it), or null.
+   * By path (stat, no descriptor), so it never touches the app's locks.
+   */
+  fileReplaced(): string | null {
+    try {
+      const st = statSync(this.o.path);
+      return `${st.dev}:${st.ino}` === this.identity ? null : "another file was moved into its place";
+    } catch (err) {
+      return (err as NodeJS.ErrnoException).code === "ENOENT" ? "the file was removed" : null;
+    }
+  }
+
+  /** True until continueLog: a database enrolled for the first time does not seal yet. */
+  get logUnknown(): boolean {
+    return Number(getMeta(this.db, "log_unknown") ?? 0) === 1;
+  }
+
+  /**
+   * A new file under this node's name: its log goes on after `head`, the last
+   * segment the store holds of this node and stream (a restored or replaced
+   * file), and those segments are this node's own history, replayed into it
+   * like any other origin's (ownThrough) before its rows are enrolled.
+   */
+  continueLog(head: number): void {
+    this.write("continuing the log", () => {
+      if (head > 0) {
+        setMeta(this.db, "next_seq", Math.max(this.outbox.nextSeq(), head + 1));
+        setMeta(this.db, "own_through", head);
+      }
+      setMeta(this.db, "log_unknown", 0);
+    });
+    this.lastSchemaVersion = -1; // the enrolment waited for this
+    this.refreshSchema();
+    if (head > 0) this.log.warn({ head }, "this node's log already holds this database: replaying its own segments into the file, then continuing after them");
+  }
+
+  /** This node's own segments to replay into the file (a restored or replaced file), or 0. */
+  get ownThrough(): number {
+    return Number(getMeta(this.db, "own_through") ?? 0);
   }
 
   /**
@@ -256,7 +310,8 @@ export class DbSync {
       });
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
-    for (const def of this.enrolling ? [] : defs.filter((d) => d.needsBaseline)) {
+    // Rows are enrolled once the log is replayed in (enrolling) and its own place is known.
+    for (const def of this.enrolling || this.logUnknown ? [] : defs.filter((d) => d.needsBaseline)) {
       let logged = 0;
       const n = baselineTable(
         this.db,
@@ -290,6 +345,7 @@ export class DbSync {
    * clock reached, referenced row arrived); `reasonPrefix` limits it to one kind.
    */
   retryParked(reasonPrefix = ""): number {
+    if (this.logUnknown) return 0;
     if (!reasonPrefix) this.lastParkedRetry = Date.now();
     if (!this.db.prepare("SELECT 1 FROM _unisync_parked WHERE substr(reason, 1, ?) = ? LIMIT 1").get(reasonPrefix.length, reasonPrefix)) return 0;
     const n = retryParked(this.db, this.applier, decodeSegment, (fn) => this.write("retrying parked records", () => (this.sealEverything(), fn())), reasonPrefix);
@@ -331,6 +387,7 @@ export class DbSync {
    * remote records with this node's newest writes, not with stale clocks.
    */
   private sealEverything(): void {
+    if (this.logUnknown) return;
     while (this.sealBatch() > 0 || this.hasPending());
   }
 
@@ -341,6 +398,7 @@ export class DbSync {
    */
   sealPending(maxBatches = Infinity): number {
     this.refreshSchema();
+    if (this.logUnknown) return 0;
     let total = 0;
     for (let batch = 0; batch < maxBatches; batch++) {
       const n = this.write("sealing", () => this.sealBatch(deadline()));
@@ -384,6 +442,8 @@ export class DbSync {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
     this.readToEnd.set(origin, false);
+    // Applying seals pending changes first: not before the log's place is known.
+    if (this.logUnknown) return 0;
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
     if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
     const cursor = this.applier.cursor(origin);

@@ -171,6 +171,19 @@ export function statementCache(db: Database): (sql: string) => Statement {
   };
 }
 
+/**
+ * Removes everything unisync keeps in a database (its `_unisync_*` tables and
+ * triggers), leaving the app's tables as they are: the file is then a plain
+ * copy, enrolled afresh by the next agent that meets it.
+ */
+export function forgetUnisync(db: Database): number {
+  const ours = db.prepare("SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'table') AND name LIKE '\\_unisync\\_%' ESCAPE '\\' ORDER BY type = 'table'").all() as { type: string; name: string }[];
+  db.transaction(() => {
+    for (const o of ours) db.exec(`DROP ${o.type.toUpperCase()} IF EXISTS "${o.name.replace(/"/g, '""')}"`);
+  }).immediate();
+  return ours.length;
+}
+
 /** A state file enrolled under another node name than this agent's. */
 export class NodeIdentityError extends Error {}
 

@@ -3,7 +3,7 @@
  * writers race for a key, and the zero-padded seq makes the listing sorted.
  *   log/<origin>/<stream>/<seq:20>-<sha256>.seg
  */
-import { listFolders, type ObjectStore } from "../store/store.js";
+import { listAll, listFolders, type ObjectStore } from "../store/store.js";
 
 const SEQ_DIGITS = 20;
 
@@ -52,4 +52,11 @@ export async function listOrigins(store: ObjectStore): Promise<string[]> {
 /** Every stream one origin has written (its folders under log/<origin>/). */
 export async function listStreams(store: ObjectStore, origin: string): Promise<string[]> {
   return (await listFolders(store, `log/${encodeName(origin)}/`)).map(decodeName);
+}
+
+/** The highest seq `origin` has in the store for `stream` (0: none). */
+export async function logHead(store: ObjectStore, origin: string, stream: string): Promise<number> {
+  let head = 0;
+  for await (const o of listAll(store, streamPrefix(origin, stream))) head = Math.max(head, parseSegmentKey(o.key)?.seq ?? 0);
+  return head;
 }
