@@ -26,6 +26,14 @@ Lists what the merge rules resolved in each synced database of this node:
              row created first stays; the other is kept here with all its values,
              out of the table, on every node alike. It comes back by itself when
              the clash ends (the kept row changes those values or is deleted).
+  kept/fixed foreign keys the merge repaired: a row written on one node while
+             another deleted the row it refers to keeps that row alive (or, for
+             tables in declaredOnDelete, follows the declared ON DELETE action);
+             a row referring to a row set aside now refers to the row that kept
+             its values.
+  enrolled   columns that two nodes held differently under one key before
+             unisync met their databases (copies edited apart): the value of the
+             node that enrolled first is kept; both are shown.
   parked     records that cannot apply yet (a table or column this node lacks,
              a row they point at not yet arrived, a clock too far ahead).
   --json    machine-readable output`;
@@ -50,10 +58,29 @@ export interface SetAsideReport {
   detectedAt: string;
 }
 
+export interface RepairReport {
+  table: string;
+  key: string[];
+  action: string;
+  child: string;
+  childKey: string[];
+  at: string;
+}
+
+export interface EnrolmentDifferenceReport {
+  table: string;
+  key: string[];
+  column: string;
+  kept: { node: string; value: string };
+  other: { node: string; value: string };
+}
+
 export interface ConflictReport {
   stream: string;
   moved: MoveReport[];
   setAside: SetAsideReport[];
+  repaired: RepairReport[];
+  enrolmentDifferences: EnrolmentDifferenceReport[];
   parked: number;
 }
 
@@ -117,8 +144,35 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
         };
       })
     : [];
+  const repaired = has("_unisync_repairs")
+    ? (
+        db.prepare("SELECT tbl, row_key, action, child_tbl, child_key, detected_ms FROM _unisync_repairs ORDER BY id DESC LIMIT ?").all(limit) as {
+          tbl: string; row_key: Buffer; action: string; child_tbl: string; child_key: Buffer; detected_ms: number | bigint;
+        }[]
+      ).map((r) => ({
+        table: r.tbl,
+        key: decodeValues(r.row_key).map(showValue),
+        action: r.action,
+        child: r.child_tbl,
+        childKey: decodeValues(r.child_key).map(showValue),
+        at: new Date(Number(r.detected_ms)).toISOString(),
+      }))
+    : [];
+  const enrolmentDifferences = has("_unisync_enrol_diffs")
+    ? (
+        db.prepare("SELECT tbl, row_key, col, kept_origin, kept_value, other_origin, other_value FROM _unisync_enrol_diffs ORDER BY tbl, row_key, col LIMIT ?").all(limit) as {
+          tbl: string; row_key: Buffer; col: string; kept_origin: string; kept_value: Buffer; other_origin: string; other_value: Buffer;
+        }[]
+      ).map((d) => ({
+        table: d.tbl,
+        key: decodeValues(d.row_key).map(showValue),
+        column: d.col,
+        kept: { node: d.kept_origin, value: showValue(decodeValues(d.kept_value)[0]) },
+        other: { node: d.other_origin, value: showValue(decodeValues(d.other_value)[0]) },
+      }))
+    : [];
   const parked = Number((db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number | bigint }).n);
-  return { stream, moved, setAside, parked };
+  return { stream, moved, setAside, repaired, enrolmentDifferences, parked };
 }
 
 export async function conflictsCommand(args: string[], parse: Parse): Promise<void> {
@@ -140,13 +194,25 @@ export async function conflictsCommand(args: string[], parse: Parse): Promise<vo
   if (values.json) return console.log(JSON.stringify({ instanceDir: config.instanceDir, databases: reports }, null, 2));
   if (reports.length === 0) return console.log("no enrolled database here yet (start the agent)");
   for (const r of reports) {
-    console.log(`database ${r.stream}: ${r.moved.length} moved, ${r.setAside.length} set aside, ${r.parked} parked`);
+    console.log(
+      `database ${r.stream}: ${r.moved.length} moved, ${r.setAside.length} set aside, ${r.repaired.length} foreign key(s) repaired, ` +
+        `${r.enrolmentDifferences.length} enrolment difference(s), ${r.parked} parked`,
+    );
     for (const m of r.moved) {
       console.log(`  moved     ${m.table} ${m.from} -> ${m.to}  (created by ${m.createdBy}${m.createdAt ? ` at ${m.createdAt}` : ""}; id ${m.from} kept by ${m.keptBy})`);
     }
     for (const s of r.setAside) {
       const vals = Object.entries(s.values).map(([k, v]) => `${k}=${v}`).join(", ");
       console.log(`  set aside ${s.table} (${s.key.join(", ")}) clashes with kept row (${s.keptKey.join(", ")}): ${vals}`);
+    }
+    for (const f of r.repaired) {
+      const what = f.action === "kept parent" ? `kept ${f.table} (${f.key.join(", ")}), deleted while ${f.child} (${f.childKey.join(", ")}) was written referring to it`
+        : f.action === "moved to kept row" ? `${f.child} (${f.childKey.join(", ")}) now refers to the ${f.table} row that kept the unique values of (${f.key.join(", ")}), set aside`
+        : `${f.child} (${f.childKey.join(", ")}): ${f.action}, as ${f.table} (${f.key.join(", ")}) was deleted`;
+      console.log(`  repaired  ${what}  [${f.at}]`);
+    }
+    for (const d of r.enrolmentDifferences) {
+      console.log(`  enrolled  ${d.table} (${d.key.join(", ")}).${d.column}: kept ${d.kept.value} (${d.kept.node}); ${d.other.node} had ${d.other.value}`);
     }
     if (r.parked) console.log(`  parked    ${r.parked} record(s): see \`unisync status\` for why`);
   }

@@ -37,6 +37,8 @@ export interface AuditEntry {
   path?: string;
   size?: number;
   sha256?: string;
+  /** Why the agent made this change itself (a foreign-key repair). */
+  note?: string;
 }
 
 function keyMatches(filter: string, key: Record<string, string>): boolean {
@@ -65,8 +67,9 @@ function toEntry(origin: string, stream: string, seq: number, r: LogRecord): Aud
   const key = keyOf(row);
   const shown = row.op === OP_INSERT || row.op === OP_DELETE ? row.columns.map((_, i) => i) : row.changed;
   const values = Object.fromEntries(shown.map((i) => [row.columns[i], showValue(row.values[i])]));
-  const op = row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : "update";
-  return { ...base, op, table: row.table, key, values };
+  // "enrol": a row that was there before unisync (values of unknown time, older than every logged change).
+  const op = row.enrolment ? "enrol" : row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : row.note && row.changed.length === 0 ? "keep" : "update";
+  return { ...base, op, table: row.table, key, values, note: row.note };
 }
 
 /** Every change matching `filter`, in log order per origin and stream. */
@@ -111,16 +114,25 @@ export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenera
  * and --path, which select one row or file.
  */
 export function withOldValues(entries: AuditEntry[]): AuditEntry[] {
-  const sorted = [...entries].sort((a, b) => a.hlc - b.hlc || (a.origin < b.origin ? -1 : a.origin > b.origin ? 1 : 0));
+  // Enrolled values rank below every logged change, and the earliest enrolment
+  // above later ones (merge.ts): so they come first, the earliest last.
+  const order = (a: AuditEntry, b: AuditEntry): number => {
+    const ea = a.op === "enrol";
+    const eb = b.op === "enrol";
+    if (ea !== eb) return ea ? -1 : 1;
+    const byClock = ea ? b.hlc - a.hlc : a.hlc - b.hlc;
+    return byClock || (a.origin < b.origin ? -1 : a.origin > b.origin ? 1 : 0);
+  };
+  const sorted = [...entries].sort(order);
   const current = new Map<string, Record<string, string>>();
   return sorted.map((e) => {
     const id = e.path !== undefined ? `file ${e.path}` : `${e.stream} ${e.table} ${JSON.stringify(e.key)}`;
     const now = current.get(id) ?? {};
     const written = e.path !== undefined ? { sha256: e.sha256 ?? "", size: String(e.size ?? "") } : (e.values ?? {});
     const old: Record<string, string> = {};
-    const replaced = e.op === "delete" ? Object.keys(now) : e.op === "insert" ? [] : Object.keys(written);
+    const replaced = e.op === "delete" ? Object.keys(now) : e.op === "insert" ? [] : e.op === "keep" ? [] : Object.keys(written);
     for (const c of replaced) if (c in now) old[c] = now[c];
-    current.set(id, e.op === "delete" ? {} : e.op === "insert" ? { ...written } : { ...now, ...written });
+    current.set(id, e.op === "delete" ? {} : e.op === "insert" ? { ...written } : e.op === "keep" ? { ...written, ...now } : { ...now, ...written });
     return Object.keys(old).length ? { ...e, old } : e;
   });
 }
@@ -133,5 +145,5 @@ export function formatEntry(e: AuditEntry): string {
     e.op === "delete" && e.old
       ? Object.entries(e.old).map(([k, v]) => `${k}=${v}`).join(" ")
       : Object.entries(e.values ?? {}).map(([k, v]) => (e.old && k in e.old ? `${k}: ${e.old[k]} -> ${v}` : `${k}=${v}`)).join(" ");
-  return `${who} ${e.stream}:${e.table}[${key}]  ${values}`;
+  return `${who} ${e.stream}:${e.table}[${key}]  ${e.op === "keep" ? "" : values}${e.note ? `  (${e.note})` : ""}`;
 }

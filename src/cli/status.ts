@@ -8,6 +8,7 @@ import { listExcluded } from "../capture/folder.js";
 import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
+import { readEnrolments, type EnrolmentSummary } from "../replay/enrolments.js";
 import { conflictCounts } from "./conflicts.js";
 import { BadInputError } from "./usage.js";
 
@@ -26,6 +27,10 @@ interface DbReport {
   /** Rows moved by id collisions and set aside by unique clashes (details: unisync conflicts). */
   moved?: number;
   setAside?: number;
+  /** Its own rows wait for the cluster's log to be replayed into it before they are enrolled. */
+  enrolling?: boolean;
+  /** Which node enrolled rows (there before unisync) when, how many, and what they did here. */
+  enrolments?: EnrolmentSummary[];
 }
 
 async function countAfter(store: ObjectStore, origin: string, stream: string, seq: number): Promise<number> {
@@ -47,6 +52,24 @@ function startedAgain(instanceDir: string): { atMs: number; reason: string; stre
     }
   }
   return out;
+}
+
+/**
+ * One line per node that enrolled rows (there before unisync), over every table:
+ * when, how many rows, and what they did here (rows the cluster lacked, rows it
+ * had the same, rows that differed from another copy, rows older than the log).
+ */
+export function summarizeEnrolments(enrolments: EnrolmentSummary[]): string[] {
+  const byOrigin = new Map<string, EnrolmentSummary[]>();
+  for (const e of enrolments) byOrigin.set(e.origin, [...(byOrigin.get(e.origin) ?? []), e]);
+  return [...byOrigin].map(([origin, es]) => {
+    const sum = (k: "rows" | "added" | "same" | "differed" | "older") => es.reduce((t, e) => t + e[k], 0);
+    const from = es.map((e) => e.from).sort()[0];
+    const parts = [`${sum("added")} new to the cluster`, `${sum("same")} the cluster had the same`];
+    if (sum("differed")) parts.push(`${sum("differed")} differed from another copy (unisync conflicts lists them)`);
+    if (sum("older")) parts.push(`${sum("older")} older than the log (the logged values were kept)`);
+    return `enrolled by ${origin} at ${from}: ${sum("rows")} row(s) that were there before unisync — ${parts.join(", ")}`;
+  });
 }
 
 export async function statusCommand(args: string[], parse: Parse, help: string): Promise<void> {
@@ -93,6 +116,8 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
         parked: db.prepare("SELECT origin, seq, tbl AS 'table', reason FROM _unisync_parked ORDER BY id LIMIT 50").all() as DbReport["parked"],
         origins: originReports,
         ...conflictCounts(db),
+        enrolling: Number(one<{ v: number } | undefined>("SELECT v FROM _unisync_meta WHERE k = 'enrol_pending'")?.v ?? 0) === 1,
+        enrolments: readEnrolments(db),
       });
     } finally {
       db.close();
@@ -107,6 +132,8 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     console.log(`\ndatabase ${r.stream}${r.enrolled ? ` (node ${r.node})` : " — not enrolled yet (start the agent)"}`);
     if (!r.enrolled) continue;
     console.log(`  segments written: ${r.segmentsWritten}   pending changes: ${r.pendingChanges}   outbox (sealed, not uploaded): ${r.outboxSegments}`);
+    if (r.enrolling) console.log("  enrolling: the cluster's log is replayed into this database first; its own rows are enrolled once that is done");
+    for (const e of summarizeEnrolments(r.enrolments ?? [])) console.log(`  ${e}`);
     for (const o of r.origins ?? []) {
       const lag = o.waitingInStore === undefined ? "" : o.waitingInStore === 0 ? "  up to date" : `  ${o.waitingInStore} segment(s) waiting`;
       console.log(`  from ${o.origin}: applied through seq ${o.appliedSeq}${o.appliedAt ? ` at ${o.appliedAt}` : ""}${lag}`);
