@@ -5,7 +5,7 @@
  * rows spread); copies of one database edited apart merge into one row per id,
  * with the differences listed; independentDatabases keeps both.
  */
-import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import Database from "better-sqlite3";
@@ -226,5 +226,37 @@ describe("enrolment", () => {
     expect(c.rows(d, "SELECT label, d FROM tag ORDER BY label")).toEqual([{ label: "new", d: 123n }, { label: "old", d: 123n }]);
     expect(c.converged()).toEqual([]);
     c.close();
+  });
+});
+
+describe("unisync forget", () => {
+  it("enrols a file copied from another node afresh, and refuses to lose this node's unsent changes", async () => {
+    const { runCli } = await import("./helpers/cluster.js");
+    const { NodeIdentityError } = await import("../src/agent/dbsync.js");
+    const dir = join(root, `forget-${++n}`);
+    mkdirSync(dir, { recursive: true });
+    const path = join(dir, "app.db");
+    const app = appConnection(path);
+    app.exec(SCHEMA);
+    app.close();
+    const store = new FileStore(join(root, `forget-store-${n}`));
+    openSync(path, "other", store).close(); // enrolled by another node (a copy of its file)
+    expect(() => openSync(path, "me", store)).toThrow(NodeIdentityError);
+    mkdirSync(join(dir, ".unisync"));
+    writeFileSync(join(dir, ".unisync", "config.jsonc"), JSON.stringify({ node: "me", store: "file:///unused" }));
+    const ok = await runCli(["forget", dir, "--db", "app.db"]);
+    expect(ok.code, ok.stderr).toBe(0);
+    expect(ok.stdout).toContain("enrolled by other");
+    const mine = openSync(path, "me", store);
+    const w = appConnection(path);
+    w.exec("INSERT INTO kv VALUES ('unsent', 1)");
+    w.close();
+    mine.sealPending();
+    mine.close();
+    const refused = await runCli(["forget", dir, "--db", "app.db"]);
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toContain("not in the store yet");
+    const bad = await runCli(["forget", dir, "--db", "../elsewhere.db"]);
+    expect(bad.code).toBe(2);
   });
 });

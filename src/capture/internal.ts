@@ -201,6 +201,7 @@ export function claimForNode(db: Database, path: string, node: string): boolean 
   if (enrolledAs === node) return false;
   throw new NodeIdentityError(
     `${path} belongs to node "${String(enrolledAs)}" but this agent runs as "${node}". ` +
-      `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, remove its _unisync_* tables first.`,
+      `Run with --node ${String(enrolledAs)}, or, if this file was copied from another node, stop the agent and run ` +
+      `"unisync forget INSTANCE_DIR --db FILE" to enrol it afresh as a copy (the cluster's log is replayed into it first).`,
   );
 }

@@ -19,6 +19,7 @@ import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./repl
 import { BadInputError } from "./usage.js";
 import { conflictsCommand, CONFLICTS_HELP } from "./conflicts.js";
 import { gcCommand, GC_HELP } from "./gc.js";
+import { forgetCommand, FORGET_HELP } from "./forget.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -36,6 +37,7 @@ Commands:
   replay --at TIME --into DIR   rebuild databases and folder as they were at TIME into DIR
   restore INSTANCE_DIR --at TIME  put this node (and, through it, the cluster) back to TIME
   gc [INSTANCE_DIR] [--apply]   retention: what snapshots, segments and blobs can go (dry run unless --apply)
+  forget INSTANCE_DIR --db FILE remove unisync's tables from a database (a copy from another node) to enrol it afresh
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -81,6 +83,7 @@ HELP.conflicts = CONFLICTS_HELP;
 HELP.replay = REPLAY_HELP;
 HELP.restore = RESTORE_HELP;
 HELP.gc = GC_HELP;
+HELP.forget = FORGET_HELP;
 
 HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
 
@@ -259,6 +262,7 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
     else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));
     else if (command === "gc") return await gcCommand(rest, (a, o) => parse("gc", a, o));
+    else if (command === "forget") await forgetCommand(rest, (a, o) => parse("forget", a, o));
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {
