@@ -194,7 +194,9 @@ export class DbSync {
     if (claimForNode(this.db, o.path, o.node) && o.enrolAfterCatchUp) {
       // A copy of one database merges into the cluster's rows by id only if the log
       // is replayed into it first; independent databases keep their rows apart instead.
-      if (!o.independentDatabases) setMeta(this.db, "enrol_pending", 1);
+      // A file that comes with merge state (a snapshot's copy) has its rows recorded already.
+      const hasState = this.db.prepare("SELECT 1 FROM _unisync_rows UNION ALL SELECT 1 FROM _unisync_bag LIMIT 1").get();
+      if (!o.independentDatabases && !hasState) setMeta(this.db, "enrol_pending", 1);
       // This node may have a log for this stream already (the file was restored or
       // replaced): nothing is sealed until we know where it goes on (continueLog).
       setMeta(this.db, "log_unknown", 1);

@@ -59,7 +59,7 @@ export class Applier {
   private readonly park: Statement;
   /** What each origin's enrolled rows did here (status, conflicts). */
   readonly enrolments: EnrolmentLedger;
-  /** This database's own rows wait to be enrolled (DbSync.enrolling): copies of keyless rows are not taken away. */
+  /** This database's own rows wait to be enrolled (DbSync.enrolling). */
   enrolling = false;
 
   constructor(
@@ -308,7 +308,7 @@ export class Applier {
     const affected = this.bag.record(access.shape.name, instance, op, values, stamp);
     if (!affected) return null;
     try {
-      this.bag.reconcile(access, affected, this.enrolling);
+      this.bag.reconcile(access, affected);
     } catch (err) {
       return (err as Error).message;
     }

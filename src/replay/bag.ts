@@ -108,12 +108,8 @@ export class BagStore {
     }
   }
 
-  /**
-   * Makes the table hold exactly as many copies of each row value as there are
-   * live instances. `keepExtra`: a database whose own rows are not enrolled yet
-   * keeps copies beyond them (its enrolment records them afterwards).
-   */
-  reconcile(access: TableAccess, affected: SqlValue[][], keepExtra = false): void {
+  /** Makes the table hold exactly as many copies of each row value as there are live instances. */
+  reconcile(access: TableAccess, affected: SqlValue[][]): void {
     const seen = new Set<string>();
     const key = access.shape.columns;
     for (const values of affected) {
@@ -124,7 +120,7 @@ export class BagStore {
       let have = access.copies(key, values);
       const row = new Map(key.map((k, i) => [k, values[i]]));
       for (; have < want; have++) access.insert(row);
-      for (; have > want && !keepExtra; have--) access.delete(key, values);
+      for (; have > want; have--) access.delete(key, values);
     }
   }
 }
