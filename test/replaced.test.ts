@@ -38,7 +38,8 @@ describe("a database file replaced under the running agent", () => {
     for (let i = 1; i <= 20; i++) sql(a, "INSERT INTO item(name, qty) VALUES (?, ?)", `a${i}`, i);
     await c.waitForConvergence([a, b], 30_000);
     // Last night's backup of n1 (unisync's tables in it, behind the log from now on).
-    const backup = c.instance("n1", "backup.db.bak");
+    // (Outside the instance folder: a SQLite file in it is a database to sync.)
+    const backup = `${c.node("n1").dir}/backup.db`;
     sql(a, `VACUUM INTO '${backup}'`);
     // Since then: edits and deletes on both nodes.
     sql(a, "UPDATE item SET qty = 100 WHERE name = 'a1'");

@@ -10,7 +10,7 @@ import { forgetUnisync, getMeta } from "../capture/internal.js";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName, encodeName, listOrigins, logHead } from "../log/keys.js";
-import { LogForkError, type Outbox } from "../log/outbox.js";
+import { LogForkError } from "../log/outbox.js";
 import type { ObjectStore } from "../store/store.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
@@ -522,8 +522,10 @@ export class Agent {
    * full turn went up (more is waiting). Store health is only judged from calls
    * that were really made, so an idle stream cannot report "up" while the store is down.
    */
-  private async uploadTurn(s: { stream: string; outbox: Outbox; upload(max: number): Promise<number> }): Promise<boolean> {
+  private async uploadTurn(s: DbSync | FolderSync): Promise<boolean> {
     let called = false;
+    // A database new to this node seals nothing before it knows where its log goes on (placeLogs).
+    if (s instanceof DbSync && s.logUnknown) return false;
     // Once per stream, before its first upload, even if the store was down at start.
     if (!this.storeChecked.has(s.stream)) {
       await s.outbox.checkStoreAgrees(this.store);

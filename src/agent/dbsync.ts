@@ -264,18 +264,18 @@ export class DbSync {
   finishEnrolment(): void {
     if (!this.enrolling) return;
     this.write("enrolment", () => {
-        // Rows the app changed before the log reached them: enrolled as they are now.
-        const touched = this.db.prepare("SELECT tbl, row_key FROM _unisync_enrol_touched").all() as { tbl: string; row_key: Buffer }[];
-        for (const t of touched) {
-          const access = this.tables.get(t.tbl);
-          const capId = this.capIds.get(t.tbl);
-          const row = access && capId !== undefined ? access.find(access.shape.key, decodeValues(t.row_key)) : null;
-          if (!access || capId === undefined || !row) continue;
-          recordAgentChange(this.db, capId, CHANGE_INSERT, access.shape.columns.map((c) => row.get(c) ?? null), enrolmentMask(), [], "changed by the app before this database was enrolled");
-        }
-        this.db.prepare("DELETE FROM _unisync_enrol_touched").run();
-        setMeta(this.db, "enrol_pending", 0);
-      });
+      // Rows the app changed before the log reached them: enrolled as they are now.
+      const touched = this.db.prepare("SELECT tbl, row_key FROM _unisync_enrol_touched").all() as { tbl: string; row_key: Buffer }[];
+      for (const t of touched) {
+        const access = this.tables.get(t.tbl);
+        const capId = this.capIds.get(t.tbl);
+        const row = access && capId !== undefined ? access.find(access.shape.key, decodeValues(t.row_key)) : null;
+        if (!access || capId === undefined || !row) continue;
+        recordAgentChange(this.db, capId, CHANGE_INSERT, access.shape.columns.map((c) => row.get(c) ?? null), enrolmentMask(), [], "changed by the app before this database was enrolled");
+      }
+      this.db.prepare("DELETE FROM _unisync_enrol_touched").run();
+      setMeta(this.db, "enrol_pending", 0);
+    });
     this.applier.enrolling = false;
     this.lastSchemaVersion = -1;
     this.firstEnrolment = true;
