@@ -81,8 +81,8 @@ export class DbSync {
   /** Every write transaction on the app's database, timed: how long the app may have waited for us. */
   readonly writes: WriteTimer;
 
-  private write<T>(what: string, fn: () => T): T {
-    return this.writes.run(this.db, what, fn);
+  private write<T>(what: string, fn: () => T, alwaysPace = false): T {
+    return this.writes.run(this.db, what, fn, alwaysPace);
   }
 
   /** Per origin: why its stream is stopped (gap, corrupt segment, fork), for status. */
@@ -321,7 +321,7 @@ export class DbSync {
         this.states,
         this.bag,
         () => (this.sealBatch(deadline()), !this.hasPending()),
-        (what, fn) => this.write(what, fn),
+        (what, fn) => this.write(what, fn, true),
         (rows) => {
           if (rows - logged < 100_000) return;
           logged = rows;
