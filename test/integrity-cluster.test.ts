@@ -27,6 +27,7 @@ import { join } from "node:path";
 import Database from "better-sqlite3";
 import { describe, expect, it } from "vitest";
 import { appSucceeded, clusterSuite, integrityCheck, runApp, waitFor, type AppRun, type Cluster } from "./helpers/cluster.js";
+import { runCli } from "./helpers/cluster.js";
 
 const DBS = ["scout.db", "extra.db"];
 /** Every agent of both scenarios: the match number is the same match on every node. */
@@ -183,6 +184,15 @@ describe("integrity with a Flask-SQLAlchemy app (foreign keys on, natural match 
       }
       expect(problems).toEqual([]);
       expect(c.unexpectedExits).toEqual([]);
+      // status says who enrolled rows when and what they did; log shows them as enrolled.
+      const st = await runCli(["status", c.instance("a"), "--store", c.options.store, "--json"]);
+      expect(st.code, st.stderr).toBe(0);
+      const enrolments = (JSON.parse(st.stdout) as { databases: { stream: string; enrolments: { origin: string; added: number }[] }[] }).databases.find((d) => d.stream === "scout.db")?.enrolments ?? [];
+      expect(enrolments.some((e) => e.origin === "c" && e.added > 0), JSON.stringify(enrolments)).toBe(true);
+      const human = await runCli(["status", c.instance("a"), "--store", c.options.store]);
+      expect(human.stdout).toMatch(/enrolled by c at .*row\(s\) that were there before unisync/);
+      const log = await runCli(["log", "--store", c.options.store, "--db", "scout.db", "--table", "kv", "--key", "c-note"]);
+      expect(log.stdout).toMatch(/ c +enrol /);
       const bad = c.badLogLines();
       if (bad.length) console.log(`agent log lines at error level (${bad.length}):\n${bad.slice(0, 10).join("\n")}`);
       console.log(`late join: ${((Date.now() - t0) / 1000).toFixed(1)} s`);
