@@ -592,7 +592,7 @@ export class Agent {
           const origins = s instanceof DbSync && s.ownThrough > (s.cursors().get(this.config.node)?.seq ?? 0) ? [this.config.node, ...this.origins] : this.origins;
           for (const origin of origins) {
             if (this.halted()) break;
-            applied += await s.pull(origin);
+            applied += s instanceof DbSync ? await s.pull(origin, 16, Infinity, () => this.halted()) : await s.pull(origin);
             this.storeOk(); // judged only from calls really made (pull lists the store)
           }
           // A new database enrols its own rows once the cluster's log is in it.

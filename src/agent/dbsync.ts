@@ -440,7 +440,7 @@ export class DbSync {
    * `untilHlc` (point-in-time replay): only records stamped at or before it; an
    * origin's clocks grow along its log, so the pull stops at the first later one.
    */
-  async pull(origin: string, maxSegments = 16, untilHlc = Infinity): Promise<number> {
+  async pull(origin: string, maxSegments = 16, untilHlc = Infinity, stop: () => boolean = () => false): Promise<number> {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
     this.readToEnd.set(origin, false);
@@ -453,6 +453,11 @@ export class DbSync {
     let applied = 0;
     let seen = 0;
     for await (const s of segments) {
+      // Stopping: what is applied stays applied (the cursor says how far, also part way through a segment).
+      if (stop()) {
+        seen = maxSegments; // not read to the end
+        break;
+      }
       seen++;
       const segment = untilHlc === Infinity ? s.segment : { ...s.segment, records: s.segment.records.filter((r) => r.hlc <= untilHlc) };
       if (segment.records.length === 0) break;
@@ -467,7 +472,7 @@ export class DbSync {
         });
         applied += outcome.applied;
         this.o.metrics.inc("unisync_records_applied_total", outcome.applied);
-        if (outcome.done) break;
+        if (outcome.done || stop()) break;
       }
       this.o.metrics.inc("unisync_segments_applied_total");
       if (segment.records.length < s.segment.records.length) break;

@@ -212,7 +212,15 @@ export class Applier {
       // A failed statement changes nothing, so the state is not written either.
       if (!other) return `${(err as Error).message}`;
       try {
-        this.aside.settle(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
+        const there = this.states.get(row.table, rowIdentity(other, false));
+        if (!there && this.enrolling && !this.aside.isAside(row.table, other)) {
+          // The row in the way is this node's own copy, not enrolled yet (the log is replayed
+          // into a new database first): a stale copy of a row the log has, which gives way.
+          const stale = access.find(row.key, other) as Map<string, SqlValue>;
+          access.delete(row.key, other);
+          this.enrolments.replaceUnrecorded(row.table, rowIdentity(other, false), origin, false, row.columns, values, stale, true);
+          writeTable();
+        } else this.aside.settle(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
       } catch (err2) {
         return `${(err2 as Error).message}`;
       }

@@ -39,6 +39,8 @@ export interface SnapshotInput {
    */
   upload: "push" | "wait";
   waitMs?: number;
+  /** "wait": give up when this says so (the agent is stopping: its upload loop will not send them). */
+  abort?: () => boolean;
 }
 
 export interface SnapshotResult {
@@ -65,6 +67,7 @@ async function uploadedThrough(src: StreamSource, seq: number, input: SnapshotIn
   const deadline = Date.now() + (input.waitMs ?? 120_000);
   while (pending()) {
     if (Date.now() > deadline) throw new Error(`${src.stream}: this node's segments up to ${seq} are not in the store yet (store unreachable?); snapshot not published`);
+    if (input.abort?.()) throw new Error("the agent is stopping; snapshot not published");
     await sleep(200);
   }
 }

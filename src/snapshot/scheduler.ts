@@ -36,7 +36,7 @@ export class SnapshotScheduler {
     if (this.running) return this.running;
     const { dbs, files } = this.o.sources();
     const t0 = Date.now();
-    this.running = takeSnapshot({ node: this.o.node, store: this.o.store, dbs, files, workDir: this.o.workDir, upload: "wait" })
+    this.running = takeSnapshot({ node: this.o.node, store: this.o.store, dbs, files, workDir: this.o.workDir, upload: "wait", abort: this.o.stopping })
       .then((r) => {
         this.o.log.info({ key: r.key, bytes: r.bytes, databases: r.manifest.databases.length, files: r.manifest.files?.manifest.count ?? 0, ms: Date.now() - t0 }, "snapshot published");
         return r;
