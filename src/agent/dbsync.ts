@@ -82,6 +82,7 @@ export class DbSync {
   readonly writes: WriteTimer;
 
   private write<T>(what: string, fn: () => T, alwaysPace = false): T {
+    this.appCommitted(); // pacing needs to know whether the app writes
     return this.writes.run(this.db, what, fn, alwaysPace);
   }
 
@@ -172,6 +173,8 @@ export class DbSync {
       o.maxClockDriftMs,
     );
     this.applier.enrolling = Number(getMeta(this.db, "enrol_pending") ?? 0) === 1;
+    this.logUnknown = Number(getMeta(this.db, "log_unknown") ?? 0) === 1;
+    this.ownThrough = Number(getMeta(this.db, "own_through") ?? 0);
   }
 
   /** Connection settings, our tables and the node check; throws (the caller closes). */
@@ -220,10 +223,8 @@ export class DbSync {
     }
   }
 
-  /** True until continueLog: a database enrolled for the first time does not seal yet. */
-  get logUnknown(): boolean {
-    return Number(getMeta(this.db, "log_unknown") ?? 0) === 1;
-  }
+  /** True until continueLog: a database enrolled for the first time does not seal yet (meta log_unknown, kept here too). */
+  logUnknown = false;
 
   /**
    * A new file under this node's name: its log goes on after `head`, the last
@@ -239,15 +240,15 @@ export class DbSync {
       }
       setMeta(this.db, "log_unknown", 0);
     });
+    this.logUnknown = false;
+    this.ownThrough = Number(getMeta(this.db, "own_through") ?? 0);
     this.lastSchemaVersion = -1; // the enrolment waited for this
     this.refreshSchema();
     if (head > 0) this.log.warn({ head }, "this node's log already holds this database: replaying its own segments into the file, then continuing after them");
   }
 
-  /** This node's own segments to replay into the file (a restored or replaced file), or 0. */
-  get ownThrough(): number {
-    return Number(getMeta(this.db, "own_through") ?? 0);
-  }
+  /** This node's own segments to replay into the file (a restored or replaced file), or 0 (meta own_through, kept here too). */
+  ownThrough = 0;
 
   /**
    * True while this database's existing rows wait to be enrolled: a database met
@@ -355,10 +356,11 @@ export class DbSync {
     return n;
   }
 
-  /** Cheap check whether another connection (the app) committed since the last look. */
+  /** Cheap check whether another connection (the app) committed since the last look (true the first time). */
   appCommitted(): boolean {
     const v = this.db.pragma("data_version", { simple: true }) as number;
     const changed = v !== this.lastDataVersion;
+    if (changed && this.lastDataVersion !== -1) this.writes.noteAppWrite();
     this.lastDataVersion = v;
     return changed;
   }

@@ -52,6 +52,9 @@ export class ChangeDrain {
   private readonly readBatch: Statement;
   private readonly readCap: Statement;
   private readonly readNote: Statement;
+  private readonly anyNote: Statement;
+  private readonly removeChanges: Statement;
+  private readonly removeNotes: Statement;
 
   constructor(
     private readonly db: Database,
@@ -71,6 +74,9 @@ export class ChangeDrain {
     this.readBatch = db.prepare("SELECT * FROM _unisync_changes WHERE id > ? ORDER BY id LIMIT ?").raw(true).safeIntegers(true);
     this.readCap = db.prepare("SELECT tbl, columns, key FROM _unisync_capture WHERE id = ?");
     this.readNote = db.prepare("SELECT note FROM _unisync_notes WHERE change_id = ?").pluck(true);
+    this.anyNote = db.prepare("SELECT 1 FROM _unisync_notes LIMIT 1");
+    this.removeChanges = db.prepare("DELETE FROM _unisync_changes WHERE id <= ?");
+    this.removeNotes = db.prepare("DELETE FROM _unisync_notes WHERE change_id <= ?");
   }
 
   pendingCount(): number {
@@ -127,7 +133,7 @@ export class ChangeDrain {
     let after = 0;
     let full = false;
     // The agent's own changes (foreign-key repairs) carry a note saying why: rare, so looked up only when there are some.
-    const notes = this.db.prepare("SELECT 1 FROM _unisync_notes LIMIT 1").get() !== undefined;
+    const notes = this.anyNote.get() !== undefined;
     while (!full) {
       const rows = this.readBatch.all(after, Math.min(1000, maxRecords - records.length)) as ChangeRow[];
       if (rows.length === 0) break;
@@ -320,7 +326,7 @@ export class ChangeDrain {
   }
 
   removeThrough(lastId: number): void {
-    this.db.prepare("DELETE FROM _unisync_changes WHERE id <= ?").run(lastId);
-    this.db.prepare("DELETE FROM _unisync_notes WHERE change_id <= ?").run(lastId);
+    this.removeChanges.run(lastId);
+    this.removeNotes.run(lastId);
   }
 }

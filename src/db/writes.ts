@@ -9,7 +9,7 @@
  * Short is not enough: SQLite's busy handler polls (after 1, 2, 5, 10, 15, 20,
  * 25, 25 ms ...), so an app whose polls keep landing inside our back-to-back
  * turns times out anyway. So while the app writes (another connection committed
- * in the last APP_ACTIVE_MS: PRAGMA data_version), a turn that follows closely
+ * in the last APP_ACTIVE_MS: the caller says so, noteAppWrite), a turn that follows closely
  * on the last one first leaves the lock free for as long as the last one held
  * it: at most half the time is ours while we have bulk work, and a poll every
  * 25 ms always finds it free. With the app idle, bulk work runs at full speed.
@@ -34,8 +34,12 @@ export class WriteTimer {
 
   private lastHoldMs = 0;
   private lastEnd = 0;
-  private dataVersion = -1;
   private appActiveUntil = 0;
+
+  /** Another connection (the app) committed just now: pace bulk work for a while. */
+  noteAppWrite(): void {
+    this.appActiveUntil = performance.now() + APP_ACTIVE_MS;
+  }
 
   /**
    * Runs `fn` in one BEGIN IMMEDIATE transaction; times the hold from the lock
@@ -43,11 +47,6 @@ export class WriteTimer {
    * turns (the enrolment scan) leaves the gap even when no app write was seen.
    */
   run<T>(db: Database, what: string, fn: () => T, alwaysPace = false): T {
-    const version = db.pragma("data_version", { simple: true }) as number;
-    if (version !== this.dataVersion) {
-      if (this.dataVersion !== -1) this.appActiveUntil = performance.now() + APP_ACTIVE_MS;
-      this.dataVersion = version;
-    }
     const gap = this.lastHoldMs - (performance.now() - this.lastEnd);
     if (gap > 0 && (alwaysPace || performance.now() < this.appActiveUntil)) sleepSync(gap);
     let start = 0;

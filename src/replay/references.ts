@@ -67,9 +67,10 @@ const MAX_ROUNDS = 1000;
 
 export class ReferenceKeeper {
   private readonly touchStmt: Statement;
-  /** Edges by parent table, rebuilt whenever the set of tables changes. */
+  /** Foreign keys by parent table, and each foreign key's parent, rebuilt whenever the set of tables changes. */
   private edges = new Map<string, Edge[]>();
-  private edgesOf: Map<string, TableAccess> | null = null;
+  private parents = new Map<ForeignKey, { access: TableAccess; column: string }>();
+  private indexedTables: Map<string, TableAccess> | null = null;
 
   constructor(
     private readonly db: Database,
@@ -87,31 +88,35 @@ export class ReferenceKeeper {
     this.touchStmt = db.prepare("INSERT OR IGNORE INTO _unisync_refcheck(tbl, col, val) VALUES (?, ?, ?)");
   }
 
+  /** Resolves every foreign key of the current tables to its parent table and column, once per set of tables. */
+  private index(): void {
+    const tables = this.tables();
+    if (this.indexedTables === tables) return;
+    const byLower = new Map([...tables.values()].map((t) => [t.shape.name.toLowerCase(), t]));
+    this.edges = new Map();
+    this.parents = new Map();
+    for (const child of tables.values()) {
+      for (const fk of child.shape.foreignKeys) {
+        const p = byLower.get(fk.table.toLowerCase());
+        // A reference to the primary key names no column; one to a composite key cannot be a single-column FK.
+        const parentColumn = fk.to ?? (p?.shape.hasDeclaredKey && p.shape.key.length === 1 ? p.shape.key[0] : null);
+        if (!p || !parentColumn) continue;
+        this.parents.set(fk, { access: p, column: parentColumn });
+        this.edges.set(p.shape.name, [...(this.edges.get(p.shape.name) ?? []), { child, fk, parentColumn }]);
+      }
+    }
+    this.indexedTables = tables;
+  }
+
   /** Foreign keys that point at `parent`, by the parent's table name. */
   private edgesInto(parent: string): Edge[] {
-    const tables = this.tables();
-    if (this.edgesOf !== tables) {
-      const byLower = new Map([...tables.values()].map((t) => [t.shape.name.toLowerCase(), t]));
-      this.edges = new Map();
-      for (const child of tables.values()) {
-        for (const fk of child.shape.foreignKeys) {
-          const p = byLower.get(fk.table.toLowerCase());
-          // A reference to the primary key names no column; one to a composite key cannot be a single-column FK.
-          const parentColumn = fk.to ?? (p?.shape.hasDeclaredKey && p.shape.key.length === 1 ? p.shape.key[0] : null);
-          if (!p || !parentColumn) continue;
-          this.edges.set(p.shape.name, [...(this.edges.get(p.shape.name) ?? []), { child, fk, parentColumn }]);
-        }
-      }
-      this.edgesOf = tables;
-    }
+    this.index();
     return this.edges.get(parent) ?? [];
   }
 
   private parentOf(fk: ForeignKey): { access: TableAccess; column: string } | null {
-    const p = [...this.tables().values()].find((t) => t.shape.name.toLowerCase() === fk.table.toLowerCase());
-    if (!p) return null;
-    const column = fk.to ?? (p.shape.hasDeclaredKey && p.shape.key.length === 1 ? p.shape.key[0] : null);
-    return column ? { access: p, column } : null;
+    this.index();
+    return this.parents.get(fk) ?? null;
   }
 
   /** Replay removed `row` from `access`'s table: rows that point at it get checked. */
