@@ -485,7 +485,7 @@ describe("hostile segments are refused without writing anything", () => {
     const text = Buffer.from("compressible ".repeat(300_000));
     writeFileSync(f, text);
     const plain: ObjectStore = {
-      description: "no putThenName", put: store.put.bind(store), get: store.get.bind(store), getStream: store.getStream.bind(store),
+      description: "no putThenName", requests: store.requests, put: store.put.bind(store), putIfAbsent: store.putIfAbsent.bind(store), get: store.get.bind(store), getStream: store.getStream.bind(store),
       head: store.head.bind(store), list: store.list.bind(store), delete: store.delete.bind(store),
     };
     expect(await uploadFile(plain, f)).toMatchObject({ sha256: sha(text), size: text.length });

@@ -11,7 +11,8 @@ import { Readable } from "node:stream";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { FileStore } from "../src/store/file.js";
 import { S3Store } from "../src/store/s3.js";
-import { listAll, StoreConfigError, StoreUnavailableError, type ObjectStore } from "../src/store/store.js";
+import { listAll, probeConditionalWrites, StoreConfigError, StoreUnavailableError, type ObjectStore } from "../src/store/store.js";
+import { MOTO_ENV, startMoto, type MotoHandle } from "./helpers/moto.js";
 import { openStore } from "../src/store/url.js";
 import { S3RVER_ENV, s3StoreUrl, startS3rver } from "./helpers/s3rver.js";
 
@@ -56,6 +57,8 @@ async function freePort(): Promise<number> {
 export interface ContractOptions {
   /** The server filters startAfter in UTF-16 order rather than UTF-8 byte order (s3rver). */
   utf16StartAfter?: boolean;
+  /** The server ignores If-None-Match (s3rver): putIfAbsent overwrites, and the probe must say so. */
+  ignoresConditionalWrites?: boolean;
 }
 
 export function storeContract(name: string, makeStore: () => Promise<ObjectStore>, options: ContractOptions = {}): void {
@@ -99,6 +102,39 @@ export function storeContract(name: string, makeStore: () => Promise<ObjectStore
       await store.put(`${p}k`, Buffer.from("v2"));
       expect((await store.get(`${p}k`))?.toString()).toBe("v2");
       expect((await store.head(`${p}k`))?.size).toBe(2);
+    });
+
+    it(options.ignoresConditionalWrites ? "says that it ignores If-None-Match" : "never overwrites on putIfAbsent", async () => {
+      const p = ns();
+      expect(await store.putIfAbsent(`${p}claim`, Buffer.from("first"))).toBe("created");
+      const second = await store.putIfAbsent(`${p}claim`, Buffer.from("second"));
+      if (options.ignoresConditionalWrites) {
+        expect(second).toBe("created");
+        expect(await probeConditionalWrites(store, `${p}probe`)).toBe(false);
+        return;
+      }
+      expect(second).toBe("exists");
+      expect((await store.get(`${p}claim`))?.toString()).toBe("first");
+      // Racing writers: exactly one wins, and its body is the one stored.
+      const bodies = Array.from({ length: 6 }, (_, i) => Buffer.from(`racer ${i}`));
+      const results = await Promise.all(bodies.map((b) => store.putIfAbsent(`${p}race`, b).catch(() => "error")));
+      expect(results.filter((r) => r === "created")).toHaveLength(1);
+      expect((await store.get(`${p}race`))?.toString()).toBe(`racer ${results.indexOf("created")}`);
+      expect(await probeConditionalWrites(store, `${p}probe`)).toBe(true);
+      expect(await store.head(`${p}probe`)).toBeNull();
+      expect((await store.list(p)).objects.map((o) => o.key).filter((k) => !k.includes("/.tmp"))).toEqual([`${p}claim`, `${p}race`]);
+    });
+
+    it("counts its requests by kind", async () => {
+      const p = ns();
+      const before = store.requests.snapshot();
+      await store.put(`${p}a`, Buffer.from("x"));
+      await store.get(`${p}a`);
+      await store.head(`${p}a`);
+      await store.list(p);
+      await store.delete(`${p}a`);
+      const after = store.requests.snapshot();
+      for (const kind of ["PUT", "GET", "HEAD", "LIST", "DELETE"] as const) expect(after[kind] - before[kind], kind).toBe(1);
     });
 
     it("streams a ~20 MB body in and out", async () => {
@@ -375,6 +411,7 @@ describe("S3Store against s3rver", () => {
 
   storeContract("S3Store (s3rver)", async () => openStore(s3StoreUrl(server.endpoint, server.bucket, "contract"), { ...S3RVER_ENV }), {
     utf16StartAfter: true,
+    ignoresConditionalWrites: true,
   });
 
   it("keeps keys under its prefix and strips it from listings", async () => {
@@ -418,6 +455,18 @@ describe("S3Store against s3rver", () => {
     await expect(store.list("")).rejects.toThrow(StoreUnavailableError);
     expect(Date.now() - started).toBeLessThan(5_000);
   });
+});
+
+// moto's S3 server, unpatched: correct delimiter listings and enforced If-None-Match, like MinIO and AWS.
+describe("S3Store against moto", () => {
+  let moto: MotoHandle | undefined;
+  beforeAll(async () => {
+    moto = await startMoto();
+  });
+  afterAll(async () => {
+    await moto?.stop();
+  });
+  storeContract("S3Store (moto)", async () => openStore(s3StoreUrl(moto!.endpoint, moto!.bucket, "contract"), { ...MOTO_ENV }));
 });
 
 describe("openStore rejects bad URLs", () => {

@@ -5,13 +5,15 @@
  */
 import { randomBytes } from "node:crypto";
 import type { Dirent } from "node:fs";
-import { mkdir, open, readdir, readFile, rename, rmdir, stat, unlink } from "node:fs/promises";
+import { link, mkdir, open, readdir, readFile, rename, rmdir, stat, unlink } from "node:fs/promises";
 import path from "node:path";
 import type { Readable } from "node:stream";
 import {
+  RequestCounts,
   StoreConfigError,
   StoreUnavailableError,
   type ListOptions,
+  type PutIfAbsentResult,
   type ListPage,
   type ObjectInfo,
   type ObjectStore,
@@ -89,6 +91,7 @@ function mapFsError(err: unknown, what: string): unknown {
 export class FileStore implements ObjectStore {
   readonly root: string;
   readonly description: string;
+  readonly requests = new RequestCounts();
 
   constructor(root: string) {
     this.root = path.resolve(root);
@@ -101,6 +104,7 @@ export class FileStore implements ObjectStore {
   }
 
   async put(key: string, body: Buffer | Readable, size?: number): Promise<void> {
+    this.requests.count("PUT");
     const file = this.pathOf(key);
     const dir = path.dirname(file);
     const tmp = await this.writeTemp(dir, key, body, size);
@@ -119,6 +123,7 @@ export class FileStore implements ObjectStore {
    * after the hash of its content while reading that content only once.
    */
   async putThenName(dir: string, body: Readable, keyFor: () => Promise<string | null>): Promise<string | null> {
+    this.requests.count("PUT");
     const folder = this.pathOf(dir);
     const tmp = await this.writeTemp(folder, `${dir}/(unnamed)`, body);
     try {
@@ -130,6 +135,30 @@ export class FileStore implements ObjectStore {
       return key;
     } catch (err) {
       throw mapFsError(err, `put into ${dir}/`);
+    } finally {
+      await unlink(tmp).catch(() => undefined);
+    }
+  }
+
+  /**
+   * A hard link never replaces an existing name, so it is the directory's
+   * If-None-Match. Filesystems without hard links (some network mounts) fall
+   * back to check-then-rename, which two hosts can race.
+   */
+  async putIfAbsent(key: string, body: Buffer): Promise<PutIfAbsentResult> {
+    this.requests.count("PUT");
+    const file = this.pathOf(key);
+    const tmp = await this.writeTemp(path.dirname(file), key, body);
+    try {
+      await link(tmp, file);
+      await fsyncDir(path.dirname(file));
+      return "created";
+    } catch (err) {
+      if (errCode(err) === "EEXIST") return "exists";
+      if (!["EPERM", "ENOTSUP", "EOPNOTSUPP", "ENOSYS"].includes(errCode(err) ?? "")) throw mapFsError(err, `put ${key}`);
+      if (await this.head(key)) return "exists";
+      await this.moveIntoPlace(tmp, file, key);
+      return "created";
     } finally {
       await unlink(tmp).catch(() => undefined);
     }
@@ -206,6 +235,7 @@ export class FileStore implements ObjectStore {
   }
 
   async get(key: string): Promise<Buffer | null> {
+    this.requests.count("GET");
     try {
       return await readFile(this.pathOf(key));
     } catch (err) {
@@ -215,6 +245,7 @@ export class FileStore implements ObjectStore {
   }
 
   async getStream(key: string): Promise<Readable | null> {
+    this.requests.count("GET");
     const file = this.pathOf(key);
     try {
       // Open first so a missing key is a null rather than a stream error.
@@ -232,6 +263,7 @@ export class FileStore implements ObjectStore {
   }
 
   async head(key: string): Promise<ObjectInfo | null> {
+    this.requests.count("HEAD");
     try {
       const st = await stat(this.pathOf(key));
       return st.isFile() ? { key, size: st.size } : null;
@@ -242,6 +274,7 @@ export class FileStore implements ObjectStore {
   }
 
   async delete(key: string): Promise<void> {
+    this.requests.count("DELETE");
     const file = this.pathOf(key);
     try {
       await unlink(file);
@@ -260,6 +293,7 @@ export class FileStore implements ObjectStore {
   }
 
   async list(prefix: string, options: ListOptions = {}): Promise<ListPage> {
+    this.requests.count("LIST");
     const limit = Math.max(1, options.limit ?? DEFAULT_LIMIT);
     const startAfter = options.startAfter ?? "";
     const delimiter = options.delimiter || undefined;

@@ -18,9 +18,12 @@ import {
 import { Readable } from "node:stream";
 import { compareKeys, validateKey } from "./file.js";
 import {
+  RequestCounts,
   StoreConfigError,
   StoreUnavailableError,
   type ListOptions,
+  type PutIfAbsentResult,
+  type RequestKind,
   type ListPage,
   type ObjectInfo,
   type ObjectStore,
@@ -74,6 +77,19 @@ const UNAVAILABLE_ERRORS = new Set([
   "ThrottlingException",
 ]);
 
+/** S3 bills multipart steps as PUTs; every attempt (SDK retries included) is a request. */
+const COMMAND_KINDS: Record<string, RequestKind> = {
+  ListObjectsV2Command: "LIST",
+  GetObjectCommand: "GET",
+  HeadObjectCommand: "HEAD",
+  DeleteObjectCommand: "DELETE",
+  PutObjectCommand: "PUT",
+  CreateMultipartUploadCommand: "PUT",
+  UploadPartCommand: "PUT",
+  CompleteMultipartUploadCommand: "PUT",
+  AbortMultipartUploadCommand: "DELETE",
+};
+
 interface SdkErrorShape {
   name?: string;
   code?: string;
@@ -85,6 +101,7 @@ export class S3Store implements ObjectStore {
   readonly description: string;
   readonly bucket: string;
   readonly prefix: string;
+  readonly requests = new RequestCounts();
   private readonly client: S3Client;
   private readonly partSize: number;
 
@@ -111,6 +128,15 @@ export class S3Store implements ObjectStore {
         requestTimeout: options.requestTimeoutMs ?? 60_000,
       },
     });
+    // Below the retry middleware, so each attempt on the wire counts once.
+    this.client.middlewareStack.add(
+      (next, context) => (args) => {
+        const kind = COMMAND_KINDS[context.commandName ?? ""];
+        if (kind) this.requests.count(kind);
+        return next(args);
+      },
+      { step: "deserialize", name: "unisyncCountRequests" },
+    );
   }
 
   private full(key: string): string {
@@ -166,6 +192,20 @@ export class S3Store implements ObjectStore {
         .send(new AbortMultipartUploadCommand({ Bucket: this.bucket, Key, UploadId }))
         .catch(() => undefined);
       throw err;
+    }
+  }
+
+  async putIfAbsent(key: string, body: Buffer): Promise<PutIfAbsentResult> {
+    const Key = this.full(key);
+    try {
+      await this.client.send(new PutObjectCommand({ Bucket: this.bucket, Key, Body: body, IfNoneMatch: "*" }));
+      return "created";
+    } catch (err) {
+      const status = (err as SdkErrorShape).$metadata?.httpStatusCode;
+      if (status === 412) return "exists";
+      // 409: another conditional write of this key is in flight; its outcome decides.
+      if (status === 409) throw new StoreUnavailableError(`S3 store ${this.description}: put ${JSON.stringify(key)}: concurrent conditional write (HTTP 409); retrying`, { cause: err });
+      throw this.mapError(err, "put", key);
     }
   }
 

@@ -32,9 +32,30 @@ export interface ListOptions {
   limit?: number;
 }
 
+/** The kinds of request a store makes, as S3 bills them. */
+export const REQUEST_KINDS = ["LIST", "GET", "PUT", "HEAD", "DELETE"] as const;
+export type RequestKind = (typeof REQUEST_KINDS)[number];
+
+/** Requests a store really made (one per HTTP request for S3, one per call for a directory). */
+export class RequestCounts {
+  readonly total: Record<RequestKind, number> = { LIST: 0, GET: 0, PUT: 0, HEAD: 0, DELETE: 0 };
+
+  count(kind: RequestKind): void {
+    this.total[kind]++;
+  }
+
+  snapshot(): Record<RequestKind, number> {
+    return { ...this.total };
+  }
+}
+
+export type PutIfAbsentResult = "created" | "exists";
+
 export interface ObjectStore {
   /** Human-readable location for logs, never containing credentials. */
   readonly description: string;
+  /** What this store has asked of its backend so far (metrics, status, benchmarks). */
+  readonly requests: RequestCounts;
   /** Writes the whole object atomically: readers see either nothing or all of it. */
   put(key: string, body: Buffer | Readable, size?: number): Promise<void>;
   /**
@@ -43,6 +64,12 @@ export interface ObjectStore {
    * `keyFor()` gives once the body has ended (null: drop it). Returns that key.
    */
   putThenName?(dir: string, body: Readable, keyFor: () => Promise<string | null>): Promise<string | null>;
+  /**
+   * Writes `body` only if no object has the key ("If-None-Match: *"): "exists"
+   * means nothing was written. A server that ignores the condition (s3rver)
+   * overwrites and answers "created"; probeConditionalWrites tells them apart.
+   */
+  putIfAbsent(key: string, body: Buffer): Promise<PutIfAbsentResult>;
   /** The whole object, or null when it does not exist. */
   get(key: string): Promise<Buffer | null>;
   /** A stream of the object's bytes, or null when it does not exist. */
@@ -91,5 +118,18 @@ export async function listFolders(store: ObjectStore, prefix: string): Promise<s
     out.push(...page.prefixes.map((p) => p.slice(prefix.length, -1)));
     if (!page.next) return out;
     after = page.next;
+  }
+}
+
+/**
+ * Whether the store refuses to overwrite an object on putIfAbsent: writes a
+ * probe object twice under a fresh key and removes it (three requests, once per agent).
+ */
+export async function probeConditionalWrites(store: ObjectStore, probeKey: string): Promise<boolean> {
+  try {
+    await store.putIfAbsent(probeKey, Buffer.from("1"));
+    return (await store.putIfAbsent(probeKey, Buffer.from("2"))) === "exists";
+  } finally {
+    await store.delete(probeKey).catch(() => undefined);
   }
 }
