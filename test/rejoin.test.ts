@@ -32,9 +32,14 @@ function refusingUploads(store: ObjectStore, node: string): ObjectStore {
   const refuse = (key: string) => key.startsWith(`log/${node}/`) || key.startsWith("blobs/");
   return {
     description: store.description,
+    requests: store.requests,
     put: async (key, body, size) => {
       if (refuse(key)) throw new StoreUnavailableError(`test: uploads refused (${key})`);
       return store.put(key, body, size);
+    },
+    putIfAbsent: async (key, body) => {
+      if (refuse(key)) throw new StoreUnavailableError(`test: uploads refused (${key})`);
+      return store.putIfAbsent(key, body);
     },
     get: (k) => store.get(k),
     getStream: (k) => store.getStream(k),
