@@ -11,7 +11,10 @@ import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName, encodeName, listOrigins, logHead } from "../log/keys.js";
 import { LogForkError } from "../log/outbox.js";
-import type { ObjectStore } from "../store/store.js";
+import { enforcesConditionalWrites, REQUEST_KINDS, type ObjectStore, type RequestKind } from "../store/store.js";
+import { SegmentIndex } from "../log/index.js";
+import { TailPlanner } from "./tailing.js";
+import { Hints } from "./hints.js";
 import { stateDir, type Config } from "./config.js";
 import { findDatabases } from "./databases.js";
 import { DbSync, NodeIdentityError } from "./dbsync.js";
@@ -47,6 +50,18 @@ const SEAL_TURN = 2;
 const UPLOAD_TURN = 32;
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** The store's origins (folders under log/) are listed this often; the index names new ones sooner. */
+const ORIGINS_RELIST_MS = 300_000;
+
+/** After this node's app wrote, the cluster counts as busy this long (others likely write too): polls stay at pollMinMs. */
+const ACTIVE_HOLD_MS = 30_000;
+
+/** An idle node writes its heartbeat this many heartbeat intervals apart (a changed one goes at the next interval). */
+const IDLE_HEARTBEAT_FACTOR = 6;
+
+/** Segments one pull may apply of one origin's stream before the round goes on to the next (it comes back at once). */
+const PULL_TURN = 64;
 
 export interface AgentStatus {
   node: string;
@@ -86,6 +101,10 @@ export interface AgentStatus {
     problems: Record<string, string>;
   };
   storeError?: string;
+  /** Store requests per second by kind over the last minute, and whether the store enforces If-None-Match (seq claims). */
+  storeRequests: { perSecond: Record<RequestKind, number>; total: Record<RequestKind, number>; conditionalWrites: "enforced" | "not enforced" | "unknown" };
+  /** How the pull loop reads: index polls, stream listings by why, LAN hints received. */
+  tailing: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number; hintsRefused: number };
   /** A node left behind by retention: waiting to start again from a snapshot (and why), or done (what was kept where). */
   rejoin?: RejoinStatus;
   /** Databases not synced, with why. */
@@ -122,6 +141,17 @@ export class Agent {
   private wake: (() => void) | null = null;
   /** Databases whose log was checked against the store (see Outbox.checkStoreAgrees). */
   private readonly storeChecked = new Set<string>();
+  /** The cluster index and what the pull loop reads each round (tailing.ts). */
+  private readonly index: SegmentIndex;
+  private readonly planner: TailPlanner;
+  private hints: Hints | null = null;
+  private indexPolls = 0;
+  private pollIntervalMs: number;
+  private lastLocalActivityMs = 0;
+  /** Ends the pull loop's sleep early: at once (stopping), or not before pollMinMs after its last poll (a LAN hint). */
+  private wakePull: ((now?: boolean) => void) | null = null;
+  private conditionalWrites: boolean | undefined;
+  private requestRates: Record<RequestKind, number> = { LIST: 0, GET: 0, PUT: 0, HEAD: 0, DELETE: 0 };
   readonly snapshots: SnapshotScheduler;
 
   constructor(
@@ -129,6 +159,9 @@ export class Agent {
     readonly store: ObjectStore,
     private readonly log: Logger,
   ) {
+    this.index = new SegmentIndex(store, config.node, config.indexOverlapMs);
+    this.planner = new TailPlanner(this.index, { repairEveryMs: config.repairEveryMs, gapGraceMs: Math.max(1000, 2 * config.pollMinMs) });
+    this.pollIntervalMs = config.pollMinMs;
     this.snapshots = new SnapshotScheduler({
       instanceDir: config.instanceDir,
       workDir: join(stateDir(config.instanceDir), "snapshot-work"),
@@ -163,6 +196,15 @@ export class Agent {
     }
     this.files?.start();
     await this.refreshOrigins().catch((err) => this.storeFailed(err, "listing origins"));
+    this.conditionalWrites = await enforcesConditionalWrites(this.store).catch(() => undefined);
+    if (this.conditionalWrites === false) this.log.warn({ store: this.store.description }, "the store ignores If-None-Match (conditional writes): two agents started under one node name are caught at start only, not at every write");
+    if (this.config.hintPort > 0 || this.config.hintPeers.length > 0) {
+      const settings = { node: this.config.node, port: this.config.hintPort, peers: this.config.hintPeers, secret: this.config.hintSecret };
+      this.hints = await Hints.start(settings, () => this.wakePull?.(), this.log).catch((err: Error) => {
+        this.log.warn({ err: err.message, port: this.config.hintPort }, "LAN hints unavailable; polling goes on without them");
+        return null;
+      });
+    }
     this.loops.push(this.captureLoop(), this.uploadLoop(), this.pullLoop(), this.housekeepingLoop(), this.snapshots.run());
   }
 
@@ -252,6 +294,7 @@ export class Agent {
     const stageDir = join(sd, "rejoin-stage");
     this.pausing = true;
     this.wake?.();
+    this.wakePull?.(true);
     await Promise.allSettled(this.loops);
     this.loops.length = 0;
     let folderStopped = false;
@@ -512,7 +555,10 @@ export class Agent {
         }
       }
       if (this.files) sealed += this.files.sealPending();
-      if (sealed > 0) this.wake?.();
+      if (sealed > 0) {
+        this.lastLocalActivityMs = Date.now();
+        this.wake?.();
+      }
       await sleep(this.config.captureIntervalMs);
     }
   }
@@ -533,6 +579,7 @@ export class Agent {
       called = true;
     }
     const n = await s.upload(UPLOAD_TURN);
+    if (n > 0) this.hints?.notify();
     if (called || n > 0) this.storeOk();
     return n === UPLOAD_TURN;
   }
@@ -574,46 +621,100 @@ export class Agent {
     }
   }
 
+  /**
+   * Each round: one LIST of the cluster index, then only the pulls the planner
+   * asks for (tailing.ts), fetched by key where the index named them. Polls
+   * every pollMinMs while anything moves (here or anywhere), backing off to
+   * pollMaxMs when idle; a LAN hint ends an idle wait early.
+   */
   private async pullLoop(): Promise<void> {
-    let interval = this.config.pollMinMs;
-    let lastOriginScan = 0;
+    let lastOriginScan = Date.now();
     while (!this.halted()) {
+      const roundMs = Date.now();
       let applied = 0;
+      let fresh = 0;
+      let more = false;
       let failed = false;
       try {
-        if (Date.now() - lastOriginScan > 2000) {
+        if (roundMs - lastOriginScan > ORIGINS_RELIST_MS || !this.originsListed) {
           await this.refreshOrigins();
-          lastOriginScan = Date.now();
+          lastOriginScan = roundMs;
         }
-        const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
-        if (this.files) streams.push(this.files);
+        const polled = await this.index.poll();
+        this.indexPolls++;
+        this.storeOk();
+        fresh = polled.fresh;
+        for (const k of polled.skewed) {
+          this.log.warn({ origin: k.origin, offsetMs: k.offsetMs }, "this origin's clock is far from the store's: its index entries may land behind readers' window (gap repair still finds its segments, later); fix its clock (NTP)");
+        }
         await this.placeLogs();
-        for (const s of streams) {
-          const origins = s instanceof DbSync && s.ownThrough > (s.cursors().get(this.config.node)?.seq ?? 0) ? [this.config.node, ...this.origins] : this.origins;
-          for (const origin of origins) {
-            if (this.halted()) break;
-            applied += s instanceof DbSync ? await s.pull(origin, 16, Infinity, () => this.halted()) : await s.pull(origin);
-            this.storeOk(); // judged only from calls really made (pull lists the store)
+        const streams = this.streams();
+        const byName = new Map(streams.map((s) => [s.stream, s]));
+        const origins = [...new Set([...this.origins, ...this.index.origins])].filter((o) => o !== this.config.node);
+        const cursorsOf = new Map(streams.map((s) => [s.stream, s.cursors()]));
+        const cursor = (stream: string, origin: string) => cursorsOf.get(stream)?.get(origin)?.seq ?? 0;
+        const plan = this.planner.plan(
+          streams.map((s) => ({ stream: s.stream, cursor: (o: string) => cursor(s.stream, o), listAll: s instanceof DbSync && s.enrolling })),
+          origins,
+        );
+        // A database new to this node first replays this node's own earlier log (Agent.placeLogs).
+        for (const s of streams) if (s instanceof DbSync && s.ownThrough > cursor(s.stream, this.config.node)) plan.push({ stream: s.stream, origin: this.config.node });
+        for (const p of plan) {
+          const s = byName.get(p.stream)!;
+          for (let pulled = 0; pulled < PULL_TURN && !this.halted(); pulled += 16) {
+            const before = s.cursors().get(p.origin)?.seq ?? 0;
+            applied += s instanceof DbSync ? await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known) : await s.pull(p.origin, 16, Infinity, p.known);
+            const after = s.cursors().get(p.origin)?.seq ?? 0;
+            this.index.forget(p.origin, p.stream, after);
+            // Go on while the last pull was a full turn, or the index names the next segment already.
+            const again = after - before >= 16 || (after > before && p.known?.has(after + 1) === true);
+            if (!again) break;
+            if (pulled + 16 >= PULL_TURN) more = true;
           }
+          this.storeOk(); // judged only from calls really made
+        }
+        for (const s of streams) {
+          if (!(s instanceof DbSync)) continue;
+          s.maintain();
           // A new database enrols its own rows once the cluster's log is in it.
-          if (s instanceof DbSync && s.enrolling && this.originsListed && !this.halted() && s.caughtUp(origins)) {
+          const own = s.ownThrough > 0 ? [this.config.node] : [];
+          if (s.enrolling && this.originsListed && !this.halted() && s.caughtUp([...origins, ...own])) {
             s.finishEnrolment();
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
           }
         }
+        if (!this.halted()) this.planner.firstRoundDone();
       } catch (err) {
         if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");
         failed = true;
       }
-      if (failed) interval = Math.min(interval * 2, 10000);
-      else interval = applied > 0 ? this.config.pollMinMs : Math.min(interval * 2, this.config.pollMaxMs);
-      await sleep(interval);
+      const busy = applied > 0 || fresh > 0 || Date.now() - this.lastLocalActivityMs < ACTIVE_HOLD_MS;
+      if (failed) this.pollIntervalMs = Math.min(Math.max(this.pollIntervalMs * 2, this.config.pollMinMs), 10_000);
+      else if (more) this.pollIntervalMs = 0;
+      else this.pollIntervalMs = busy ? this.config.pollMinMs : Math.min(this.pollIntervalMs * 2, this.config.pollMaxMs);
+      await this.sleepPull(roundMs);
     }
+  }
+
+  /** Waits out the poll interval from the round's start; a LAN hint shortens it, never below pollMinMs. */
+  private async sleepPull(roundMs: number): Promise<void> {
+    const until = roundMs + this.pollIntervalMs;
+    const floor = roundMs + Math.min(this.pollIntervalMs, this.config.pollMinMs);
+    await new Promise<void>((resolve) => {
+      let t = setTimeout(resolve, Math.max(0, until - Date.now()));
+      this.wakePull = (now = false) => {
+        clearTimeout(t);
+        t = setTimeout(resolve, now ? 0 : Math.max(0, floor - Date.now()));
+        this.wakePull = null;
+      };
+    });
+    this.wakePull = null;
   }
 
   private async housekeepingLoop(): Promise<void> {
     let lastHeartbeat = 0;
+    let lastSaid = "";
     while (!this.halted()) {
       await sleep(Math.min(this.config.rescanMs, 1000));
       if (this.halted()) break;
@@ -628,9 +729,16 @@ export class Agent {
         this.rejoining = this.rejoin().finally(() => (this.rejoining = null));
         break;
       }
-      if (Date.now() - lastHeartbeat >= this.config.heartbeatMs) {
-        lastHeartbeat = Date.now();
-        await this.heartbeat().catch((err) => this.storeFailed(err, "writing heartbeat"));
+      // A heartbeat that says nothing new waits longer: an idle cluster's requests stay few.
+      const since = Date.now() - lastHeartbeat;
+      if (since >= this.config.heartbeatMs) {
+        const body = this.status();
+        const said = JSON.stringify({ ...body, storeRequests: undefined, tailing: undefined });
+        if (said !== lastSaid || since >= IDLE_HEARTBEAT_FACTOR * this.config.heartbeatMs) {
+          lastHeartbeat = Date.now();
+          lastSaid = said;
+          await this.heartbeat({ ...body, atMs: lastHeartbeat }).catch((err) => this.storeFailed(err, "writing heartbeat"));
+        }
       }
     }
   }
@@ -645,6 +753,11 @@ export class Agent {
   }
 
   private updateGauges(): void {
+    this.requestRates = this.store.requests.perSecond();
+    for (const kind of REQUEST_KINDS) this.metrics.setTotal("unisync_store_requests_total", this.store.requests.total[kind], { kind });
+    this.metrics.setTotal("unisync_index_polls_total", this.indexPolls);
+    for (const [why, n] of Object.entries(this.planner.listings)) this.metrics.setTotal("unisync_stream_listings_total", n, { why });
+    this.metrics.set("unisync_poll_interval_seconds", this.pollIntervalMs / 1000);
     for (const db of this.dbs.values()) {
       const labels = { db: db.stream };
       this.metrics.set("unisync_pending_changes", db.pendingChanges(), labels);
@@ -677,6 +790,18 @@ export class Agent {
       })),
       files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+      storeRequests: {
+        perSecond: this.requestRates,
+        total: this.store.requests.snapshot(),
+        conditionalWrites: this.conditionalWrites === undefined ? "unknown" : this.conditionalWrites ? "enforced" : "not enforced",
+      },
+      tailing: {
+        indexPolls: this.indexPolls,
+        pollIntervalMs: this.pollIntervalMs,
+        listings: { ...this.planner.listings },
+        hintsReceived: this.hints?.received ?? 0,
+        hintsRefused: this.hints?.refused ?? 0,
+      },
       rejoin: this.rejoinStatus,
       notSynced: Object.fromEntries(this.failed),
       replaced: this.replacements.map((r) => ({ stream: r.stream, at: new Date(r.atMs).toISOString(), why: r.why })),
@@ -704,6 +829,8 @@ export class Agent {
     if (this.stopping) return;
     this.stopping = true;
     this.wake?.();
+    this.wakePull?.(true);
+    this.hints?.close();
     await this.rejoining;
     await Promise.allSettled(this.loops);
     // Cursors no longer move once the loops are done; read them before the streams close.

@@ -36,8 +36,17 @@ export interface Config {
    */
   declaredOnDelete: string[];
   captureIntervalMs: number;
+  /** The pull loop's poll of the cluster index: every pollMinMs while the cluster is busy, backing off to pollMaxMs when idle. */
   pollMinMs: number;
   pollMaxMs: number;
+  /** Readers re-read the index this far behind the newest pointer (late writers, clock skew). */
+  indexOverlapMs: number;
+  /** Gap repair: one origin's stream is listed every repairEveryMs, in turn (a lost pointer delays, never loses). */
+  repairEveryMs: number;
+  /** LAN hints: UDP port to listen on (0: off), peers as host:port, and the shared secret that signs them. */
+  hintPort: number;
+  hintPeers: string[];
+  hintSecret: string;
   batchMaxRecords: number;
   batchMaxBytes: number;
   busyTimeoutMs: number;
@@ -69,8 +78,13 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   independentDatabases: false,
   declaredOnDelete: [],
   captureIntervalMs: 50,
-  pollMinMs: 100,
-  pollMaxMs: 500,
+  pollMinMs: 500,
+  pollMaxMs: 5000,
+  indexOverlapMs: 30_000,
+  repairEveryMs: 15_000,
+  hintPort: 0,
+  hintPeers: [],
+  hintSecret: "",
   batchMaxRecords: 5000,
   batchMaxBytes: 4 * 1024 * 1024,
   busyTimeoutMs: 5000,
@@ -100,6 +114,11 @@ const KINDS: Record<keyof Config, Kind> = {
   captureIntervalMs: "number",
   pollMinMs: "number",
   pollMaxMs: "number",
+  indexOverlapMs: "number",
+  repairEveryMs: "number",
+  hintPort: "number",
+  hintPeers: "string[]",
+  hintSecret: "string",
   batchMaxRecords: "number",
   batchMaxBytes: "number",
   busyTimeoutMs: "number",
@@ -175,6 +194,15 @@ function validate(c: Config): void {
   need(c.captureIntervalMs >= 5 && c.captureIntervalMs <= 60000, "captureIntervalMs", "must be between 5 and 60000");
   need(c.pollMinMs >= 10, "pollMinMs", "must be at least 10");
   need(c.pollMaxMs >= c.pollMinMs, "pollMaxMs", "must be at least pollMinMs");
+  need(c.indexOverlapMs >= 1000, "indexOverlapMs", "must be at least 1000");
+  need(c.repairEveryMs >= 100, "repairEveryMs", "must be at least 100");
+  need(c.hintPort >= 0 && c.hintPort <= 65535, "hintPort", "must be a UDP port number, or 0 for off");
+  for (const p of c.hintPeers) {
+    if (!/^(\[[0-9a-fA-F:.]+\]|[^\s:]+):\d{1,5}$/.test(p)) throw new ConfigError(`"hintPeers": ${JSON.stringify(p)} must be host:port (IPv6 as [addr]:port)`);
+  }
+  if ((c.hintPort > 0 || c.hintPeers.length > 0) && c.hintSecret.length < 16) {
+    throw new ConfigError(`"hintSecret" must be at least 16 characters when hintPort or hintPeers is set (the same on every node; UNISYNC_HINT_SECRET keeps it out of the file)`);
+  }
   need(c.batchMaxRecords >= 1 && c.batchMaxRecords <= 1_000_000, "batchMaxRecords", "must be between 1 and 1000000");
   need(c.batchMaxBytes >= 1024 && c.batchMaxBytes <= 64 * 1024 * 1024, "batchMaxBytes", "must be between 1024 and 67108864");
   need(c.busyTimeoutMs >= 0, "busyTimeoutMs", "must not be negative");
@@ -257,9 +285,24 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   "declaredOnDelete": ${JSON.stringify(d.declaredOnDelete)},
   // How often (ms) to look for new local changes.
   "captureIntervalMs": ${d.captureIntervalMs},
-  // How often (ms) to poll the store for other nodes' changes: fast while busy, slower when idle.
+  // How often (ms) to poll the store's segment index for other nodes' changes: every
+  // pollMinMs while the cluster is busy, backing off to pollMaxMs when idle (one LIST each,
+  // however many nodes and databases there are).
   "pollMinMs": ${d.pollMinMs},
   "pollMaxMs": ${d.pollMaxMs},
+  // Re-read the index this far (ms) behind the newest entry: covers late writers and clocks
+  // that disagree by less than half of it.
+  "indexOverlapMs": ${d.indexOverlapMs},
+  // Gap repair: list one other node's stream every this many ms, in turn, in case an index
+  // entry was lost (it then shows up late, never not at all).
+  "repairEveryMs": ${d.repairEveryMs},
+  // Optional LAN hints: agents that can reach each other over UDP tell each other "new
+  // segment" so an idle cluster still syncs at once. Listen on hintPort (0 = off), tell
+  // hintPeers ("host:port"), signed with hintSecret (the same on every node; better in
+  // UNISYNC_HINT_SECRET). Without hints everything still works by polling.
+  "hintPort": ${d.hintPort},
+  "hintPeers": ${JSON.stringify(d.hintPeers)},
+  "hintSecret": ${JSON.stringify(d.hintSecret)},
   // Upper bounds of one segment.
   "batchMaxRecords": ${d.batchMaxRecords},
   "batchMaxBytes": ${d.batchMaxBytes},

@@ -15,6 +15,7 @@ import type { HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
+import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
 import { BagStore } from "../replay/bag.js";
@@ -135,7 +136,7 @@ export class DbSync {
       );
     }));
     this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases, () => this.enrolling);
-    this.outbox = new Outbox(this.db, o.node, o.stream);
+    this.outbox = new Outbox(this.db, o.node, o.stream, o.clock);
     this.references = new ReferenceKeeper(
       this.db,
       this.states,
@@ -343,6 +344,11 @@ export class DbSync {
 
   private lastParkedRetry = 0;
 
+  /** What must happen now and then even when nothing arrives: parked records get another try. */
+  maintain(): void {
+    if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
+  }
+
   /**
    * Applies parked records that can apply now (schema caught up, clash cleared,
    * clock reached, referenced row arrived); `reasonPrefix` limits it to one kind.
@@ -442,16 +448,16 @@ export class DbSync {
    * `untilHlc` (point-in-time replay): only records stamped at or before it; an
    * origin's clocks grow along its log, so the pull stops at the first later one.
    */
-  async pull(origin: string, maxSegments = 16, untilHlc = Infinity, stop: () => boolean = () => false): Promise<number> {
+  async pull(origin: string, maxSegments = 16, untilHlc = Infinity, stop: () => boolean = () => false, known?: KnownSegments): Promise<number> {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
     this.readToEnd.set(origin, false);
     // Applying seals pending changes first: not before the log's place is known.
     if (this.logUnknown) return 0;
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
-    if (Date.now() - this.lastParkedRetry > PARKED_RETRY_MS) this.retryParked();
+    this.maintain();
     const cursor = this.applier.cursor(origin);
-    const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments);
+    const { segments, problem } = await readAfter(this.o.store, origin, this.o.stream, cursor.seq, maxSegments, 4, known);
     let applied = 0;
     let seen = 0;
     for await (const s of segments) {

@@ -27,6 +27,7 @@ import { hlcToMs, type HybridClock } from "../log/hlc.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js";
+import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
 import type { ObjectStore } from "../store/store.js";
@@ -150,7 +151,7 @@ export class FolderSync {
       throw err;
     }
     o.clock.observe(Number(getMeta(this.db, "hlc") ?? 0));
-    this.outbox = new Outbox(this.db, o.node, FILES_STREAM);
+    this.outbox = new Outbox(this.db, o.node, FILES_STREAM, o.clock);
     this.scanner = new FolderScanner({
       root: o.instanceDir,
       state: this.state,
@@ -519,10 +520,10 @@ export class FolderSync {
    * Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied.
    * `untilHlc` (point-in-time replay): only records stamped at or before it (see DbSync.pull).
    */
-  pull(origin: string, maxSegments = 16, untilHlc = Infinity): Promise<number> {
+  pull(origin: string, maxSegments = 16, untilHlc = Infinity, known?: KnownSegments): Promise<number> {
     return this.exclusive(async () => {
       const cursor = this.cursor(origin);
-      const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments);
+      const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments, 4, known);
       let applied = 0;
       for await (const s of segments) {
         const records = s.segment.records.filter((r) => r.hlc <= untilHlc);

@@ -8,6 +8,11 @@ export class Metrics {
     this.counters.set(k, (this.counters.get(k) ?? 0) + by);
   }
 
+  /** A counter kept elsewhere (e.g. the store's request counts), reported as it stands. */
+  setTotal(name: string, value: number, labels: Record<string, string> = {}): void {
+    this.counters.set(key(name, labels), value);
+  }
+
   set(name: string, value: number, labels: Record<string, string> = {}): void {
     this.gauges.set(key(name, labels), value);
   }

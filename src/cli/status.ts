@@ -81,6 +81,8 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
   let storeOrigins: string[] = [];
   let storeError: string | undefined;
   if (store) storeOrigins = await listOrigins(store).catch((err: Error) => ((storeError = err.message), []));
+  // The running agent's own view (its last heartbeat): store requests per second and write protection.
+  const heartbeat = store && !storeError ? await readHeartbeat(store, config.node) : undefined;
   const found = findDatabases(config.instanceDir, config.databases, true);
   const reports: DbReport[] = [];
   for (const { path, stream } of found.synced) {
@@ -124,10 +126,11 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     }
   }
   const excludedFiles = values.files ? await listExcluded(config.instanceDir, new Set(found.synced.map((d) => d.path))) : undefined;
-  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, databases: reports, notSynced: found.notSynced, excludedFiles, startedAgain: startedAgain(config.instanceDir) };
+  const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, agent: heartbeat, databases: reports, notSynced: found.notSynced, excludedFiles, startedAgain: startedAgain(config.instanceDir) };
   if (values.json) return console.log(JSON.stringify(result, null, 2));
   console.log(`instance folder: ${config.instanceDir}`);
   console.log(`store: ${store ? store.description : "(none given: pass --store or set it in the config)"}${storeError ? `  UNREACHABLE: ${storeError}` : ""}`);
+  if (heartbeat) for (const line of describeAgent(heartbeat)) console.log(line);
   for (const r of reports) {
     console.log(`\ndatabase ${r.stream}${r.enrolled ? ` (node ${r.node})` : " — not enrolled yet (start the agent)"}`);
     if (!r.enrolled) continue;
@@ -158,4 +161,38 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     console.log("\nSQLite files not synced:");
     for (const n of found.notSynced) console.log(`  ${n.path}: ${n.reason}`);
   }
+}
+
+interface AgentHeartbeat {
+  atMs: number;
+  storeRequests?: { perSecond: Record<string, number>; conditionalWrites: string };
+  tailing?: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number };
+}
+
+/** This node's last heartbeat (nodes/<node>.json), if the store has one. */
+async function readHeartbeat(store: ObjectStore, node: string): Promise<AgentHeartbeat | undefined> {
+  const body = await store.get(`nodes/${encodeURIComponent(node)}.json`).catch(() => null);
+  if (!body) return undefined;
+  try {
+    return JSON.parse(body.toString()) as AgentHeartbeat;
+  } catch {
+    return undefined;
+  }
+}
+
+export function describeAgent(h: AgentHeartbeat): string[] {
+  const out = [`agent's last heartbeat: ${new Date(h.atMs).toISOString()}`];
+  const r = h.storeRequests;
+  if (r) {
+    const rates = Object.entries(r.perSecond).map(([k, v]) => `${k} ${v}`).join(", ");
+    const total = Object.values(r.perSecond).reduce((a, b) => a + b, 0);
+    out.push(`  store requests per second (last minute): ${Math.round(total * 1000) / 1000} (${rates})`);
+    out.push(`  conditional writes (If-None-Match): ${r.conditionalWrites}${r.conditionalWrites === "enforced" ? " — each seq is claimed, so two agents under one node name cannot fork the log" : r.conditionalWrites === "not enforced" ? " — this store ignores them; a second agent under this node name is caught only when it starts" : ""}`);
+  }
+  const t = h.tailing;
+  if (t) {
+    const listed = Object.entries(t.listings).map(([k, v]) => `${k} ${v}`).join(", ");
+    out.push(`  index polls: ${t.indexPolls} (every ${t.pollIntervalMs} ms now); stream listings: ${listed}; LAN hints received: ${t.hintsReceived}`);
+  }
+  return out;
 }

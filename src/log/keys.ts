@@ -29,6 +29,15 @@ export function seqFloorKey(origin: string, stream: string, seq: number): string
   return `${streamPrefix(origin, stream)}${String(seq).padStart(SEQ_DIGITS, "0")}`;
 }
 
+/**
+ * Where the store enforces If-None-Match, a writer claims each seq before it
+ * uploads the segment: claims/<origin>/<stream>/<seq:20>, holding the segment's
+ * key. A second agent under the same node name fails to claim instead of forking the log.
+ */
+export function claimKey(origin: string, stream: string, seq: number): string {
+  return `claims/${encodeName(origin)}/${encodeName(stream)}/${String(seq).padStart(SEQ_DIGITS, "0")}`;
+}
+
 export interface SegmentName {
   seq: number;
   sha256: string;
@@ -54,9 +63,14 @@ export async function listStreams(store: ObjectStore, origin: string): Promise<s
   return (await listFolders(store, `log/${encodeName(origin)}/`)).map(decodeName);
 }
 
-/** The highest seq `origin` has in the store for `stream` (0: none). */
+/**
+ * The highest seq `origin` has in the store for `stream` (0: none), claims
+ * included: a seq claimed by an upload that never finished is not reused.
+ */
 export async function logHead(store: ObjectStore, origin: string, stream: string): Promise<number> {
   let head = 0;
   for await (const o of listAll(store, streamPrefix(origin, stream))) head = Math.max(head, parseSegmentKey(o.key)?.seq ?? 0);
+  const claims = claimKey(origin, stream, 0).replace(/\d+$/, "");
+  for await (const o of listAll(store, claims)) head = Math.max(head, Number(o.key.slice(claims.length)) || 0);
   return head;
 }

@@ -5,9 +5,11 @@
  * object under the very same key: readers never see two different segment Ns.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { listAll, type ObjectStore } from "../store/store.js";
+import { enforcesConditionalWrites, listAll, type ObjectStore } from "../store/store.js";
 import { getMeta, setMeta } from "../capture/internal.js";
-import { parseSegmentKey, segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
+import { hlcToMs, type HybridClock } from "./hlc.js";
+import { publishPointer } from "./index.js";
+import { claimKey, parseSegmentKey, segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import { sealSegment, type LogRecord } from "./segment.js";
 
 /** The store holds segments of this origin that this database did not seal. */
@@ -31,6 +33,8 @@ export class Outbox {
     private readonly db: Database,
     readonly origin: string,
     readonly stream: string,
+    /** Pointer times never go below what this node's clock has seen (readers' windows follow the newest pointer). */
+    private readonly clock?: HybridClock,
   ) {
     this.insertStmt = db.prepare("INSERT INTO _unisync_outbox(seq, key, bytes, records, sealed_ms) VALUES (?, ?, ?, ?, ?)");
     this.firstStmt = db.prepare("SELECT seq, key, bytes, records FROM _unisync_outbox ORDER BY seq LIMIT ?");
@@ -66,10 +70,32 @@ export class Outbox {
     return { segments: Number(r.n), records: Number(r.r) };
   }
 
-  /** Puts one sealed segment and forgets it once the store has it (never before). */
+  /**
+   * Puts one sealed segment and its index pointer, and forgets it once the
+   * store has both (never before). Where the store enforces If-None-Match the
+   * seq is claimed first, so two writers under one name cannot both land a seq.
+   * The segment itself is a plain put: its key names its bytes, so a retry
+   * after a crash writes the same object again.
+   */
   async upload(store: ObjectStore, entry: OutboxEntry): Promise<void> {
+    if (await enforcesConditionalWrites(store)) await this.claim(store, entry);
     await store.put(entry.key, entry.bytes);
+    const sha256 = parseSegmentKey(entry.key)!.sha256;
+    const ms = Math.max(Date.now(), this.clock ? hlcToMs(this.clock.current) : 0);
+    await publishPointer(store, ms, this.origin, this.stream, entry.seq, sha256);
     this.removeStmt.run(entry.seq);
+  }
+
+  private async claim(store: ObjectStore, entry: OutboxEntry): Promise<void> {
+    const key = claimKey(this.origin, this.stream, entry.seq);
+    if ((await store.putIfAbsent(key, Buffer.from(entry.key))) === "created") return;
+    const holder = (await store.get(key))?.toString();
+    if (holder === entry.key) return; // ours: an earlier try of this very upload
+    throw new LogForkError(
+      `seq ${entry.seq} of origin "${this.origin}" (${this.stream}) is already claimed in the store by ${holder ?? "a claim that vanished"}, ` +
+        `not by this database's segment ${entry.key}. Either another running agent uses the node name "${this.origin}" ` +
+        `(give each node its own --node), or this database was restored from an older copy. Refusing to write so that the log does not fork.`,
+    );
   }
 
   /**

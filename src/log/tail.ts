@@ -7,6 +7,7 @@
 import type { ObjectStore } from "../store/store.js";
 import { readGcMarker } from "./collected.js";
 import { parseSegmentKey, seqFloorKey, streamPrefix } from "./keys.js";
+import type { KnownSegments } from "./index.js";
 import { CorruptSegmentError, openSegment, type Segment } from "./segment.js";
 
 export interface FetchedSegment {
@@ -47,9 +48,11 @@ async function collectedProblem(store: ObjectStore, origin: string, stream: stri
 }
 
 /**
- * Lists up to `maxSegments` segments after `afterSeq` and hands them over in
- * order. At most `prefetch` compressed bodies are in memory or in flight, and
- * only the segment in hand is decoded, so memory stays flat with segment count.
+ * Hands over up to `maxSegments` segments after `afterSeq` in order. Their keys
+ * come from `known` (the cluster index) when it names the next seq, so tailing
+ * needs no LIST; otherwise from listing the stream. At most `prefetch`
+ * compressed bodies are in memory or in flight, and only the segment in hand is
+ * decoded, so memory stays flat with segment count.
  */
 export async function readAfter(
   store: ObjectStore,
@@ -58,12 +61,68 @@ export async function readAfter(
   afterSeq: number,
   maxSegments: number,
   prefetch = 4,
+  known?: KnownSegments,
 ): Promise<TailResult> {
+  const wanted: { key: string; seq: number; sha256: string }[] = [];
+  let problem: TailProblem | undefined;
+  const fromIndex = known?.has(afterSeq + 1) === true;
+  if (fromIndex) {
+    for (let seq = afterSeq + 1; wanted.length < maxSegments && known!.has(seq); seq++) {
+      const key = known!.get(seq)!;
+      wanted.push({ key, seq, sha256: parseSegmentKey(key)!.sha256 });
+    }
+  } else problem = await listWanted(store, origin, stream, afterSeq, maxSegments, wanted);
+
+  async function* segments(): AsyncGenerator<FetchedSegment> {
+    const bodies: (Promise<Buffer | null> | null)[] = [];
+    for (let i = 0; i < wanted.length; i++) {
+      while (bodies.length < Math.min(wanted.length, i + prefetch)) {
+        const p = store.get(wanted[bodies.length].key);
+        p.catch(() => undefined); // awaited below; never an unhandled rejection if we stop early
+        bodies.push(p);
+      }
+      const w = wanted[i];
+      const body = await bodies[i];
+      bodies[i] = null;
+      if (!body && fromIndex) {
+        // A pointer named a segment the store does not hold (collected, or not
+        // visible yet): the listing knows what is really there and why not.
+        const rest = await readAfter(store, origin, stream, w.seq - 1, maxSegments - i, prefetch);
+        yield* rest.segments;
+        problem = rest.problem();
+        return;
+      }
+      let segment: Segment;
+      try {
+        if (!body) throw new CorruptSegmentError("listed but no longer readable");
+        segment = openSegment(body, w.sha256);
+        if (segment.seq !== w.seq || segment.origin !== origin || segment.stream !== stream) {
+          throw new CorruptSegmentError(`header says ${segment.origin}/${segment.stream}#${segment.seq}, key says ${origin}/${stream}#${w.seq}`);
+        }
+      } catch (err) {
+        if (!(err instanceof CorruptSegmentError)) throw err;
+        problem = { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` };
+        return;
+      }
+      yield { key: w.key, seq: w.seq, segment };
+    }
+  }
+  return { segments: segments(), problem: () => problem };
+}
+
+/** Lists the stream after `afterSeq` into `wanted` (dense seqs from afterSeq + 1); returns why it stopped early, if it did. */
+async function listWanted(
+  store: ObjectStore,
+  origin: string,
+  stream: string,
+  afterSeq: number,
+  maxSegments: number,
+  wanted: { key: string; seq: number; sha256: string }[],
+): Promise<TailProblem | undefined> {
   const page = await store.list(streamPrefix(origin, stream), {
     startAfter: `${seqFloorKey(origin, stream, afterSeq)}~`,
     limit: maxSegments + 1,
   });
-  const wanted: { key: string; seq: number; sha256: string }[] = [];
   let problem: TailProblem | undefined;
   let expect = afterSeq + 1;
   for (const obj of page.objects) {
@@ -83,34 +142,7 @@ export async function readAfter(
     wanted.push({ key: obj.key, seq: name.seq, sha256: name.sha256 });
     expect++;
   }
-
-  async function* segments(): AsyncGenerator<FetchedSegment> {
-    const bodies: (Promise<Buffer | null> | null)[] = [];
-    for (let i = 0; i < wanted.length; i++) {
-      while (bodies.length < Math.min(wanted.length, i + prefetch)) {
-        const p = store.get(wanted[bodies.length].key);
-        p.catch(() => undefined); // awaited below; never an unhandled rejection if we stop early
-        bodies.push(p);
-      }
-      const w = wanted[i];
-      const body = await bodies[i];
-      bodies[i] = null;
-      let segment: Segment;
-      try {
-        if (!body) throw new CorruptSegmentError("listed but no longer readable");
-        segment = openSegment(body, w.sha256);
-        if (segment.seq !== w.seq || segment.origin !== origin || segment.stream !== stream) {
-          throw new CorruptSegmentError(`header says ${segment.origin}/${segment.stream}#${segment.seq}, key says ${origin}/${stream}#${w.seq}`);
-        }
-      } catch (err) {
-        if (!(err instanceof CorruptSegmentError)) throw err;
-        problem = { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` };
-        return;
-      }
-      yield { key: w.key, seq: w.seq, segment };
-    }
-  }
-  return { segments: segments(), problem: () => problem };
+  return problem;
 }
 
 interface Logger {

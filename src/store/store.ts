@@ -47,6 +47,18 @@ export class RequestCounts {
   snapshot(): Record<RequestKind, number> {
     return { ...this.total };
   }
+
+  private readonly samples: { ms: number; total: Record<RequestKind, number> }[] = [];
+
+  /** Requests per second by kind over the last `windowMs`; call it every second or so (each call is a sample). */
+  perSecond(now = Date.now(), windowMs = 60_000): Record<RequestKind, number> {
+    this.samples.push({ ms: now, total: this.snapshot() });
+    while (this.samples.length > 2 && this.samples[1]!.ms <= now - windowMs) this.samples.shift();
+    const first = this.samples[0]!;
+    const seconds = (now - first.ms) / 1000;
+    const rate = (k: RequestKind) => (seconds > 0 ? Math.round(((this.total[k] - first.total[k]) / seconds) * 1000) / 1000 : 0);
+    return { LIST: rate("LIST"), GET: rate("GET"), PUT: rate("PUT"), HEAD: rate("HEAD"), DELETE: rate("DELETE") };
+  }
 }
 
 export type PutIfAbsentResult = "created" | "exists";
@@ -132,4 +144,17 @@ export async function probeConditionalWrites(store: ObjectStore, probeKey: strin
   } finally {
     await store.delete(probeKey).catch(() => undefined);
   }
+}
+
+const conditionalWrites = new WeakMap<ObjectStore, Promise<boolean>>();
+
+/** probeConditionalWrites once per store object (a failed probe, e.g. store down, is tried again next time). */
+export function enforcesConditionalWrites(store: ObjectStore): Promise<boolean> {
+  let known = conditionalWrites.get(store);
+  if (!known) {
+    known = probeConditionalWrites(store, `probe/${Date.now()}-${Math.random().toString(36).slice(2)}`);
+    conditionalWrites.set(store, known);
+    known.catch(() => conditionalWrites.delete(store));
+  }
+  return known;
 }
