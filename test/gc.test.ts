@@ -25,6 +25,8 @@ import type { GcReport } from "../src/snapshot/gc.js";
 import { fetchBlob } from "../src/log/blobs.js";
 import { listOrigins, listStreams, parseSegmentKey, streamPrefix } from "../src/log/keys.js";
 import { openSegment } from "../src/log/segment.js";
+import { pointerKey } from "../src/log/index.js";
+import { claimKey } from "../src/log/keys.js";
 import { listAll, type ObjectStore } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
 
@@ -110,6 +112,11 @@ describe("gc", () => {
     await store.put(`blobs/${sha(young)}`, young);
     const keepArg = () => `${Math.ceil((Date.now() - windowStart) / 1000)}s`;
 
+    // An index pointer from two days ago goes; a claim of a collected seq goes with its segment.
+    const oldPointer = pointerKey(Date.now() - 48 * 3600_000, "n1", "data.db", 1, "0".repeat(64));
+    await store.put(oldPointer, Buffer.alloc(0));
+    await store.put(claimKey("n3", "data.db", 1), Buffer.from("claimed"));
+
     // Dry run: reports, deletes nothing.
     const before = await allKeys(store);
     const dry = await gc(["--keep", keepArg()]);
@@ -118,6 +125,8 @@ describe("gc", () => {
     expect(dry.snapshots.find((s) => s.key === s1.key)?.action).toBe("delete");
     expect(dry.totals.segments).toBeGreaterThan(0);
     expect(dry.totals.blobs).toBeGreaterThan(0);
+    expect(dry.totals.pointers).toBe(1);
+    expect(dry.totals.claims).toBe(1);
     expect(dry.laggards.some((l) => l.node === "n3" && l.origin === "n1" && l.stream === "data.db" && l.gone)).toBe(true);
     expect(await allKeys(store)).toEqual(before);
     const human = await runCli(["gc", "--store", url, "--keep", keepArg()]);
@@ -133,6 +142,11 @@ describe("gc", () => {
     const done = await gc(["--keep", keepArg(), "--apply"]);
     expect(done.applied).toBe(true);
     expect(done.totals.segments).toBeGreaterThan(0);
+    expect(await store.head(oldPointer)).toBeNull();
+    expect(await store.head(claimKey("n3", "data.db", 1))).toBeNull();
+    let pointersLeft = 0;
+    for await (const _ of listAll(store, "idx/")) pointersLeft++;
+    expect(pointersLeft, "the young pointers stay").toBeGreaterThan(0);
     const refs = await listSnapshots(store);
     expect(refs.map((r) => r.key)).not.toContain(s1.key);
     expect(refs.map((r) => r.key)).toContain(s2.key);

@@ -85,7 +85,7 @@ export function formatReport(r: GcReport): string {
   );
   for (const p of r.problems) out.push(`problem: ${p}`);
   const t = r.totals;
-  out.push(`total: ${t.segments} segments (${mb(t.segmentBytes)}), ${t.snapshots} snapshots, ${t.blobs} blobs (${mb(t.blobBytes)}) ${r.applied ? "deleted" : "would be deleted"}`);
+  out.push(`total: ${t.segments} segments (${mb(t.segmentBytes)}), ${t.snapshots} snapshots, ${t.blobs} blobs (${mb(t.blobBytes)}), ${t.claims} seq claims, ${t.pointers} index pointers ${r.applied ? "deleted" : "would be deleted"}`);
   return out.join("\n");
 }
 

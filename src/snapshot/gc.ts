@@ -26,10 +26,35 @@ import { FILES_STREAM } from "../agent/foldersync.js";
 import { BlobIntegrityError, blobKey, fetchBlob, fetchBlobToFile } from "../log/blobs.js";
 import { hlcFromMs, LOGICAL_BITS } from "../log/hlc.js";
 import { gcMarkerKey, readGcMarker, type GcMarker } from "../log/collected.js";
-import { listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
+import { INDEX_PREFIX, indexFloorKey } from "../log/index.js";
+import { claimKey, listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
 import { CorruptSegmentError, openSegment } from "../log/segment.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { CorruptSnapshotError, listSnapshots, partBlobs, readManifest, type FileEntry, type Manifest, type SnapshotRef } from "./format.js";
+
+/**
+ * Index pointers older than this go: readers look back only indexOverlapMs
+ * (seconds), and a node that fell further behind lists its streams instead.
+ */
+const INDEX_KEEP_MS = 24 * 3600_000;
+
+/** Deletes (or counts) pointers in the index's hour folders older than `beforeMs`; returns how many. */
+async function collectPointers(store: ObjectStore, beforeMs: number, apply: boolean): Promise<number> {
+  const firstKept = indexFloorKey(beforeMs);
+  let n = 0;
+  let batch: string[] = [];
+  for await (const obj of listAll(store, INDEX_PREFIX)) {
+    if (obj.key >= firstKept) break;
+    n++;
+    batch.push(obj.key);
+    if (batch.length >= 256) {
+      if (apply) await inBatches(batch, DELETE_PARALLEL, (k) => store.delete(k));
+      batch = [];
+    }
+  }
+  if (apply) await inBatches(batch, DELETE_PARALLEL, (k) => store.delete(k));
+  return n;
+}
 
 export interface GcOptions {
   store: ObjectStore;
@@ -93,7 +118,7 @@ export interface GcReport {
   nodes: NodeReport[];
   laggards: Laggard[];
   blobs: { referenced: number; delete: number; bytes: number; keptYoung: number; skipped?: string };
-  totals: { segments: number; segmentBytes: number; snapshots: number; blobs: number; blobBytes: number };
+  totals: { segments: number; segmentBytes: number; snapshots: number; blobs: number; blobBytes: number; claims: number; pointers: number };
   problems: string[];
 }
 
@@ -342,6 +367,22 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
     if (s.segments) say(`${o.apply ? "deleted" : "would delete"} ${s.segments} segments of ${s.origin}/${s.stream} (through seq ${s.collectThrough})`);
   }
 
+  // Seq claims of collected segments, and index pointers older than any reader looks back.
+  let claims = 0;
+  for (const s of streams) {
+    if (s.collectThrough <= 0) continue;
+    const prefix = claimKey(s.origin, s.stream, 0).replace(/\d+$/, "");
+    const doomedClaims: string[] = [];
+    for await (const obj of listAll(store, prefix)) {
+      if (Number(obj.key.slice(prefix.length)) > s.collectThrough) break;
+      doomedClaims.push(obj.key);
+    }
+    claims += doomedClaims.length;
+    if (o.apply) await inBatches(doomedClaims, DELETE_PARALLEL, (k) => store.delete(k));
+  }
+  const pointers = await collectPointers(store, nowMs - INDEX_KEEP_MS, o.apply);
+  if (claims || pointers) say(`${o.apply ? "deleted" : "would delete"} ${claims} seq claims of collected segments and ${pointers} index pointers older than ${INDEX_KEEP_MS / 3600_000} h`);
+
   // 5. Snapshots older than the oldest kept one.
   const doomed = snapshots.filter((s) => s.action === "delete");
   if (o.apply) await inBatches(doomed, DELETE_PARALLEL, (s) => store.delete(s.key));
@@ -404,7 +445,7 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
     nodes,
     laggards,
     blobs,
-    totals: { segments: segs, segmentBytes: segBytes, snapshots: doomed.length, blobs: blobs.delete, blobBytes: blobs.bytes },
+    totals: { segments: segs, segmentBytes: segBytes, snapshots: doomed.length, blobs: blobs.delete, blobBytes: blobs.bytes, claims, pointers },
     problems,
   };
 }
