@@ -9,13 +9,17 @@
  * before it joins (a diverged copy). All must end with identical tables, every
  * row that no node deleted, every child on the row its node gave it (or on the
  * row that kept the values of a row set aside), no phantom copy, and every
- * foreign key satisfied. Rerun a failure with SEED=<printed seed>.
+ * foreign key satisfied. Half the pulls read through the cluster index, whose
+ * pointers the store drops, delays and duplicates at random: none may be skipped.
+ * Rerun a failure with SEED=<printed seed>.
  */
 import { copyFileSync, mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
+import type { Readable } from "node:stream";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { FileStore } from "../src/store/file.js";
+import { parsePointerKey, pointerKey, SegmentIndex, type KnownSegments } from "../src/log/index.js";
 import { decodeValues, type SqlValue } from "../src/log/value.js";
 import { compareDatabases } from "./helpers/checker.js";
 import { appConnection, openSync } from "./helpers/node.js";
@@ -34,13 +38,46 @@ CREATE TABLE edge(src INTEGER, dst TEXT, w, PRIMARY KEY(src, dst)) WITHOUT ROWID
 CREATE TABLE note(who, what);
 `;
 
+/**
+ * The store as a flaky bucket treats index pointers: each one is put, dropped,
+ * held back until a later step (then put under its old key), or put twice.
+ */
+class ChaoticPointerStore extends FileStore {
+  private readonly held: [string, Buffer][] = [];
+
+  constructor(root: string, private readonly rand: () => number) {
+    super(root);
+  }
+
+  override async put(key: string, body: Buffer | Readable, size?: number): Promise<void> {
+    if (!key.startsWith("idx/") || !Buffer.isBuffer(body)) return super.put(key, body, size);
+    const r = this.rand();
+    if (r < 0.2) return; // lost
+    if (r < 0.4) {
+      this.held.push([key, body]);
+      return;
+    }
+    await super.put(key, body, size);
+    if (r < 0.6) {
+      const p = parsePointerKey(key)!;
+      await super.put(pointerKey(p.ms + 1 + Math.floor(this.rand() * 5000), p.origin, p.stream, p.seq, p.segmentKey.slice(-68, -4)), body);
+    }
+  }
+
+  async releaseDelayed(): Promise<void> {
+    for (const [k, b] of this.held.splice(0)) await super.put(k, b);
+  }
+}
+
 async function run(seed: number, steps: number) {
   const rand = mulberry32(seed);
   const pick = <T>(xs: T[]): T => xs[Math.floor(rand() * xs.length)];
   const dir = join(root, `s${seed}`);
   mkdirSync(dir, { recursive: true });
-  const store = new FileStore(join(dir, "store"));
+  const store = new ChaoticPointerStore(join(dir, "store"), rand);
   const names = ["n1", "n2", "n3"];
+  // Each node also reads through the cluster index, whose pointers the store drops, delays and duplicates.
+  const indexes = new Map(names.concat("n4").map((name) => [name, new SegmentIndex(store, name, 30_000, 0)]));
   const open = (name: string, schema = true, extra: Parameters<typeof openSync>[4] = {}) => {
     const path = join(dir, `${name}.db`);
     const app = appConnection(path);
@@ -166,8 +203,16 @@ async function run(seed: number, steps: number) {
       trace(n.name, "shipped");
     } else if (r < 0.95) {
       const from = pick(names.filter((x) => x !== n.name));
-      const applied = await n.sync.pull(from, 1 + Math.floor(rand() * 3));
-      trace(n.name, "pulled", applied, "records from", from);
+      // Half the pulls fetch what the index names (as the agent does), the rest list the stream (start, gap repair).
+      let known: KnownSegments | undefined;
+      if (rand() < 0.5) {
+        const index = indexes.get(n.name)!;
+        await index.poll();
+        known = index.segments(from, "app.db");
+      }
+      const applied = await n.sync.pull(from, 1 + Math.floor(rand() * 3), Infinity, () => false, known);
+      trace(n.name, "pulled", applied, "records from", from, known ? `(index names ${[...known.keys()].join(",")})` : "(listed)");
+      if (rand() < 0.2) await store.releaseDelayed();
       enrolIfCaughtUp(n);
     } else {
       // Forget the last applied segment: it is applied again, and must change nothing.
