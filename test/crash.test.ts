@@ -4,7 +4,8 @@
  *    nothing is lost (every journaled insert everywhere), nothing is duplicated
  *    (the nodes' tables are identical, including the keyless `logs` table whose
  *    copies would show a duplicate), and every origin's log in the store is
- *    dense: seqs 1..N with exactly one object per seq;
+ *    dense: seqs 1..N with exactly one object per seq, although index pointers
+ *    were deleted, delayed and duplicated at random meanwhile;
  *  - the store (s3rver) down for several seconds: capture goes on into the
  *    outbox, and once it is back every node catches up and converges.
  *
@@ -21,6 +22,8 @@ import { mulberry32 } from "./helpers/random.js";
 import { S3RVER_ENV, s3StoreUrl, startS3rver, type S3rverHandle } from "./helpers/s3rver.js";
 import { listAll, type ObjectStore } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
+import { FileStore } from "../src/store/file.js";
+import { startPointerChaos } from "./helpers/pointer-chaos.js";
 
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -198,9 +201,11 @@ describe("crash safety", () => {
     const rand = mulberry32(SEED);
     const storeDir = mkdtempSync(join(tmpdir(), "unisync-store-"));
     cleanups.push(() => (keep ? console.log(`store kept in ${storeDir}`) : rmSync(storeDir, { recursive: true, force: true })));
-    const c = await Cluster.start({ nodes: ["a", "b"], store: pathToFileURL(storeDir).href });
+    const c = await Cluster.start({ nodes: ["a", "b"], store: pathToFileURL(storeDir).href, env: { UNISYNC_REPAIR_EVERY_MS: "300" } });
     cleanups.push(() => c.destroy(keep));
     await createDatabases(c);
+    // Index pointers are also deleted, delayed and duplicated at random meanwhile: none of that may lose a segment.
+    const chaos = startPointerChaos(new FileStore(storeDir), SEED, { drop: 0.2, delay: 0.2, duplicate: 0.2, maxDelayMs: 3000 });
 
     // A writes fast; B slower, so A also applies B's segments while it gets killed.
     const writerA = startWriter(c, "a", 1, 10);
@@ -226,6 +231,9 @@ describe("crash safety", () => {
     await stopWriter(writerA);
     await stopWriter(writerB);
     const expected = await files.stop();
+    const chaosCounts = await chaos.stop();
+    console.log(`pointer chaos: ${JSON.stringify(chaosCounts)}`);
+    expect(chaosCounts.dropped).toBeGreaterThan(0);
     expect(c.unexpectedExits).toEqual([]);
     expect(c.node("a").starts).toBe(5);
     expect(c.node("b").starts).toBe(2);
