@@ -10,6 +10,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
+import { decodeHint, encodeHint, Hints } from "../src/agent/hints.js";
 import { TailPlanner } from "../src/agent/tailing.js";
 import { INDEX_PREFIX, parsePointerKey, pointerKey, publishPointer, SegmentIndex } from "../src/log/index.js";
 import { claimKey, logHead, segmentKey } from "../src/log/keys.js";
@@ -176,5 +177,27 @@ describe("seq claims", () => {
       d.sync.close();
       d.app.close();
     }
+  });
+});
+
+describe("LAN hints", () => {
+  it("wake a peer with a signed, fresh notice and refuse forged, foreign or stale ones", async () => {
+    const secret = "a-shared-cluster-secret";
+    expect(decodeHint(secret, encodeHint(secret, "n1", Date.now()))).toEqual({ origin: "n1" });
+    expect(decodeHint(secret, encodeHint("another-cluster-secret", "n1", Date.now()))).toMatchObject({ refused: expect.stringMatching(/signature/) });
+    expect(decodeHint(secret, encodeHint(secret, "n1", Date.now() - 120_000))).toMatchObject({ refused: expect.stringMatching(/away from our clock/) });
+    expect(decodeHint(secret, Buffer.from("hello"))).toMatchObject({ refused: expect.any(String) });
+    const quiet = { warn: () => undefined, debug: () => undefined };
+    const woken: string[] = [];
+    const receiver = await Hints.start({ node: "n2", port: 0, peers: [], secret }, (o) => woken.push(o), quiet);
+    const port = (receiver as unknown as { socket: { address(): { port: number } } }).socket.address().port;
+    const sender = await Hints.start({ node: "n1", port: 0, peers: [`127.0.0.1:${port}`], secret }, () => undefined, quiet);
+    const forger = await Hints.start({ node: "evil", port: 0, peers: [`127.0.0.1:${port}`], secret: "not-the-cluster-secret" }, () => undefined, quiet);
+    sender.notify();
+    forger.notify();
+    for (let i = 0; i < 100 && (woken.length < 1 || receiver.refused < 1); i++) await new Promise((r) => setTimeout(r, 20));
+    expect(woken).toEqual(["n1"]);
+    expect(receiver.refused).toBe(1);
+    for (const h of [receiver, sender, forger]) h.close();
   });
 });

@@ -198,7 +198,7 @@ function validate(c: Config): void {
   need(c.repairEveryMs >= 100, "repairEveryMs", "must be at least 100");
   need(c.hintPort >= 0 && c.hintPort <= 65535, "hintPort", "must be a UDP port number, or 0 for off");
   for (const p of c.hintPeers) {
-    if (!/^(\[[0-9a-fA-F:.]+\]|[^\s:]+):\d{1,5}$/.test(p)) throw new ConfigError(`"hintPeers": ${JSON.stringify(p)} must be host:port (IPv6 as [addr]:port)`);
+    if (!/^[^\s:]+:\d{1,5}$/.test(p)) throw new ConfigError(`"hintPeers": ${JSON.stringify(p)} must be host:port (an IPv4 address or a host name)`);
   }
   if ((c.hintPort > 0 || c.hintPeers.length > 0) && c.hintSecret.length < 16) {
     throw new ConfigError(`"hintSecret" must be at least 16 characters when hintPort or hintPeers is set (the same on every node; UNISYNC_HINT_SECRET keeps it out of the file)`);

@@ -14,7 +14,7 @@ export interface HintSettings {
   node: string;
   /** UDP port to listen on (0: do not listen). */
   port: number;
-  /** Peers as host:port. */
+  /** Peers as host:port (IPv4 addresses or host names). */
   peers: string[];
   secret: string;
 }
@@ -72,9 +72,9 @@ export class Hints {
   static async start(settings: HintSettings, onHint: (origin: string) => void, log: Logger): Promise<Hints> {
     const peers = settings.peers.map((p) => {
       const i = p.lastIndexOf(":");
-      return { host: p.slice(0, i).replace(/^\[|\]$/g, ""), port: Number(p.slice(i + 1)) };
+      return { host: p.slice(0, i), port: Number(p.slice(i + 1)) };
     });
-    const socket = createSocket({ type: "udp6", ipv6Only: false });
+    const socket = createSocket("udp4");
     const hints = new Hints(socket, settings, peers);
     socket.on("error", (err) => log.warn({ err: err.message }, "LAN hint socket error; polling goes on without hints"));
     socket.on("message", (msg, from) => {
