@@ -9,10 +9,10 @@ import Database from "better-sqlite3";
 import { forgetUnisync, getMeta } from "../capture/internal.js";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
-import { decodeName, encodeName, listOrigins, logHead } from "../log/keys.js";
+import { decodeName, encodeName, listOrigins, logHead, parseSegmentKey } from "../log/keys.js";
 import { LogForkError } from "../log/outbox.js";
 import { enforcesConditionalWrites, REQUEST_KINDS, type ObjectStore, type RequestKind } from "../store/store.js";
-import { SegmentIndex } from "../log/index.js";
+import { publishPointer, SegmentIndex } from "../log/index.js";
 import { TailPlanner } from "./tailing.js";
 import { Hints } from "./hints.js";
 import { stateDir, type Config } from "./config.js";
@@ -459,8 +459,12 @@ export class Agent {
     const dir = stateDir(this.config.instanceDir);
     for (const name of existsSync(dir) ? readdirSync(dir).filter((n) => n.startsWith(SPOOL)) : []) {
       const spool = join(dir, name);
+      const stream = decodeName(name.slice(SPOOL.length).replace(/-\d+$/, ""));
       for (const f of readdirSync(spool)) {
-        await this.store.put(decodeURIComponent(f), readFileSync(join(spool, f)));
+        const key = decodeURIComponent(f);
+        await this.store.put(key, readFileSync(join(spool, f)));
+        const seg = parseSegmentKey(key);
+        if (seg) await publishPointer(this.store, Date.now(), this.config.node, stream, seg.seq, seg.sha256);
         rmSync(join(spool, f));
       }
       rmSync(spool, { recursive: true, force: true });
@@ -516,10 +520,15 @@ export class Agent {
     const message = (err as Error).message;
     if (this.storeError !== message) this.log.warn({ err: message, doing }, "store unreachable; local changes wait in the outbox and will be sent when it is back");
     this.storeError = message;
+    this.storeFailedMs = Date.now();
     this.metrics.set("unisync_store_up", 0);
   }
 
-  private storeOk(): void {
+  private storeFailedMs = 0;
+
+  /** Calls that began at `sinceMs` succeeded; one begun before the last failure proves nothing (it may have been in flight). */
+  private storeOk(sinceMs = Date.now()): void {
+    if (sinceMs < this.storeFailedMs) return;
     if (this.storeError) this.log.info("store reachable again");
     this.storeError = undefined;
     this.metrics.set("unisync_store_up", 1);
@@ -527,9 +536,10 @@ export class Agent {
 
   /** Origins are the folders under log/ in the store, except our own. */
   private async refreshOrigins(): Promise<void> {
+    const since = Date.now();
     this.origins = (await listOrigins(this.store)).filter((o) => o !== this.config.node);
     this.originsListed = true;
-    this.storeOk();
+    this.storeOk(since);
   }
 
   /**
@@ -569,6 +579,7 @@ export class Agent {
    * that were really made, so an idle stream cannot report "up" while the store is down.
    */
   private async uploadTurn(s: DbSync | FolderSync): Promise<boolean> {
+    const since = Date.now();
     let called = false;
     // A database new to this node seals nothing before it knows where its log goes on (placeLogs).
     if (s instanceof DbSync && s.logUnknown) return false;
@@ -580,7 +591,7 @@ export class Agent {
     }
     const n = await s.upload(UPLOAD_TURN);
     if (n > 0) this.hints?.notify();
-    if (called || n > 0) this.storeOk();
+    if (called || n > 0) this.storeOk(since);
     return n === UPLOAD_TURN;
   }
 
@@ -642,7 +653,7 @@ export class Agent {
         }
         const polled = await this.index.poll();
         this.indexPolls++;
-        this.storeOk();
+        this.storeOk(roundMs);
         fresh = polled.fresh;
         for (const k of polled.skewed) {
           this.log.warn({ origin: k.origin, offsetMs: k.offsetMs }, "this origin's clock is far from the store's: its index entries may land behind readers' window (gap repair still finds its segments, later); fix its clock (NTP)");
@@ -671,7 +682,7 @@ export class Agent {
             if (!again) break;
             if (pulled + 16 >= PULL_TURN) more = true;
           }
-          this.storeOk(); // judged only from calls really made
+          this.storeOk(roundMs); // judged only from calls really made
         }
         for (const s of streams) {
           if (!(s instanceof DbSync)) continue;

@@ -85,6 +85,7 @@ export class TailPlanner {
 
   /** The first round's listings all went through: from now on the index leads. */
   firstRoundDone(): void {
+    if (!this.firstRound) return;
     this.firstRound = false;
     this.lastRepairMs = Date.now();
   }

@@ -19,6 +19,7 @@ export function renderStatusHtml(s: AgentStatus): string {
 <style>body{font:14px system-ui;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}</style>
 <h1>unisync node ${escape(s.node)}</h1>
 <p>Store: ${escape(s.store)} — ${s.storeError ? `<b>unreachable</b>: ${escape(s.storeError)}` : "reachable"}. Other origins: ${s.origins.map(escape).join(", ") || "none yet"}.</p>
+<p>Store requests per second (last minute): ${Object.entries(s.storeRequests.perSecond).map(([k, v]) => `${k} ${v}`).join(", ")}; conditional writes: ${escape(s.storeRequests.conditionalWrites)}; polling every ${s.tailing.pollIntervalMs} ms.</p>
 <table><tr><th>database</th><th>segments written</th><th>pending changes</th><th>outbox</th><th>parked</th><th>moved / set aside</th><th>applied (origin@seq)</th><th>problems</th></tr>${rows}</table>
 ${Object.entries(s.notSynced).map(([db, why]) => `<p><b>${escape(db)} is not synced</b>: ${escape(why)}</p>`).join("")}
 <p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></p>`;

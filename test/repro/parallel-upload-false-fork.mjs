@@ -26,6 +26,8 @@ const files = new FileStore(join(dir, "store"));
 let failSeq1 = true;
 const store = {
   description: "file store whose first PUT of segment 1 fails",
+  requests: files.requests,
+  putIfAbsent: (k, b) => files.putIfAbsent(k, b),
   put: (key, body, size) => {
     if (failSeq1 && /\/0{19}1-/.test(key)) {
       failSeq1 = false;

@@ -29,7 +29,7 @@ const apps = ["busy.db", "idle.db"].map((f) => {
 const files = new FileStore(join(dir, "store"));
 let isDown = false;
 const call = (name) => (...args) => (isDown ? Promise.reject(new StoreUnavailableError("connect ECONNREFUSED (simulated)")) : files[name](...args));
-const dead = { description: "a store that goes down", ...Object.fromEntries(["put", "get", "getStream", "head", "list", "delete"].map((n) => [n, call(n)])) };
+const dead = { description: "a store that goes down", requests: files.requests, ...Object.fromEntries(["put", "putIfAbsent", "get", "getStream", "head", "list", "delete"].map((n) => [n, call(n)])) };
 const lines = [];
 const log = pino({ level: "info" }, { write: (s) => lines.push(JSON.parse(s).msg) });
 const config = loadConfig({ instanceDir: inst, store: "file:///unused", node: "n1", httpPort: -1, captureIntervalMs: 20 }, undefined, {});

@@ -30,6 +30,8 @@ const files = new FileStore(join(dir, "store"));
 const puts = new Map();
 const slow = {
   description: "slow file store",
+  requests: files.requests,
+  putIfAbsent: (k, b) => files.putIfAbsent(k, b),
   async put(key, body, size) {
     await new Promise((r) => setTimeout(r, 30));
     if (key.startsWith("log/")) puts.set(key.split("/")[2], (puts.get(key.split("/")[2]) ?? 0) + 1);
