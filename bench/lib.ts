@@ -4,6 +4,7 @@
  * /proc sampling.
  */
 import { spawn, type ChildProcess } from "node:child_process";
+import { createSocket } from "node:dgram";
 import { createWriteStream, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -14,7 +15,7 @@ import { DbSync } from "../src/agent/dbsync.js";
 import { Metrics } from "../src/agent/metrics.js";
 import { HybridClock } from "../src/log/hlc.js";
 import { packageRoot } from "../src/log/paths.js";
-import type { ObjectStore } from "../src/store/store.js";
+import type { ObjectStore, RequestKind } from "../src/store/store.js";
 
 export const ROOT = packageRoot();
 
@@ -186,6 +187,8 @@ export interface AgentProcess {
   ready: Promise<void>;
   /** Error-level log lines seen so far. */
   errors: string[];
+  /** The status page's base URL ("http://127.0.0.1:PORT/"), once the agent logged it. */
+  readonly statusUrl: string | undefined;
   stop(): Promise<number | null>;
 }
 
@@ -197,6 +200,7 @@ export function startAgent(name: string, instanceDir: string, storeUrl: string, 
   });
   const out = createWriteStream(logFile);
   const errors: string[] = [];
+  let statusUrl: string | undefined;
   let exited = false;
   const exit = new Promise<number | null>((resolve) => child.once("exit", (code) => ((exited = true), resolve(code))));
   const ready = new Promise<void>((resolve, reject) => {
@@ -209,7 +213,8 @@ export function startAgent(name: string, instanceDir: string, storeUrl: string, 
         const line = buf.slice(0, nl);
         buf = buf.slice(nl + 1);
         try {
-          const j = JSON.parse(line) as { level?: number; msg?: string };
+          const j = JSON.parse(line) as { level?: number; msg?: string; url?: unknown };
+          if (j.msg === "status page and /metrics" && typeof j.url === "string") statusUrl = j.url;
           if (j.msg === "status page and /metrics" || j.msg?.startsWith("status page not started")) resolve();
           if ((j.level ?? 0) >= 50) errors.push(line);
         } catch {
@@ -227,6 +232,9 @@ export function startAgent(name: string, instanceDir: string, storeUrl: string, 
     child,
     ready,
     errors,
+    get statusUrl() {
+      return statusUrl;
+    },
     async stop() {
       if (!exited) child.kill("SIGTERM");
       const t = setTimeout(() => child.kill("SIGKILL"), 20_000);
@@ -236,6 +244,31 @@ export function startAgent(name: string, instanceDir: string, storeUrl: string, 
       return code;
     },
   };
+}
+
+/** The parts of an agent's /status.json the benchmarks read (src/agent/agent.ts AgentStatus). */
+export interface AgentStatusJson {
+  databases: { stream: string; nextSeq: number; pendingChanges: number; outboxSegments: number; enrolling: boolean }[];
+  files?: { nextSeq: number; pendingChanges: number; outboxSegments: number };
+  storeRequests: { total: Record<RequestKind, number>; conditionalWrites: string };
+  tailing: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number };
+}
+
+/** An agent's /status.json (it needs --http-port 0, as startAgent passes). */
+export async function agentStatus(a: AgentProcess): Promise<AgentStatusJson> {
+  if (!a.statusUrl) throw new Error(`agent ${a.name} has not logged its status page URL`);
+  const res = await fetch(`${a.statusUrl}status.json`, { signal: AbortSignal.timeout(10_000) });
+  if (!res.ok) throw new Error(`agent ${a.name}: status.json answered ${res.status}`);
+  return (await res.json()) as AgentStatusJson;
+}
+
+/** A UDP port free on 127.0.0.1 right now (for LAN hints between agents). */
+export async function freeUdpPort(): Promise<number> {
+  const sock = createSocket("udp4");
+  await new Promise<void>((resolve) => sock.bind(0, "127.0.0.1", resolve));
+  const { port } = sock.address();
+  await new Promise<void>((resolve) => sock.close(() => resolve()));
+  return port;
 }
 
 /** VmRSS and VmHWM (peak RSS) of a process, in MB; null when it is gone. */

@@ -464,7 +464,7 @@ export class Agent {
         const key = decodeURIComponent(f);
         await this.store.put(key, readFileSync(join(spool, f)));
         const seg = parseSegmentKey(key);
-        if (seg) await publishPointer(this.store, Date.now(), this.config.node, stream, seg.seq, seg.sha256);
+        if (seg) await publishPointer(this.store, Date.now(), this.config.node, stream, [seg]);
         rmSync(join(spool, f));
       }
       rmSync(spool, { recursive: true, force: true });
@@ -651,7 +651,8 @@ export class Agent {
           await this.refreshOrigins();
           lastOriginScan = roundMs;
         }
-        const polled = await this.index.poll();
+        // Only pointers of streams this node applies make it poll fast again.
+        const polled = await this.index.poll(Date.now(), (_origin, stream) => this.dbs.has(stream) || (stream === FILES_STREAM && this.files !== null));
         this.indexPolls++;
         this.storeOk(roundMs);
         fresh = polled.fresh;

@@ -78,7 +78,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   independentDatabases: false,
   declaredOnDelete: [],
   captureIntervalMs: 50,
-  pollMinMs: 500,
+  pollMinMs: 600,
   pollMaxMs: 5000,
   indexOverlapMs: 30_000,
   repairEveryMs: 15_000,

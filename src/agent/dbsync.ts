@@ -424,16 +424,17 @@ export class DbSync {
   }
 
   /**
-   * Uploads up to `max` sealed segments, oldest first, a few at a time; returns
+   * Uploads up to `max` sealed segments, oldest first, in batches of
+   * `batchSize` under one index pointer each (Outbox.upload); returns
    * how many went up. Bounded so that one busy database never starves the
    * others of upload turns.
    */
-  async upload(max = 32, parallel = 4): Promise<number> {
+  async upload(max = 32, batchSize = 16): Promise<number> {
     let n = 0;
     while (n < max) {
-      const batch = this.outbox.oldest(Math.min(parallel, max - n));
+      const batch = this.outbox.oldest(Math.min(batchSize, max - n));
       if (batch.length === 0) break;
-      await Promise.all(batch.map((e) => this.outbox.upload(this.o.store, e)));
+      await this.outbox.upload(this.o.store, batch);
       n += batch.length;
       for (const e of batch) {
         this.o.metrics.inc("unisync_segments_uploaded_total");

@@ -485,7 +485,7 @@ export class FolderSync {
       const entry = this.outbox.oldest(1)[0];
       if (!entry) return n;
       await this.uploadStagedBlobs(entry.seq);
-      await this.outbox.upload(this.o.store, entry);
+      await this.outbox.upload(this.o.store, [entry]);
       n++;
       this.o.metrics.inc("unisync_segments_uploaded_total");
       this.o.metrics.inc("unisync_bytes_uploaded_total", entry.bytes.length);

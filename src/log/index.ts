@@ -5,6 +5,10 @@
  * so one paged LIST after the last time a reader has seen tells it every new
  * segment of every origin and stream: tailing costs one LIST per poll however
  * many nodes and databases the cluster has. (',' never occurs in an encoded name.)
+ * A writer uploads segments in batches and puts one pointer per batch: its key
+ * names the batch's last segment, its body the others ("<seq> <sha256>" lines;
+ * empty for a batch of one), so busy writers add far fewer than one PUT per
+ * segment. A reader GETs a body only for streams it holds.
  *
  * Pointers are hints, never the truth: a reader re-lists a window of `overlapMs`
  * before the newest pointer time it has seen (late writers, clock skew), and the
@@ -64,6 +68,9 @@ export function parsePointerKey(key: string): Pointer | null {
 /** Segments of one origin's stream that pointers named, by seq. */
 export type KnownSegments = ReadonlyMap<number, string>;
 
+/** Each poll re-reads this far behind the newest pointer time (writers publishing at nearly the same moment). */
+const SHORT_LOOKBACK_MS = 2_000;
+
 /** Above this many pointers of one stream nobody here reads, the oldest are dropped (memory stays bounded). */
 const MAX_KNOWN_PER_STREAM = 10_000;
 
@@ -80,8 +87,9 @@ export interface IndexPollResult {
  * each stream once, as the agent does at start).
  */
 export class SegmentIndex {
-  /** The newest pointer time seen, capped at our clock + overlap/2 so that one far-ahead clock cannot move the window past everyone else. */
+  /** The newest pointer time seen, capped at our own clock so that one far-ahead clock cannot move the window past everyone else. */
   private newestMs: number;
+  private lastWindowScanMs = 0;
   private readonly known = new Map<string, Map<number, string>>();
   private readonly warnedSkew = new Set<string>();
   readonly origins = new Set<string>();
@@ -95,9 +103,16 @@ export class SegmentIndex {
     this.newestMs = startMs;
   }
 
-  /** One paged LIST of the window; returns what was new. */
-  async poll(now = Date.now()): Promise<IndexPollResult> {
-    let after: string | undefined = indexFloorKey(this.newestMs - this.overlapMs);
+  /**
+   * One paged LIST of what is new: usually the last 2 s before the newest
+   * pointer seen, the whole overlap window every third of it (late writers,
+   * skewed clocks). `holds`: streams this reader applies; only their pointers
+   * count as fresh and only their batch bodies are read.
+   */
+  async poll(now = Date.now(), holds: (origin: string, stream: string) => boolean = () => true): Promise<IndexPollResult> {
+    const whole = now - this.lastWindowScanMs >= this.overlapMs / 3;
+    if (whole) this.lastWindowScanMs = now;
+    let after: string | undefined = indexFloorKey(this.newestMs - (whole ? this.overlapMs : SHORT_LOOKBACK_MS));
     let fresh = 0;
     const skewed: IndexPollResult["skewed"] = [];
     let newest = this.newestMs;
@@ -107,8 +122,10 @@ export class SegmentIndex {
         const p = parsePointerKey(o.key);
         if (!p || p.origin === this.self) continue;
         this.origins.add(p.origin);
-        if (this.add(p.origin, p.stream, p.seq, p.segmentKey)) fresh++;
-        newest = Math.max(newest, Math.min(p.ms, now + this.overlapMs / 2));
+        const held = holds(p.origin, p.stream);
+        if (this.add(p.origin, p.stream, p.seq, p.segmentKey) && held) fresh++;
+        if (held && o.size > 0) for (const [seq, key] of await this.batchOf(o.key, p)) if (this.add(p.origin, p.stream, seq, key)) fresh++;
+        newest = Math.max(newest, Math.min(p.ms, now));
         // The store's clock stamps the pointer; a writer far off it may publish behind the window.
         if (o.modifiedMs !== undefined && Math.abs(p.ms - o.modifiedMs) > this.overlapMs / 2 && !this.warnedSkew.has(p.origin)) {
           this.warnedSkew.add(p.origin);
@@ -120,6 +137,17 @@ export class SegmentIndex {
     }
     this.newestMs = newest;
     return { fresh, skewed };
+  }
+
+  /** The other segments a batch pointer names (junk lines are ignored: pointers are hints). */
+  private async batchOf(pointer: string, p: Pointer): Promise<[number, string][]> {
+    const body = await this.store.get(pointer);
+    const out: [number, string][] = [];
+    for (const line of body?.toString("utf8").split("\n") ?? []) {
+      const m = /^(\d{1,20}) ([0-9a-f]{64})$/.exec(line);
+      if (m) out.push([Number(m[1]), segmentKey(p.origin, p.stream, Number(m[1]), m[2]!)]);
+    }
+    return out;
   }
 
   /** Records a segment key (from a pointer or a listing); false if it was known. */
@@ -155,7 +183,11 @@ export class SegmentIndex {
 
 const EMPTY: KnownSegments = new Map();
 
-/** Puts the pointer of a segment just uploaded. */
-export async function publishPointer(store: ObjectStore, ms: number, origin: string, stream: string, seq: number, sha256: string): Promise<void> {
-  await store.put(pointerKey(ms, origin, stream, seq, sha256), Buffer.alloc(0));
+/** Puts the pointer of segments just uploaded: the key names the last, the body the others. */
+export async function publishPointer(store: ObjectStore, ms: number, origin: string, stream: string, segments: { seq: number; sha256: string }[]): Promise<void> {
+  const sorted = [...segments].sort((a, b) => a.seq - b.seq);
+  const last = sorted.pop();
+  if (!last) return;
+  const body = sorted.map((s) => `${s.seq} ${s.sha256}\n`).join("");
+  await store.put(pointerKey(ms, origin, stream, last.seq, last.sha256), Buffer.from(body));
 }

@@ -71,19 +71,26 @@ export class Outbox {
   }
 
   /**
-   * Puts one sealed segment and its index pointer, and forgets it once the
-   * store has both (never before). Where the store enforces If-None-Match the
-   * seq is claimed first, so two writers under one name cannot both land a seq.
-   * The segment itself is a plain put: its key names its bytes, so a retry
-   * after a crash writes the same object again.
+   * Puts sealed segments (a few at a time) and one index pointer naming them
+   * all, and forgets them once the store has everything (never before). Where
+   * the store enforces If-None-Match each seq is claimed first, so two writers
+   * under one name cannot both land a seq. A segment itself is a plain put: its
+   * key names its bytes, so a retry after a crash writes the same object again.
    */
-  async upload(store: ObjectStore, entry: OutboxEntry): Promise<void> {
-    if (await enforcesConditionalWrites(store)) await this.claim(store, entry);
-    await store.put(entry.key, entry.bytes);
-    const sha256 = parseSegmentKey(entry.key)!.sha256;
+  async upload(store: ObjectStore, entries: OutboxEntry[], parallel = 4): Promise<void> {
+    if (entries.length === 0) return;
+    const claims = await enforcesConditionalWrites(store);
+    for (let i = 0; i < entries.length; i += parallel) {
+      await Promise.all(
+        entries.slice(i, i + parallel).map(async (e) => {
+          if (claims) await this.claim(store, e);
+          await store.put(e.key, e.bytes);
+        }),
+      );
+    }
     const ms = Math.max(Date.now(), this.clock ? hlcToMs(this.clock.current) : 0);
-    await publishPointer(store, ms, this.origin, this.stream, entry.seq, sha256);
-    this.removeStmt.run(entry.seq);
+    await publishPointer(store, ms, this.origin, this.stream, entries.map((e) => ({ seq: e.seq, sha256: parseSegmentKey(e.key)!.sha256 })));
+    for (const e of entries) this.removeStmt.run(e.seq);
   }
 
   private async claim(store: ObjectStore, entry: OutboxEntry): Promise<void> {

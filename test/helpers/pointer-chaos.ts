@@ -50,14 +50,15 @@ export function startPointerChaos(store: ObjectStore, seed: number, odds: ChaosO
               await store.delete(o.key);
             } else if (r < odds.drop + odds.delay) {
               counts.delayed++;
+              const body = (await store.get(o.key)) ?? Buffer.alloc(0);
               await store.delete(o.key);
               const wait = rand() * odds.maxDelayMs;
-              late.push(new Promise<void>((res) => setTimeout(res, wait)).then(() => store.put(o.key, Buffer.alloc(0))));
+              late.push(new Promise<void>((res) => setTimeout(res, wait)).then(() => store.put(o.key, body)));
             } else if (r < odds.drop + odds.delay + odds.duplicate) {
               counts.duplicated++;
               const copy = pointerKey(Date.now() + Math.floor(rand() * 2000), p.origin, p.stream, p.seq, parseSegmentKey(p.segmentKey)!.sha256);
               handled.add(copy);
-              await store.put(copy, Buffer.alloc(0));
+              await store.put(copy, (await store.get(o.key)) ?? Buffer.alloc(0));
             }
           }
           if (!page.next) break;
