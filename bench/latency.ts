@@ -304,7 +304,6 @@ async function steadyRuns(ctx: Ctx, samples: number): Promise<Result[]> {
     ctx.log(`latency moto: ${fmt(r.latencies)}`);
     results.push(...s3Rows("moto", r, b, samples));
     // A busy cluster polls every pollMinMs anyway: hints can only help between polls further apart.
-    // Peers written IPv4-mapped: the agent's IPv6 hint socket cannot send to a plain "127.0.0.1" (EINVAL).
     const h = await measure(ctx, "moto-hints", s3Url(moto.endpoint, moto.bucket, "latency-hints"), { ...MOTO_ENV }, samples, await hintEnv());
     ctx.log(`latency moto with LAN hints: ${fmt(h.latencies)}; B accepted ${h.hintsReceived} hints`);
     results.push(...s3Rows("moto-hints", h, b, samples, { hintsReceived: h.hintsReceived }));

@@ -83,6 +83,9 @@ describe("SegmentIndex", () => {
     expect((await index.poll(Date.now() + 8_000)).fresh).toBe(0);
     index.forget("a", "app.db", 3);
     expect([...index.segments("a", "app.db").keys()]).toEqual([4]);
+    // Applied segments seen again by a window scan are nothing new (an idle reader stays idle).
+    expect((await index.poll(Date.now() + 12_000)).fresh).toBe(0);
+    expect([...index.segments("a", "app.db").keys()]).toEqual([4]);
   });
 
   it("reads a batch pointer's body for streams it holds, and counts only those as fresh", async () => {

@@ -4,7 +4,6 @@
  */
 import { createCipheriv, createHash, randomBytes } from "node:crypto";
 import { mkdtemp, readdir, rm, stat, writeFile } from "node:fs/promises";
-import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { Readable } from "node:stream";
@@ -12,7 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { FileStore } from "../src/store/file.js";
 import { S3Store } from "../src/store/s3.js";
 import { listAll, probeConditionalWrites, StoreConfigError, StoreUnavailableError, type ObjectStore } from "../src/store/store.js";
-import { MOTO_ENV, startMoto, type MotoHandle } from "./helpers/moto.js";
+import { freePort, MOTO_ENV, startMoto, type MotoHandle } from "./helpers/moto.js";
 import { openStore } from "../src/store/url.js";
 import { S3RVER_ENV, s3StoreUrl, startS3rver } from "./helpers/s3rver.js";
 
@@ -46,13 +45,6 @@ function sha256(buf: Buffer): string {
   return createHash("sha256").update(buf).digest("hex");
 }
 
-async function freePort(): Promise<number> {
-  const server = createServer();
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const { port } = server.address() as { port: number };
-  await new Promise<void>((resolve) => server.close(() => resolve()));
-  return port;
-}
 
 export interface ContractOptions {
   /** The server filters startAfter in UTF-16 order rather than UTF-8 byte order (s3rver). */

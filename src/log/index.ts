@@ -91,6 +91,8 @@ export class SegmentIndex {
   private newestMs: number;
   private lastWindowScanMs = 0;
   private readonly known = new Map<string, Map<number, string>>();
+  /** Per origin and stream, the seq through which segments were applied (forget). */
+  private readonly applied = new Map<string, number>();
   private readonly warnedSkew = new Set<string>();
   readonly origins = new Set<string>();
 
@@ -153,6 +155,8 @@ export class SegmentIndex {
   /** Records a segment key (from a pointer or a listing); false if it was known. */
   add(origin: string, stream: string, seq: number, key: string): boolean {
     const id = `${origin}\n${stream}`;
+    // Applied and forgotten: a window scan that sees its pointer again brings nothing new.
+    if (seq <= (this.applied.get(id) ?? 0)) return false;
     let m = this.known.get(id);
     if (!m) this.known.set(id, (m = new Map()));
     if (m.has(seq)) return false;
@@ -172,13 +176,14 @@ export class SegmentIndex {
     return h;
   }
 
-  /** Forgets segments at or below `seq` (applied), or one segment key that proved wrong (gone, or a fork). */
-  forget(origin: string, stream: string, seq: number, onlyThis = false): void {
-    const m = this.known.get(`${origin}\n${stream}`);
-    if (!m) return;
-    if (onlyThis) m.delete(seq);
-    else for (const s of m.keys()) if (s <= seq) m.delete(s);
+  /** Forgets segments at or below `seq` (applied): pointers to them, seen again, are nothing new. */
+  forget(origin: string, stream: string, seq: number): void {
+    const id = `${origin}\n${stream}`;
+    this.applied.set(id, Math.max(seq, this.applied.get(id) ?? 0));
+    const m = this.known.get(id);
+    if (m) for (const s of m.keys()) if (s <= seq) m.delete(s);
   }
+
 }
 
 const EMPTY: KnownSegments = new Map();
