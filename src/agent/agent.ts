@@ -135,6 +135,9 @@ export class Agent {
   /** Last time a snapshot was staged for a rejoin that did not happen (not covering): not every tick. */
   private lastRejoinTry = 0;
   private rejoins = 0;
+  /** Pull rounds completed, and the round in which collected holes were first seen (rejoinWanted). */
+  private pullRounds = 0;
+  private gapsSeenInRound: number | undefined;
   private storeError: string | undefined;
   private readonly startedMs = Date.now();
   private readonly loops: Promise<void>[] = [];
@@ -259,7 +262,13 @@ export class Agent {
   private rejoinWanted(): boolean {
     if (!this.config.bootstrap || this.rejoining) return false;
     const gaps = collectedGaps(this.streams());
-    if (gaps.length === 0) return false;
+    if (gaps.length === 0) {
+      this.gapsSeenInRound = undefined;
+      return false;
+    }
+    // Every stream reports its holes in a whole pull round first: a rejoin covers them all at once.
+    this.gapsSeenInRound ??= this.pullRounds;
+    if (this.pullRounds <= this.gapsSeenInRound) return false;
     const affected = [...new Set(gaps.map((g) => g.stream))];
     const advice = "start the node again from a snapshot by hand (see the collected message)";
     if (this.rejoins > 0) {
@@ -695,7 +704,10 @@ export class Agent {
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
           }
         }
-        if (!this.halted()) this.planner.firstRoundDone();
+        if (!this.halted()) {
+          this.planner.firstRoundDone();
+          this.pullRounds++;
+        }
       } catch (err) {
         if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");

@@ -11,7 +11,7 @@ import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, getMeta, NodeIdentityError, recordAgentChange, setMeta } from "../capture/internal.js";
 import { discoverTables, schemaVersion } from "../capture/schema.js";
 import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
-import type { HybridClock } from "../log/hlc.js";
+import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
@@ -332,7 +332,8 @@ export class DbSync {
         this.firstEnrolment,
       );
       if (n > 0) {
-        this.applier.enrolments.count(this.o.node, def.shape.name, this.o.clock.current, "added", n);
+        // A fresh node's clock may not have ticked yet: the enrolment time is at least now.
+        this.applier.enrolments.count(this.o.node, def.shape.name, Math.max(this.o.clock.current, hlcFromMs(Date.now())), "added", n);
         this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");
       }
     }

@@ -81,8 +81,6 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
   let storeOrigins: string[] = [];
   let storeError: string | undefined;
   if (store) storeOrigins = await listOrigins(store).catch((err: Error) => ((storeError = err.message), []));
-  // The running agent's own view (its last heartbeat): store requests per second and write protection.
-  const heartbeat = store && !storeError ? await readHeartbeat(store, config.node) : undefined;
   const found = findDatabases(config.instanceDir, config.databases, true);
   const reports: DbReport[] = [];
   for (const { path, stream } of found.synced) {
@@ -125,6 +123,9 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
       db.close();
     }
   }
+  // The running agent's own view (its last heartbeat): store requests per second and write protection.
+  const node = reports.find((r) => r.node)?.node ?? config.node;
+  const heartbeat = store && !storeError ? await readHeartbeat(store, node) : undefined;
   const excludedFiles = values.files ? await listExcluded(config.instanceDir, new Set(found.synced.map((d) => d.path))) : undefined;
   const result = { instanceDir: config.instanceDir, node: config.node, store: store?.description ?? null, storeError, agent: heartbeat, databases: reports, notSynced: found.notSynced, excludedFiles, startedAgain: startedAgain(config.instanceDir) };
   if (values.json) return console.log(JSON.stringify(result, null, 2));
