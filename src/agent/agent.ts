@@ -698,7 +698,7 @@ export class Agent {
           if (!(s instanceof DbSync)) continue;
           s.maintain();
           // A new database enrols its own rows once the cluster's log is in it.
-          const own = s.ownThrough > 0 ? [this.config.node] : [];
+          const own = s.ownThrough > (s.cursors().get(this.config.node)?.seq ?? 0) ? [this.config.node] : [];
           if (s.enrolling && this.originsListed && !this.halted() && s.caughtUp([...origins, ...own])) {
             s.finishEnrolment();
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
