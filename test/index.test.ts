@@ -99,6 +99,10 @@ describe("SegmentIndex", () => {
     expect(store.requests.total.GET - gets).toBe(1);
     expect([...index.segments("a", "app.db").entries()].sort()).toEqual([1, 2, 3].map((seq) => [seq, segmentKey("a", "app.db", seq, sha(seq))]));
     expect([...index.segments("a", "other.db").keys()]).toEqual([2]);
+    // Seen again by later polls and window scans: no second GET of the body.
+    await index.poll(Date.now());
+    await index.poll(Date.now() + 12_000, (_o, stream) => stream === "app.db");
+    expect(store.requests.total.GET - gets).toBe(1);
   });
 
   it("does not let one clock far ahead move the window past everyone else", async () => {

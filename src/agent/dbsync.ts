@@ -490,7 +490,8 @@ export class DbSync {
     // Children that arrived before their parent wait for it: the parent may be in what just applied.
     if (applied > 0) this.retryParked(WAITING_FOR_ROW);
     this.tailProblems.update(origin, problem());
-    this.readToEnd.set(origin, seen < maxSegments && !problem());
+    // Only a listing knows where the log ends: what the index named may not be all of it.
+    this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
     return applied;
   }
 

@@ -125,8 +125,11 @@ export class SegmentIndex {
         if (!p || p.origin === this.self) continue;
         this.origins.add(p.origin);
         const held = holds(p.origin, p.stream);
-        if (this.add(p.origin, p.stream, p.seq, p.segmentKey) && held) fresh++;
-        if (held && o.size > 0) for (const [seq, key] of await this.batchOf(o.key, p)) if (this.add(p.origin, p.stream, seq, key)) fresh++;
+        // A pointer seen before (windows overlap) was read then: its body is not fetched again.
+        if (this.add(p.origin, p.stream, p.seq, p.segmentKey) && held) {
+          fresh++;
+          if (o.size > 0) for (const [seq, key] of await this.batchOf(o.key, p)) if (this.add(p.origin, p.stream, seq, key)) fresh++;
+        }
         newest = Math.max(newest, Math.min(p.ms, now));
         // The store's clock stamps the pointer; a writer far off it may publish behind the window.
         if (o.modifiedMs !== undefined && Math.abs(p.ms - o.modifiedMs) > this.overlapMs / 2 && !this.warnedSkew.has(p.origin)) {
