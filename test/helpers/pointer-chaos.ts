@@ -44,7 +44,9 @@ export function startPointerChaos(store: ObjectStore, seed: number, odds: ChaosO
             const p = parsePointerKey(o.key);
             if (!p) continue;
             counts.seen++;
-            const r = rand();
+            // The first three pointers get one of each fault, so every run has all three; then at random.
+            const forced = [0, odds.drop, odds.drop + odds.delay][counts.seen - 1];
+            const r = forced ?? rand();
             if (r < odds.drop) {
               counts.dropped++;
               await store.delete(o.key);
