@@ -35,7 +35,12 @@ export function seqFloorKey(origin: string, stream: string, seq: number): string
  * key. A second agent under the same node name fails to claim instead of forking the log.
  */
 export function claimKey(origin: string, stream: string, seq: number): string {
-  return `claims/${encodeName(origin)}/${encodeName(stream)}/${String(seq).padStart(SEQ_DIGITS, "0")}`;
+  return `${claimPrefix(origin, stream)}${String(seq).padStart(SEQ_DIGITS, "0")}`;
+}
+
+/** The folder of one stream's claims (the key's last part is the seq). */
+export function claimPrefix(origin: string, stream: string): string {
+  return `claims/${encodeName(origin)}/${encodeName(stream)}/`;
 }
 
 export interface SegmentName {
@@ -70,7 +75,7 @@ export async function listStreams(store: ObjectStore, origin: string): Promise<s
 export async function logHead(store: ObjectStore, origin: string, stream: string): Promise<number> {
   let head = 0;
   for await (const o of listAll(store, streamPrefix(origin, stream))) head = Math.max(head, parseSegmentKey(o.key)?.seq ?? 0);
-  const claims = claimKey(origin, stream, 0).replace(/\d+$/, "");
+  const claims = claimPrefix(origin, stream);
   for await (const o of listAll(store, claims)) head = Math.max(head, Number(o.key.slice(claims.length)) || 0);
   return head;
 }

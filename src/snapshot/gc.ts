@@ -27,7 +27,7 @@ import { BlobIntegrityError, blobKey, fetchBlob, fetchBlobToFile } from "../log/
 import { hlcFromMs, LOGICAL_BITS } from "../log/hlc.js";
 import { gcMarkerKey, readGcMarker, type GcMarker } from "../log/collected.js";
 import { INDEX_PREFIX, indexFloorKey } from "../log/index.js";
-import { claimKey, listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
+import { claimPrefix, listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
 import { CorruptSegmentError, openSegment } from "../log/segment.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { CorruptSnapshotError, listSnapshots, partBlobs, readManifest, type FileEntry, type Manifest, type SnapshotRef } from "./format.js";
@@ -38,13 +38,15 @@ import { CorruptSnapshotError, listSnapshots, partBlobs, readManifest, type File
  */
 const INDEX_KEEP_MS = 24 * 3600_000;
 
-/** Deletes (or counts) pointers in the index's hour folders older than `beforeMs`; returns how many. */
-async function collectPointers(store: ObjectStore, beforeMs: number, apply: boolean): Promise<number> {
-  const firstKept = indexFloorKey(beforeMs);
+/**
+ * Deletes (or only counts) the keys under `prefix`, in listing order, up to the
+ * first one `keep` says stays; returns how many.
+ */
+async function collectUntil(store: ObjectStore, prefix: string, keep: (key: string) => boolean, apply: boolean): Promise<number> {
   let n = 0;
   let batch: string[] = [];
-  for await (const obj of listAll(store, INDEX_PREFIX)) {
-    if (obj.key >= firstKept) break;
+  for await (const obj of listAll(store, prefix)) {
+    if (keep(obj.key)) break;
     n++;
     batch.push(obj.key);
     if (batch.length >= 256) {
@@ -371,16 +373,11 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
   let claims = 0;
   for (const s of streams) {
     if (s.collectThrough <= 0) continue;
-    const prefix = claimKey(s.origin, s.stream, 0).replace(/\d+$/, "");
-    const doomedClaims: string[] = [];
-    for await (const obj of listAll(store, prefix)) {
-      if (Number(obj.key.slice(prefix.length)) > s.collectThrough) break;
-      doomedClaims.push(obj.key);
-    }
-    claims += doomedClaims.length;
-    if (o.apply) await inBatches(doomedClaims, DELETE_PARALLEL, (k) => store.delete(k));
+    const prefix = claimPrefix(s.origin, s.stream);
+    claims += await collectUntil(store, prefix, (k) => Number(k.slice(prefix.length)) > s.collectThrough, o.apply);
   }
-  const pointers = await collectPointers(store, nowMs - INDEX_KEEP_MS, o.apply);
+  const firstKeptPointer = indexFloorKey(nowMs - INDEX_KEEP_MS);
+  const pointers = await collectUntil(store, INDEX_PREFIX, (k) => k >= firstKeptPointer, o.apply);
   if (claims || pointers) say(`${o.apply ? "deleted" : "would delete"} ${claims} seq claims of collected segments and ${pointers} index pointers older than ${INDEX_KEEP_MS / 3600_000} h`);
 
   // 5. Snapshots older than the oldest kept one.
