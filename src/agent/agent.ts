@@ -679,18 +679,19 @@ export class Agent {
           origins,
         );
         // A database new to this node first replays this node's own earlier log (Agent.placeLogs).
-        for (const s of streams) if (s instanceof DbSync && s.ownThrough > cursor(s.stream, this.config.node)) plan.push({ stream: s.stream, origin: this.config.node });
+        for (const s of streams) if (s instanceof DbSync && s.replaysOwnLog()) plan.push({ stream: s.stream, origin: this.config.node });
         for (const p of plan) {
           const s = byName.get(p.stream)!;
+          let before = cursor(p.stream, p.origin);
           for (let pulled = 0; pulled < PULL_TURN && !this.halted(); pulled += 16) {
-            const before = s.cursors().get(p.origin)?.seq ?? 0;
             applied += s instanceof DbSync ? await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known) : await s.pull(p.origin, 16, Infinity, p.known);
-            const after = s.cursors().get(p.origin)?.seq ?? 0;
+            const after = s.cursor(p.origin).seq;
             this.index.forget(p.origin, p.stream, after);
             // Go on while the last pull was a full turn, or the index names the next segment already.
             const again = after - before >= 16 || (after > before && p.known?.has(after + 1) === true);
             if (!again) break;
             if (pulled + 16 >= PULL_TURN) more = true;
+            before = after;
           }
           this.storeOk(roundMs); // judged only from calls really made
         }
@@ -698,7 +699,7 @@ export class Agent {
           if (!(s instanceof DbSync)) continue;
           s.maintain();
           // A new database enrols its own rows once the cluster's log is in it.
-          const own = s.ownThrough > (s.cursors().get(this.config.node)?.seq ?? 0) ? [this.config.node] : [];
+          const own = s.replaysOwnLog() ? [this.config.node] : [];
           if (s.enrolling && this.originsListed && !this.halted() && s.caughtUp([...origins, ...own])) {
             s.finishEnrolment();
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");

@@ -251,6 +251,11 @@ export class DbSync {
   /** This node's own segments to replay into the file (a restored or replaced file), or 0 (meta own_through, kept here too). */
   ownThrough = 0;
 
+  /** Whether this node's own earlier segments (through ownThrough) are not all replayed into the file yet. */
+  replaysOwnLog(): boolean {
+    return this.ownThrough > this.cursor(this.o.node).seq;
+  }
+
   /**
    * True while this database's existing rows wait to be enrolled: a database met
    * for the first time replays what the cluster logged first, so rows the log
@@ -501,6 +506,10 @@ export class DbSync {
   /** Whether the last pull of each of these origins applied all the store held. */
   caughtUp(origins: readonly string[]): boolean {
     return origins.every((o) => this.readToEnd.get(o) === true);
+  }
+
+  cursor(origin: string) {
+    return this.applier.cursor(origin);
   }
 
   cursors() {

@@ -2,6 +2,7 @@
 import Database from "better-sqlite3";
 import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
+import type { Heartbeat } from "../agent/agent.js";
 import { loadConfig } from "../agent/config.js";
 import { findDatabases } from "../agent/databases.js";
 import { listExcluded } from "../capture/folder.js";
@@ -164,11 +165,8 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
   }
 }
 
-interface AgentHeartbeat {
-  atMs: number;
-  storeRequests?: { perSecond: Record<string, number>; conditionalWrites: string };
-  tailing?: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number };
-}
+/** What status reads of a heartbeat; an older agent's lacks the request figures. */
+type AgentHeartbeat = Pick<Heartbeat, "atMs"> & Partial<Pick<Heartbeat, "storeRequests" | "tailing">>;
 
 /** This node's last heartbeat (nodes/<node>.json), if the store has one. */
 async function readHeartbeat(store: ObjectStore, node: string): Promise<AgentHeartbeat | undefined> {
