@@ -24,6 +24,24 @@ const IDLE_MS = 30_000;
 
 const fmt = (xs: number[]) => `p50 ${percentile(xs, 50).toFixed(0)} ms p99 ${percentile(xs, 99).toFixed(0)} ms`;
 
+/** One S3 server's raw PUT/LIST baseline and the pair's steady latency on it (rows into `results`); returns the baseline. */
+async function s3Steady(
+  ctx: Ctx,
+  kind: string,
+  server: { endpoint: string; bucket: string },
+  env: { AWS_ACCESS_KEY_ID: string; AWS_SECRET_ACCESS_KEY: string },
+  puts: number,
+  samples: number,
+  results: Result[],
+): Promise<Baseline> {
+  const b = await s3Baseline(server.endpoint, server.bucket, env, puts);
+  ctx.log(`${kind}: PUT p50 ${b.putP50.toFixed(1)} ms p99 ${b.putP99.toFixed(1)} ms; LIST p50 ${b.listP50.toFixed(1)} ms; ${b.putsPerS.toFixed(0)} PUT/s at concurrency 8`);
+  const r = await measure(ctx, kind, s3Url(server.endpoint, server.bucket, "latency"), { ...env }, samples);
+  ctx.log(`latency ${kind}: ${fmt(r.latencies)}`);
+  results.push(...s3Rows(kind, r, b, samples));
+  return b;
+}
+
 /** Signs the LAN hints between the agents of a pair (>= 16 characters). */
 const HINT_SECRET = "unisync-bench-hint-secret";
 
@@ -286,11 +304,7 @@ async function steadyRuns(ctx: Ctx, samples: number): Promise<Result[]> {
   // s3rver (ignores If-None-Match: no seq claims).
   const s3 = await startS3rverProcess();
   try {
-    const b = await s3Baseline(s3.endpoint, s3.bucket, S3RVER_ENV, ctx.quick ? 200 : 800);
-    ctx.log(`s3rver: PUT p50 ${b.putP50.toFixed(1)} ms p99 ${b.putP99.toFixed(1)} ms; LIST p50 ${b.listP50.toFixed(1)} ms; ${b.putsPerS.toFixed(0)} PUT/s at concurrency 8`);
-    const r = await measure(ctx, "s3", s3Url(s3.endpoint, s3.bucket, "latency"), { ...S3RVER_ENV }, samples);
-    ctx.log(`latency s3rver: ${fmt(r.latencies)}`);
-    results.push(...s3Rows("s3rver", r, b, samples));
+    await s3Steady(ctx, "s3rver", s3, S3RVER_ENV, ctx.quick ? 200 : 800, samples, results);
   } finally {
     await s3.stop();
   }
@@ -298,11 +312,7 @@ async function steadyRuns(ctx: Ctx, samples: number): Promise<Result[]> {
   // moto (enforces If-None-Match: each segment is claimed first), without and with LAN hints.
   const moto = await startMoto("unisync-bench");
   try {
-    const b = await s3Baseline(moto.endpoint, moto.bucket, MOTO_ENV, ctx.quick ? 100 : 400);
-    ctx.log(`moto: PUT p50 ${b.putP50.toFixed(1)} ms p99 ${b.putP99.toFixed(1)} ms; LIST p50 ${b.listP50.toFixed(1)} ms; ${b.putsPerS.toFixed(0)} PUT/s at concurrency 8`);
-    const r = await measure(ctx, "moto", s3Url(moto.endpoint, moto.bucket, "latency"), { ...MOTO_ENV }, samples);
-    ctx.log(`latency moto: ${fmt(r.latencies)}`);
-    results.push(...s3Rows("moto", r, b, samples));
+    const b = await s3Steady(ctx, "moto", moto, MOTO_ENV, ctx.quick ? 100 : 400, samples, results);
     // A busy cluster polls every pollMinMs anyway: hints can only help between polls further apart.
     const h = await measure(ctx, "moto-hints", s3Url(moto.endpoint, moto.bucket, "latency-hints"), { ...MOTO_ENV }, samples, await hintEnv());
     ctx.log(`latency moto with LAN hints: ${fmt(h.latencies)}; B accepted ${h.hintsReceived} hints`);
