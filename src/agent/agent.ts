@@ -4,6 +4,8 @@
  * pull (apply other origins). The store being down never stops capture: sealed
  * segments wait in each database's outbox until it is back.
  */
+import { vaultOf } from "../keys/securestore.js";
+import { KeyConfigError, OPERATOR, TRUST_STREAM } from "../keys/trust.js";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import Database from "better-sqlite3";
 import { forgetUnisync, getMeta } from "../capture/internal.js";
@@ -107,11 +109,16 @@ export interface AgentStatus {
   tailing: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number; hintsRefused: number };
   /** A node left behind by retention: waiting to start again from a snapshot (and why), or done (what was kept where). */
   rejoin?: RejoinStatus;
+  /** A secured cluster: the trust list this node holds, and why it could not take a newer one. */
+  trust?: { cluster: string; version: number; currentKey: number; members: string[]; removed: string[]; error?: string };
   /** Databases not synced, with why. */
   notSynced: Record<string, string>;
   /** Database files replaced under the running agent (and re-enrolled), with when and why. */
   replaced: { stream: string; at: string; why: string }[];
 }
+
+/** A secured node looks for a newer trust list this often (and at once when a segment is refused). */
+const TRUST_CHECK_MS = 60_000;
 
 /** What nodes/<node>.json holds. */
 export interface Heartbeat extends AgentStatus {
@@ -663,6 +670,8 @@ export class Agent {
         // Only pointers of streams this node applies make it poll fast again.
         const polled = await this.index.poll(Date.now(), (_origin, stream) => this.dbs.has(stream) || (stream === FILES_STREAM && this.files !== null));
         this.indexPolls++;
+        const vault = vaultOf(this.store);
+        if (vault && this.index.head(OPERATOR, TRUST_STREAM) > vault.trust.version) await this.refreshTrust(true);
         this.storeOk(roundMs);
         fresh = polled.fresh;
         for (const k of polled.skewed) {
@@ -758,6 +767,8 @@ export class Agent {
       const since = Date.now() - lastHeartbeat;
       if (since >= this.config.heartbeatMs) {
         const body = this.status();
+        const problems = [...body.databases.map((d) => d.problems), body.files?.problems ?? {}].flatMap((p) => Object.values(p));
+        await this.refreshTrust(problems.some((m) => m.includes("refused:")));
         const said = JSON.stringify({ ...body, storeRequests: undefined, tailing: undefined });
         if (said !== lastSaid || since >= IDLE_HEARTBEAT_FACTOR * this.config.heartbeatMs) {
           lastHeartbeat = Date.now();
@@ -766,6 +777,39 @@ export class Agent {
         }
       }
     }
+  }
+
+  private trustCheckedMs = 0;
+  private trustError: string | undefined;
+
+  /**
+   * Reads a newer trust list (secured clusters): at once when the index
+   * announces one (before this round applies anything) or a segment was refused
+   * (a data key or member this node has not seen yet), else once a minute.
+   */
+  private async refreshTrust(force: boolean): Promise<void> {
+    const vault = vaultOf(this.store);
+    if (!vault) return;
+    // Forced checks too are spaced out: a forged announcement must not turn every poll into three requests.
+    if (Date.now() - this.trustCheckedMs < (force ? 2000 : TRUST_CHECK_MS)) return;
+    this.trustCheckedMs = Date.now();
+    try {
+      if (await vault.refresh(this.store)) {
+        this.log.info({ version: vault.trust.version, currentKey: vault.trust.currentKey, members: vault.trust.members.map((m) => m.name) }, "accepted a new trust list");
+        this.wakePull?.();
+      }
+      this.trustError = undefined;
+    } catch (err) {
+      if (!(err instanceof KeyConfigError)) return this.storeFailed(err, "reading the trust list");
+      if (this.trustError !== err.message) this.log.error({ err: err.message }, "the cluster's trust list was not accepted");
+      this.trustError = err.message;
+    }
+  }
+
+  private trustStatus(): AgentStatus["trust"] {
+    const t = vaultOf(this.store)?.trust;
+    if (!t) return undefined;
+    return { cluster: t.cluster, version: t.version, currentKey: t.currentKey, members: t.members.map((m) => m.name), removed: t.removed.map((r) => r.name), error: this.trustError };
   }
 
   /**
@@ -815,6 +859,7 @@ export class Agent {
       })),
       files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+      trust: this.trustStatus(),
       storeRequests: {
         perSecond: this.requestRates,
         total: this.store.requests.snapshot(),

@@ -2,6 +2,9 @@
  * Agent settings: defaults < config file < UNISYNC_* environment < command line.
  * Every value is validated at start with a message that names the bad key.
  */
+import { secureStore } from "../keys/open.js";
+import type { ObjectStore } from "../store/store.js";
+import { openStore } from "../store/url.js";
 import { existsSync, readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
@@ -52,6 +55,8 @@ export interface Config {
   busyTimeoutMs: number;
   walMode: boolean;
   httpHost: string;
+  /** Required (16+ characters) when httpHost is not loopback: requests must carry it (Bearer header or ?token=). */
+  httpToken: string;
   /** 0 picks a free port; -1 turns the status server off. */
   httpPort: number;
   heartbeatMs: number;
@@ -90,6 +95,7 @@ export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   busyTimeoutMs: 5000,
   walMode: true,
   httpHost: "127.0.0.1",
+  httpToken: "",
   httpPort: 7717,
   heartbeatMs: 10000,
   rescanMs: 5000,
@@ -124,6 +130,7 @@ const KINDS: Record<keyof Config, Kind> = {
   busyTimeoutMs: "number",
   walMode: "boolean",
   httpHost: "string",
+  httpToken: "string",
   httpPort: "number",
   heartbeatMs: "number",
   rescanMs: "number",
@@ -135,8 +142,28 @@ const KINDS: Record<keyof Config, Kind> = {
   retentionMs: "number",
 };
 
+/** 127.0.0.0/8, ::1 and localhost: reachable from this machine only. */
+export function isLoopback(host: string): boolean {
+  return host === "localhost" || host === "::1" || /^127\.\d+\.\d+\.\d+$/.test(host);
+}
+
 export function stateDir(instanceDir: string): string {
   return join(instanceDir, ".unisync");
+}
+
+/**
+ * The store as this node uses it: secured (sealed and signed) when the cluster
+ * is, plain otherwise; a mix is refused with a KeyConfigError (src/keys/open.ts).
+ * Without an instance folder (a CLI given only --store), the key file comes from
+ * UNISYNC_KEY_FILE.
+ */
+export function openNodeStore(url: string, instanceDir?: string): Promise<ObjectStore> {
+  return secureStore(openStore(url), instanceDir ? nodeKeyPaths(instanceDir) : {});
+}
+
+/** A secured cluster's node: its key file and the trust list it accepted (see src/keys/). */
+export function nodeKeyPaths(instanceDir: string): { keyFile: string; trustCache: string } {
+  return { keyFile: join(stateDir(instanceDir), "node.key"), trustCache: join(stateDir(instanceDir), "trust.json") };
 }
 
 export function defaultConfigPath(instanceDir: string): string {
@@ -199,6 +226,12 @@ function validate(c: Config): void {
   need(c.hintPort >= 0 && c.hintPort <= 65535, "hintPort", "must be a UDP port number, or 0 for off");
   for (const p of c.hintPeers) {
     if (!/^[^\s:]+:\d{1,5}$/.test(p)) throw new ConfigError(`"hintPeers": ${JSON.stringify(p)} must be host:port (an IPv4 address or a host name)`);
+  }
+  if (c.httpPort >= 0 && !isLoopback(c.httpHost) && c.httpToken.length < 16) {
+    throw new ConfigError(
+      `"httpToken" must be at least 16 characters when the status server listens on ${JSON.stringify(c.httpHost)}, which is not loopback ` +
+        `(the page and /metrics would otherwise be open to the network; UNISYNC_HTTP_TOKEN keeps it out of the file)`,
+    );
   }
   if ((c.hintPort > 0 || c.hintPeers.length > 0) && c.hintSecret.length < 16) {
     throw new ConfigError(`"hintSecret" must be at least 16 characters when hintPort or hintPeers is set (the same on every node; UNISYNC_HINT_SECRET keeps it out of the file)`);
@@ -311,7 +344,10 @@ export function renderConfigFile(c: Pick<Config, "store" | "node">): string {
   // Put databases in WAL mode so the app and unisync do not block each other.
   "walMode": ${d.walMode},
   // Status page and Prometheus /metrics (loopback only by default; -1 turns it off).
+  // Any other host needs httpToken (16+ characters, better as UNISYNC_HTTP_TOKEN):
+  // send it as "Authorization: Bearer TOKEN" (Prometheus: authorization.credentials) or ?token=.
   "httpHost": ${JSON.stringify(d.httpHost)},
+  "httpToken": ${JSON.stringify(d.httpToken)},
   "httpPort": ${d.httpPort},
   "heartbeatMs": ${d.heartbeatMs},
   // How often (ms) to look for new database files in the instance folder.

@@ -3,6 +3,7 @@
  * sealing local changes into the outbox, uploading, and applying other origins'
  * segments. Each database has its own stream and its own cursors.
  */
+import { vaultOf } from "../keys/securestore.js";
 import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
@@ -136,7 +137,7 @@ export class DbSync {
       );
     }));
     this.drain = new ChangeDrain(this.db, o.node, o.clock, this.states, bag, relocator, aside, (t) => this.tables.get(t)?.shape, o.independentDatabases, () => this.enrolling);
-    this.outbox = new Outbox(this.db, o.node, o.stream, o.clock);
+    this.outbox = new Outbox(this.db, o.node, o.stream, o.clock, vaultOf(o.store));
     this.references = new ReferenceKeeper(
       this.db,
       this.states,

@@ -12,6 +12,7 @@
  * segments (records and cursor in one transaction), then makes the disk match
  * every path whose winner moved, in batches (replay/folder.ts).
  */
+import { vaultOf } from "../keys/securestore.js";
 import { existsSync, mkdirSync, readdirSync, rmSync, unlinkSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
@@ -151,7 +152,7 @@ export class FolderSync {
       throw err;
     }
     o.clock.observe(Number(getMeta(this.db, "hlc") ?? 0));
-    this.outbox = new Outbox(this.db, o.node, FILES_STREAM, o.clock);
+    this.outbox = new Outbox(this.db, o.node, FILES_STREAM, o.clock, vaultOf(o.store));
     this.scanner = new FolderScanner({
       root: o.instanceDir,
       state: this.state,

@@ -4,9 +4,8 @@
  */
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { ConfigError, DEFAULTS, loadConfig } from "../agent/config.js";
+import { ConfigError, DEFAULTS, loadConfig, openNodeStore } from "../agent/config.js";
 import { hlcToIso } from "../log/hlc.js";
-import { openStore } from "../store/url.js";
 import { collectGarbage, type GcReport } from "../snapshot/gc.js";
 import { BadInputError } from "./usage.js";
 
@@ -121,7 +120,7 @@ export async function gcCommand(args: string[], parse: Parse): Promise<number> {
   const json = values.json === true;
   const t0 = Date.now();
   const report = await collectGarbage({
-    store: openStore(url),
+    store: await openNodeStore(url, positionals[0]),
     keepMs,
     apply: values.apply === true,
     forget,

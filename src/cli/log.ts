@@ -5,6 +5,7 @@
  */
 import { listOrigins, listStreams, parseSegmentKey, streamPrefix } from "../log/keys.js";
 import { hlcToIso, hlcToMs } from "../log/hlc.js";
+import { vaultOf } from "../keys/securestore.js";
 import { openSegment, OP_DELETE, OP_INSERT, type LogRecord } from "../log/segment.js";
 import { showValue } from "../log/value.js";
 import { listAll, type ObjectStore } from "../store/store.js";
@@ -87,7 +88,7 @@ export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenera
         if (!name) continue;
         const bytes = await store.get(obj.key);
         if (!bytes) continue;
-        const segment = openSegment(bytes, name.sha256);
+        const segment = openSegment(bytes, name.sha256, vaultOf(store));
         // Clocks grow along an origin's log: past `until`, nothing later can match.
         if (filter.untilMs !== undefined && segment.records.length && hlcToMs(segment.records[0].hlc) > filter.untilMs) break;
         for (const r of segment.records) {

@@ -7,7 +7,7 @@ import { dirname } from "node:path";
 import { parseArgs } from "node:util";
 import pino from "pino";
 import { Agent } from "../agent/agent.js";
-import { ConfigError, defaultConfigPath, loadConfig, renderConfigFile, type Config } from "../agent/config.js";
+import { ConfigError, defaultConfigPath, loadConfig, openNodeStore, renderConfigFile, type Config } from "../agent/config.js";
 import { StoreConfigError } from "../store/store.js";
 import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
@@ -20,6 +20,8 @@ import { BadInputError } from "./usage.js";
 import { conflictsCommand, CONFLICTS_HELP } from "./conflicts.js";
 import { gcCommand, GC_HELP } from "./gc.js";
 import { forgetCommand, FORGET_HELP } from "./forget.js";
+import { keysCommand, KEYS_HELP } from "./keys.js";
+import { KeyConfigError } from "../keys/trust.js";
 
 const HELP: Record<string, string> = {
   main: `unisync — keep an app's SQLite databases identical on several servers.
@@ -38,6 +40,7 @@ Commands:
   restore INSTANCE_DIR --at TIME  put this node (and, through it, the cluster) back to TIME
   gc [INSTANCE_DIR] [--apply]   retention: what snapshots, segments and blobs can go (dry run unless --apply)
   forget INSTANCE_DIR --db FILE remove unisync's tables from a database (a copy from another node) to enrol it afresh
+  keys init|node|add|remove|rotate|show   a secured cluster: signed, encrypted, members only
 
 STORE_URL: file:///path (a local or shared directory) or s3://bucket/prefix?endpoint=http://host:9000
 S3 credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (never from the URL).
@@ -84,6 +87,7 @@ HELP.replay = REPLAY_HELP;
 HELP.restore = RESTORE_HELP;
 HELP.gc = GC_HELP;
 HELP.forget = FORGET_HELP;
+HELP.keys = KEYS_HELP;
 
 HELP.log = `Usage: unisync log [INSTANCE_DIR] [--store URL] [filters] [--json] [--limit N]
 
@@ -158,14 +162,14 @@ async function run(args: string[]): Promise<void> {
   };
   const config = loadConfig(cli, str(values.config));
   const log = pino({ level: config.logLevel, base: { node: config.node } });
-  const store = openStore(config.store);
+  const store = await openNodeStore(config.store, config.instanceDir);
   const agent = new Agent(config, store, log);
   log.info({ instanceDir: config.instanceDir, store: redactUrl(config.store) }, "starting unisync agent");
   await agent.start();
   let server: Awaited<ReturnType<typeof startStatusServer>>["server"] | undefined;
   if (config.httpPort >= 0) {
     try {
-      const started = await startStatusServer(config.httpHost, config.httpPort, () => agent.status(), agent.metrics);
+      const started = await startStatusServer(config.httpHost, config.httpPort, () => agent.status(), agent.metrics, config.httpToken);
       server = started.server;
       log.info({ url: started.url }, "status page and /metrics");
     } catch (err) {
@@ -220,10 +224,10 @@ async function auditLog(args: string[]): Promise<void> {
   if (filter.key !== undefined || filter.path !== undefined) {
     // One row or file: its whole history, in clock order, with the values each change replaced.
     const all: AuditEntry[] = [];
-    for await (const e of audit(openStore(storeUrl), filter)) all.push(e);
+    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter)) all.push(e);
     for (const e of withOldValues(all).slice(0, limit)) (show(e), n++);
   } else {
-    for await (const e of audit(openStore(storeUrl), filter)) {
+    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter)) {
       show(e);
       if (++n >= limit) break;
     }
@@ -262,11 +266,12 @@ export async function main(argv: string[]): Promise<number> {
     else if (command === "replay") return await replayCommand(rest, (a, o) => parse("replay", a, o));
     else if (command === "restore") return await restoreCommand(rest, (a, o) => parse("restore", a, o));
     else if (command === "gc") return await gcCommand(rest, (a, o) => parse("gc", a, o));
+    else if (command === "keys") await keysCommand(rest, (a, o) => parse("keys", a, o));
     else if (command === "forget") await forgetCommand(rest, (a, o) => parse("forget", a, o));
     else throw new UsageError(`unknown command "${command}"\n\n${HELP.main}`);
     return 0;
   } catch (err) {
-    if (err instanceof UsageError || err instanceof BadInputError || err instanceof ConfigError || err instanceof StoreConfigError) {
+    if (err instanceof UsageError || err instanceof BadInputError || err instanceof ConfigError || err instanceof StoreConfigError || err instanceof KeyConfigError) {
       console.error(`unisync: ${err.message}`);
       return 2;
     }

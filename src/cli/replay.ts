@@ -6,10 +6,9 @@
 import { rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino from "pino";
-import { loadConfig, type Config } from "../agent/config.js";
+import { loadConfig, openNodeStore, type Config } from "../agent/config.js";
 import { findDatabases } from "../agent/databases.js";
 import { hlcFromMs, hlcToIso, LOGICAL_BITS } from "../log/hlc.js";
-import { openStore } from "../store/url.js";
 import { runningAgent } from "../snapshot/agentlink.js";
 import { Progress, type ProgressLine } from "../snapshot/progress.js";
 import { NoSnapshotError, rebuildAt, type RebuildResult } from "../snapshot/rebuild.js";
@@ -49,9 +48,9 @@ function progressSink(json: boolean): (l: ProgressLine) => void {
   return (l) => (json || !process.stderr.isTTY ? process.stderr.write(JSON.stringify(l) + "\n") : undefined);
 }
 
-function settingsFor(config: Config, json: boolean) {
+async function settingsFor(config: Config, json: boolean) {
   return {
-    store: openStore(config.store),
+    store: await openNodeStore(config.store, config.instanceDir),
     log: pino({ level: "warn" }, pino.destination(2)),
     excludeTables: config.excludeTables,
     naturalKeyTables: config.naturalKeyTables,
@@ -79,7 +78,7 @@ function describe(r: RebuildResult, at: number): string {
 
 async function rebuild(config: Config, atMs: number, into: string, json: boolean): Promise<RebuildResult> {
   try {
-    return await rebuildAt(settingsFor(config, json), untilHlcOf(atMs), into);
+    return await rebuildAt(await settingsFor(config, json), untilHlcOf(atMs), into);
   } catch (err) {
     if (err instanceof NoSnapshotError) throw new BadInputError(err.message);
     throw err;

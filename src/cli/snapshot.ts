@@ -5,9 +5,8 @@
  */
 import { join, resolve } from "node:path";
 import pino from "pino";
-import { loadConfig } from "../agent/config.js";
+import { loadConfig, openNodeStore } from "../agent/config.js";
 import { hlcToIso } from "../log/hlc.js";
-import { openStore } from "../store/url.js";
 import { requestSnapshot, runningAgent } from "../snapshot/agentlink.js";
 import { takeSnapshot } from "../snapshot/create.js";
 import { listSnapshots, readManifest } from "../snapshot/format.js";
@@ -38,7 +37,7 @@ export async function snapshotCommand(args: string[], parse: Parse): Promise<voi
   if (values.list) {
     const url = storeArg ?? (positionals[0] ? loadConfig({ instanceDir: positionals[0] }, undefined).store : undefined);
     if (!url) throw new BadInputError(`snapshot --list needs --store URL or an INSTANCE_DIR whose config names the store`);
-    const store = openStore(url);
+    const store = await openNodeStore(url, positionals[0]);
     for (const ref of await listSnapshots(store)) {
       let problem: string | undefined;
       if (values.verify) problem = await readManifest(store, ref).then(() => undefined, (err: Error) => err.message);
@@ -57,7 +56,7 @@ export async function snapshotCommand(args: string[], parse: Parse): Promise<voi
     out = { key: r.key, bytes: r.bytes, hlc: r.hlc, by: `agent pid ${agent.pid}` };
   } else {
     const config = loadConfig({ instanceDir, store: storeArg }, undefined);
-    const store = openStore(config.store);
+    const store = await openNodeStore(config.store, config.instanceDir);
     const streams = openStreams({ ...config, store, log: pino({ level: "warn" }, pino.destination(2)) });
     try {
       await streams.files?.scanOnce(); // the folder as it is now, sealed like the agent would

@@ -14,6 +14,7 @@ import { PassThrough, pipeline, Readable, Transform, Writable, type TransformCal
 import { pipeline as pipelineAsync } from "node:stream/promises";
 import { compress, CompressStream, DecompressStream } from "zstd-napi";
 import type { ObjectStore } from "../store/store.js";
+import { SealError } from "../keys/envelope.js";
 import { newChunkHasher, type ChunkHasher } from "./hasher.js";
 
 export const ZSTD_MAGIC = Buffer.from([0x28, 0xb5, 0x2f, 0xfd]);
@@ -239,7 +240,9 @@ function hashedChunks(
  * when it is missing, truncated or does not match.
  */
 export async function fetchBlob(store: ObjectStore, sha256: string, size: number): Promise<Buffer> {
-  const stored = await store.get(blobKey(sha256));
+  const stored = await store.get(blobKey(sha256)).catch((err) => {
+    throw err instanceof SealError ? new BlobIntegrityError(`blob ${sha256}: ${err.message}`) : err;
+  });
   if (!stored) throw new BlobMissingError(`blob ${sha256} is not in the store (yet)`);
   if (!(stored.length >= 4 && stored.subarray(0, 4).equals(ZSTD_MAGIC))) {
     if (stored.length !== size) throw new BlobIntegrityError(`blob ${sha256}: ${stored.length} bytes, expected ${size} (truncated?)`);
@@ -282,7 +285,9 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
   let have = 0;
   let ended = false;
   while (have < 4) {
-    const r = await it.next();
+    const r = await it.next().catch((err) => {
+      throw err instanceof SealError ? new BlobIntegrityError(`blob ${sha256}: ${err.message}`) : err;
+    });
     if (r.done) {
       ended = true;
       break;
@@ -307,6 +312,7 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
   } catch (err) {
     stream.destroy();
     if (err instanceof BlobIntegrityError) throw err;
+    if (err instanceof SealError) throw new BlobIntegrityError(`blob ${sha256}: ${err.message}`);
     if (/zstd|frame|decompress/i.test((err as Error).message)) throw new BlobIntegrityError(`blob ${sha256}: corrupt zstd data: ${(err as Error).message}`);
     throw err;
   }

@@ -123,7 +123,8 @@ export class SegmentIndex {
       for (const o of page.objects) {
         const p = parsePointerKey(o.key);
         if (!p || p.origin === this.self) continue;
-        this.origins.add(p.origin);
+        // Names starting with '#' are no node's: "#operator" announces a new trust list (src/cli/keys.ts).
+        if (!p.origin.startsWith("#")) this.origins.add(p.origin);
         const held = holds(p.origin, p.stream);
         // A pointer seen before (windows overlap) was read then: its body is not fetched again.
         if (this.add(p.origin, p.stream, p.seq, p.segmentKey) && held) {

@@ -11,6 +11,7 @@ import { hlcToMs, type HybridClock } from "./hlc.js";
 import { publishPointer } from "./index.js";
 import { claimKey, parseSegmentKey, segmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import { sealSegment, type LogRecord } from "./segment.js";
+import type { Vault } from "../keys/vault.js";
 
 /** The store holds segments of this origin that this database did not seal. */
 export class LogForkError extends Error {
@@ -35,6 +36,8 @@ export class Outbox {
     readonly stream: string,
     /** Pointer times never go below what this node's clock has seen (readers' windows follow the newest pointer). */
     private readonly clock?: HybridClock,
+    /** A secured cluster's keys: segments are sealed and signed with them. */
+    private readonly vault?: Vault,
   ) {
     this.insertStmt = db.prepare("INSERT INTO _unisync_outbox(seq, key, bytes, records, sealed_ms) VALUES (?, ?, ?, ?, ?)");
     this.firstStmt = db.prepare("SELECT seq, key, bytes, records FROM _unisync_outbox ORDER BY seq LIMIT ?");
@@ -52,7 +55,7 @@ export class Outbox {
    */
   seal(records: LogRecord[], nowMs: number, continues = false): OutboxEntry {
     const seq = this.nextSeq();
-    const { bytes, sha256 } = sealSegment({ origin: this.origin, stream: this.stream, seq, createdMs: nowMs, records, continues });
+    const { bytes, sha256 } = sealSegment({ origin: this.origin, stream: this.stream, seq, createdMs: nowMs, records, continues }, this.vault);
     const key = segmentKey(this.origin, this.stream, seq, sha256);
     this.insertStmt.run(seq, key, bytes, records.length, nowMs);
     setMeta(this.db, "next_seq", seq + 1);

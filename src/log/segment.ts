@@ -8,6 +8,9 @@ import { join } from "node:path";
 import Long from "long";
 import protobuf from "protobufjs";
 import { compress, decompress } from "zstd-napi";
+import zstd from "zstd-napi/binding.js";
+import { isSealed, parseHeader, SealError } from "../keys/envelope.js";
+import { segmentLabel, type Vault } from "../keys/vault.js";
 import { packageRoot } from "./paths.js";
 import type { SqlValue } from "./value.js";
 
@@ -288,27 +291,78 @@ export function sha256Hex(bytes: Buffer): string {
   return createHash("sha256").update(bytes).digest("hex");
 }
 
-/** The bytes to store for a segment and the hash that names them. */
-export function sealSegment(seg: Segment): { bytes: Buffer; sha256: string } {
-  const bytes = compress(encodeSegment(seg), { compressionLevel: 3 });
+/**
+ * The bytes to store for a segment and the hash that names them. In a secured
+ * cluster (`vault`) the zstd frame is sealed and signed under the segment's
+ * identity, so the name hashes ciphertext and says nothing about the content.
+ */
+export function sealSegment(seg: Segment, vault?: Vault): { bytes: Buffer; sha256: string } {
+  const frame = compress(encodeSegment(seg), { compressionLevel: 3 });
+  const bytes = vault ? vault.seal(frame, segmentLabel(seg.origin, seg.stream, seg.seq), true) : frame;
   return { bytes, sha256: sha256Hex(bytes) };
 }
 
 /** Maximum decompressed size accepted, so a hostile frame cannot exhaust memory. */
 export const MAX_SEGMENT_BYTES = 256 * 1024 * 1024;
 
-/** Verifies, decompresses and decodes stored bytes; throws CorruptSegmentError on any mismatch. */
-export function openSegment(bytes: Buffer, expectedSha256: string): Segment {
+/**
+ * One zstd frame, decompressed only if it declares its size and that size is
+ * within the limit: nothing is allocated for a frame that claims more, and zstd
+ * itself refuses content longer than the frame declares. unisync's writer
+ * always declares the size, so a frame that does not is refused.
+ */
+export function decompressFrame(frame: Buffer, limit = MAX_SEGMENT_BYTES): Buffer {
+  let declared: number | null;
+  let frameBytes: number;
+  try {
+    declared = zstd.getFrameContentSize(frame);
+    frameBytes = zstd.findFrameCompressedSize(frame);
+  } catch (err) {
+    throw new CorruptSegmentError(`not a valid zstd frame: ${(err as Error).message}`, { cause: err });
+  }
+  if (frameBytes !== frame.length) throw new CorruptSegmentError(`${frame.length - frameBytes} bytes after the zstd frame (one frame per segment)`);
+  if (declared === null) throw new CorruptSegmentError("zstd frame does not declare its decompressed size");
+  if (declared > limit) throw new CorruptSegmentError(`segment declares ${declared} bytes decompressed, over the ${limit}-byte limit (refused before decompressing)`);
+  try {
+    return decompress(frame);
+  } catch (err) {
+    throw new CorruptSegmentError(`not a valid zstd frame: ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/**
+ * Verifies, opens (secured cluster: signature, membership, key), decompresses
+ * and decodes stored bytes; throws CorruptSegmentError on any mismatch.
+ * A secured node refuses plain segments and a plain node sealed ones: a mixed
+ * cluster stops at the first such segment instead of applying half of it.
+ */
+export function openSegment(bytes: Buffer, expectedSha256: string, vault?: Vault): Segment {
   const actual = sha256Hex(bytes);
   if (actual !== expectedSha256) {
     throw new CorruptSegmentError(`hash mismatch: key says ${expectedSha256}, bytes hash to ${actual}`);
   }
-  let raw: Buffer;
-  try {
-    raw = decompress(bytes);
-  } catch (err) {
-    throw new CorruptSegmentError(`not a valid zstd frame: ${(err as Error).message}`, { cause: err });
+  let frame = bytes;
+  let label: string | undefined;
+  if (isSealed(bytes)) {
+    if (!vault) {
+      throw new CorruptSegmentError(
+        "refused: the segment is signed and encrypted (a secured cluster) and this node has no cluster keys; " +
+          "a node joins a secured cluster with \"unisync keys node\" and the operator's \"unisync keys add\"",
+      );
+    }
+    try {
+      label = parseHeader(bytes)?.label;
+      frame = vault.open(bytes, "segment", label, true);
+    } catch (err) {
+      if (err instanceof SealError) throw new CorruptSegmentError(`refused: ${err.message}`, { cause: err });
+      throw err;
+    }
+  } else if (vault) {
+    throw new CorruptSegmentError("refused: the segment is not signed, but this cluster is secured (a node without keys, or a forgery, wrote it)");
   }
-  if (raw.length > MAX_SEGMENT_BYTES) throw new CorruptSegmentError(`segment decompresses to ${raw.length} bytes, over the limit`);
-  return decodeSegment(raw);
+  const seg = decodeSegment(decompressFrame(frame));
+  if (label !== undefined && label !== segmentLabel(seg.origin, seg.stream, seg.seq)) {
+    throw new CorruptSegmentError(`refused: sealed as ${label} but holds ${segmentLabel(seg.origin, seg.stream, seg.seq)}`);
+  }
+  return seg;
 }

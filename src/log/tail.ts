@@ -5,6 +5,7 @@
  * there and waits, because skipping it would be a silent, permanent loss.
  */
 import type { ObjectStore } from "../store/store.js";
+import { vaultOf } from "../keys/securestore.js";
 import { readGcMarker } from "./collected.js";
 import { parseSegmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import type { KnownSegments } from "./index.js";
@@ -95,7 +96,7 @@ export async function readAfter(
       let segment: Segment;
       try {
         if (!body) throw new CorruptSegmentError("listed but no longer readable");
-        segment = openSegment(body, w.sha256);
+        segment = openSegment(body, w.sha256, vaultOf(store));
         if (segment.seq !== w.seq || segment.origin !== origin || segment.stream !== stream) {
           throw new CorruptSegmentError(`header says ${segment.origin}/${segment.stream}#${segment.seq}, key says ${origin}/${stream}#${w.seq}`);
         }

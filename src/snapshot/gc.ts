@@ -29,6 +29,7 @@ import { gcMarkerKey, readGcMarker, type GcMarker } from "../log/collected.js";
 import { INDEX_PREFIX, indexFloorKey } from "../log/index.js";
 import { claimPrefix, listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
 import { CorruptSegmentError, openSegment } from "../log/segment.js";
+import { storedName, vaultOf } from "../keys/securestore.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { CorruptSnapshotError, listSnapshots, partBlobs, readManifest, type FileEntry, type Manifest, type SnapshotRef } from "./format.js";
 
@@ -194,7 +195,7 @@ async function segmentBlobs(store: ObjectStore, origin: string, afterSeq: number
     await inBatches(page, FETCH_PARALLEL, async (w) => {
       const body = await store.get(w.key);
       if (!body) return; // deleted meanwhile (another gc): names nothing we keep
-      const seg = openSegment(body, w.sha256);
+      const seg = openSegment(body, w.sha256, vaultOf(store));
       for (const r of seg.records) if (r.file?.sha256) into.add(r.file.sha256);
     });
     n += page.length;
@@ -409,10 +410,11 @@ export async function collectGarbage(o: GcOptions): Promise<GcReport> {
     say("listing blobs");
     let batch: string[] = [];
     let seen = 0;
+    // A secured store names blobs by an HMAC of their hash: compare stored names.
+    const referencedNames = new Set([...referenced].map((sha) => storedName(store, blobKey(sha))));
     for await (const obj of listAll(store, "blobs/")) {
       if (++seen % 10_000 === 0) say(`looked at ${seen} blobs`, { delete: blobs.delete });
-      const sha = obj.key.slice("blobs/".length);
-      if (referenced.has(sha)) continue;
+      if (referencedNames.has(obj.key)) continue;
       // No write time (a backend that does not say) counts as young: kept.
       if (obj.modifiedMs === undefined || obj.modifiedMs > nowMs - graceMs) {
         blobs.keptYoung++;

@@ -1,5 +1,6 @@
 /** The agent's small status page, /status.json and Prometheus /metrics, on loopback by default. */
-import { createServer, type Server } from "node:http";
+import { createHash, timingSafeEqual } from "node:crypto";
+import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import type { AgentStatus } from "../agent/agent.js";
 import type { Metrics } from "../agent/metrics.js";
@@ -25,9 +26,24 @@ ${Object.entries(s.notSynced).map(([db, why]) => `<p><b>${escape(db)} is not syn
 <p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></p>`;
 }
 
-export async function startStatusServer(host: string, port: number, status: () => AgentStatus, metrics: Metrics): Promise<{ server: Server; url: string }> {
+/** Whether a request carries `token` (Bearer header or ?token=), compared in constant time. */
+function authorized(req: IncomingMessage, token: string): boolean {
+  const header = /^Bearer\s+(.+)$/i.exec(req.headers.authorization ?? "")?.[1];
+  const given = header ?? new URL(req.url ?? "/", "http://x").searchParams.get("token") ?? "";
+  const a = createHash("sha256").update(given).digest();
+  const b = createHash("sha256").update(token).digest();
+  return timingSafeEqual(a, b);
+}
+
+/** `token`: required on every request when non-empty (the config insists on one off loopback). */
+export async function startStatusServer(host: string, port: number, status: () => AgentStatus, metrics: Metrics, token = ""): Promise<{ server: Server; url: string }> {
   const server = createServer((req, res) => {
     const path = (req.url ?? "/").split("?")[0];
+    if (token && !authorized(req, token)) {
+      res.writeHead(401, { "www-authenticate": 'Bearer realm="unisync"', "content-type": "text/plain" });
+      res.end("unisync: this status server needs its token (Authorization: Bearer TOKEN, or ?token=TOKEN)\n");
+      return;
+    }
     if (path === "/metrics") {
       res.writeHead(200, { "content-type": "text/plain; version=0.0.4" });
       res.end(metrics.render());
