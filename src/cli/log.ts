@@ -6,7 +6,7 @@
 import { listOrigins, listStreams, parseSegmentKey, streamPrefix } from "../log/keys.js";
 import { hlcToIso, hlcToMs } from "../log/hlc.js";
 import { vaultOf } from "../keys/securestore.js";
-import { openSegment, OP_DELETE, OP_INSERT, type LogRecord } from "../log/segment.js";
+import { CorruptSegmentError, openSegment, OP_DELETE, OP_INSERT, type LogRecord, type Segment } from "../log/segment.js";
 import { showValue } from "../log/value.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { FILES_STREAM } from "../agent/foldersync.js";
@@ -73,8 +73,12 @@ function toEntry(origin: string, stream: string, seq: number, r: LogRecord): Aud
   return { ...base, op, table: row.table, key, values, note: row.note };
 }
 
-/** Every change matching `filter`, in log order per origin and stream. */
-export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenerator<AuditEntry> {
+/**
+ * Every change matching `filter`, in log order per origin and stream. A
+ * segment that replay would refuse (corrupt, forged, written by a removed
+ * member) ends its stream here too, as it does for replay; `skipped` hears why.
+ */
+export async function* audit(store: ObjectStore, filter: LogFilter, skipped: (why: string) => void = () => undefined): AsyncGenerator<AuditEntry> {
   const origins = (await listOrigins(store)).filter((o) => !filter.origin || o === filter.origin);
   for (const origin of origins) {
     const streams = (await listStreams(store, origin)).filter((s) => {
@@ -88,7 +92,14 @@ export async function* audit(store: ObjectStore, filter: LogFilter): AsyncGenera
         if (!name) continue;
         const bytes = await store.get(obj.key);
         if (!bytes) continue;
-        const segment = openSegment(bytes, name.sha256, vaultOf(store));
+        let segment: Segment;
+        try {
+          segment = openSegment(bytes, name.sha256, vaultOf(store));
+        } catch (err) {
+          if (!(err instanceof CorruptSegmentError)) throw err;
+          skipped(`${obj.key}: ${err.message}; the rest of this stream is not shown`);
+          break;
+        }
         // Clocks grow along an origin's log: past `until`, nothing later can match.
         if (filter.untilMs !== undefined && segment.records.length && hlcToMs(segment.records[0].hlc) > filter.untilMs) break;
         for (const r of segment.records) {

@@ -224,10 +224,10 @@ async function auditLog(args: string[]): Promise<void> {
   if (filter.key !== undefined || filter.path !== undefined) {
     // One row or file: its whole history, in clock order, with the values each change replaced.
     const all: AuditEntry[] = [];
-    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter)) all.push(e);
+    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter, (why) => console.error(`unisync: skipped ${why}`))) all.push(e);
     for (const e of withOldValues(all).slice(0, limit)) (show(e), n++);
   } else {
-    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter)) {
+    for await (const e of audit(await openNodeStore(storeUrl, positionals[0]), filter, (why) => console.error(`unisync: skipped ${why}`))) {
       show(e);
       if (++n >= limit) break;
     }

@@ -165,7 +165,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
 }
 
 /** What status reads of a heartbeat; an older agent's lacks the request figures. */
-type AgentHeartbeat = Pick<Heartbeat, "atMs"> & Partial<Pick<Heartbeat, "storeRequests" | "tailing">>;
+type AgentHeartbeat = Pick<Heartbeat, "atMs"> & Partial<Pick<Heartbeat, "storeRequests" | "tailing" | "trust">>;
 
 /** This node's last heartbeat (nodes/<node>.json), if the store has one. */
 async function readHeartbeat(store: ObjectStore, node: string): Promise<AgentHeartbeat | undefined> {
@@ -191,6 +191,11 @@ export function describeAgent(h: AgentHeartbeat): string[] {
   if (t) {
     const listed = Object.entries(t.listings).map(([k, v]) => `${k} ${v}`).join(", ");
     out.push(`  index polls: ${t.indexPolls} (every ${t.pollIntervalMs} ms now); stream listings: ${listed}; LAN hints received: ${t.hintsReceived}`);
+  }
+  const k = h.trust;
+  if (k) {
+    out.push(`  secured cluster: trust list version ${k.version}, writing under data key ${k.currentKey}; members ${k.members.join(", ")}${k.removed.length ? `; removed ${k.removed.join(", ")}` : ""}`);
+    if (k.error) out.push(`  TRUST LIST NOT ACCEPTED: ${k.error}`);
   }
   return out;
 }

@@ -233,7 +233,9 @@ export class SealStream extends Transform {
 export class OpenStream extends Transform {
   private header: EnvelopeHeader | null = null;
   private key: Buffer | null = null;
-  private buf: Buffer = Buffer.alloc(0);
+  /** Bytes received and not opened yet: joined only once a whole chunk is there (no copying per piece). */
+  private parts: Buffer[] = [];
+  private have = 0;
   private index = 0;
 
   constructor(
@@ -246,20 +248,29 @@ export class OpenStream extends Transform {
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     try {
-      this.buf = this.buf.length ? Buffer.concat([this.buf, chunk]) : chunk;
+      this.parts.push(chunk);
+      this.have += chunk.length;
       if (!this.header) {
-        this.header = parseHeader(this.buf);
+        const buf = this.joined();
+        this.header = parseHeader(buf);
         if (!this.header) return done();
         if (this.header.signed) throw new SealError("malformed", `${this.what}: a signed object cannot be streamed`);
         if (this.expectLabel !== undefined && this.header.label !== this.expectLabel) {
           throw new SealError("wrong-label", `${this.what} was sealed as "${this.header.label}", not as "${this.expectLabel}"`);
         }
         this.key = keyFor(this.opener, this.header, this.what);
-        this.buf = this.buf.subarray(this.header.raw.length);
+        this.parts = [buf.subarray(this.header.raw.length)];
+        this.have = this.parts[0]!.length;
       }
-      while (this.buf.length > CHUNK + TAG) {
-        this.push(openChunk(this.key!, this.header.raw, this.index++, false, this.buf.subarray(0, CHUNK + TAG), this.what));
-        this.buf = this.buf.subarray(CHUNK + TAG);
+      // Hold back one byte beyond a whole chunk: only the end says which chunk is last.
+      if (this.have > CHUNK + TAG) {
+        let buf = this.joined();
+        while (buf.length > CHUNK + TAG) {
+          this.push(openChunk(this.key!, this.header.raw, this.index++, false, buf.subarray(0, CHUNK + TAG), this.what));
+          buf = buf.subarray(CHUNK + TAG);
+        }
+        this.parts = [buf];
+        this.have = buf.length;
       }
       done();
     } catch (err) {
@@ -267,10 +278,16 @@ export class OpenStream extends Transform {
     }
   }
 
+  private joined(): Buffer {
+    const all = this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts);
+    this.parts = [all];
+    return all;
+  }
+
   override _flush(done: TransformCallback): void {
     try {
       if (!this.header || !this.key) throw new SealError("malformed", `${this.what}: truncated header`);
-      this.push(openChunk(this.key, this.header.raw, this.index++, true, this.buf, this.what));
+      this.push(openChunk(this.key, this.header.raw, this.index++, true, this.joined(), this.what));
       done();
     } catch (err) {
       done(err as Error);

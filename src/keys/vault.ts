@@ -121,8 +121,8 @@ export class Vault implements Opener {
 
   /**
    * Who may sign what: a segment only its origin (a removed member only as far
-   * as its log went when it was removed), a heartbeat only its node, anything
-   * else (snapshots, gc markers) any member or the operator.
+   * as its log went when it was removed), a heartbeat or snapshot only its node,
+   * anything else (gc markers) any member or the operator.
    */
   verify(signer: string, label: string, digest: Buffer, signature: Buffer): void {
     const member = this.list.members.find((m) => m.name === signer);
@@ -142,7 +142,8 @@ export class Vault implements Opener {
         );
       }
     } else {
-      const node = /^nodes\/(.+)\.json$/.exec(label);
+      // A node's heartbeat and snapshots are signed by that node.
+      const node = /^nodes\/(.+)\.json$/.exec(label) ?? /^snapshots\/([^/]+)\//.exec(label);
       if (node && decodeURIComponent(node[1]!) !== signer) throw new SealError("not-trusted", `${label} is signed by "${signer}", not by that node`);
       if (!key) throw new SealError("not-trusted", `${label} is signed by "${signer}", which is not a member of the cluster`);
     }

@@ -8,6 +8,7 @@
 import { createHash } from "node:crypto";
 import { encodeName, decodeName } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
+import { SealError } from "../keys/envelope.js";
 
 export const SNAPSHOT_FORMAT = 1;
 export const SNAPSHOT_PREFIX = "snapshots/";
@@ -85,7 +86,10 @@ export function encodeManifest(m: Manifest): { bytes: Buffer; sha256: string } {
 
 /** Reads and verifies a manifest: hash of the bytes, format, and the fields used. */
 export async function readManifest(store: ObjectStore, ref: SnapshotRef): Promise<Manifest> {
-  const bytes = await store.get(ref.key);
+  // A secured store refuses a manifest that is forged or signed by a non-member: to readers, a corrupt snapshot (an older one is used).
+  const bytes = await store.get(ref.key).catch((err) => {
+    throw err instanceof SealError ? new CorruptSnapshotError(`snapshot ${ref.key} is refused: ${err.message}`) : err;
+  });
   if (!bytes) throw new CorruptSnapshotError(`snapshot ${ref.key} is listed but cannot be read`);
   const actual = createHash("sha256").update(bytes).digest("hex");
   if (actual !== ref.sha256) throw new CorruptSnapshotError(`snapshot ${ref.key} hashes to ${actual}: corrupt or truncated`);

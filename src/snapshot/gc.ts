@@ -30,6 +30,7 @@ import { INDEX_PREFIX, indexFloorKey } from "../log/index.js";
 import { claimPrefix, listOrigins, listStreams, parseSegmentKey, seqFloorKey, streamPrefix } from "../log/keys.js";
 import { CorruptSegmentError, openSegment } from "../log/segment.js";
 import { storedName, vaultOf } from "../keys/securestore.js";
+import { SealError } from "../keys/envelope.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { CorruptSnapshotError, listSnapshots, partBlobs, readManifest, type FileEntry, type Manifest, type SnapshotRef } from "./format.js";
 
@@ -137,7 +138,12 @@ async function readHeartbeats(store: ObjectStore, problems: string[]): Promise<P
   const out: Partial<Heartbeat>[] = [];
   for await (const o of listAll(store, "nodes/")) {
     if (!o.key.endsWith(".json")) continue;
-    const body = await store.get(o.key);
+    // A secured store refuses a heartbeat that is forged or from a removed node: ignored, like a missing one.
+    const body = await store.get(o.key).catch((err) => {
+      if (!(err instanceof SealError)) throw err;
+      problems.push(`${o.key} refused (${err.message}); ignored`);
+      return null;
+    });
     if (!body) continue;
     try {
       const h = JSON.parse(body.toString("utf8")) as Partial<Heartbeat>;

@@ -21,6 +21,7 @@ export function renderStatusHtml(s: AgentStatus): string {
 <h1>unisync node ${escape(s.node)}</h1>
 <p>Store: ${escape(s.store)} — ${s.storeError ? `<b>unreachable</b>: ${escape(s.storeError)}` : "reachable"}. Other origins: ${s.origins.map(escape).join(", ") || "none yet"}.</p>
 <p>Store requests per second (last minute): ${Object.entries(s.storeRequests.perSecond).map(([k, v]) => `${k} ${v}`).join(", ")}; conditional writes: ${escape(s.storeRequests.conditionalWrites)}; polling every ${s.tailing.pollIntervalMs} ms.</p>
+${s.trust ? `<p>Secured cluster: trust list version ${s.trust.version}, data key ${s.trust.currentKey}, members ${s.trust.members.map(escape).join(", ")}${s.trust.error ? ` — <b>trust list not accepted</b>: ${escape(s.trust.error)}` : ""}.</p>` : ""}
 <table><tr><th>database</th><th>segments written</th><th>pending changes</th><th>outbox</th><th>parked</th><th>moved / set aside</th><th>applied (origin@seq)</th><th>problems</th></tr>${rows}</table>
 ${Object.entries(s.notSynced).map(([db, why]) => `<p><b>${escape(db)} is not synced</b>: ${escape(why)}</p>`).join("")}
 <p><a href="/status.json">status.json</a> · <a href="/metrics">metrics</a></p>`;

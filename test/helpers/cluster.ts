@@ -175,6 +175,8 @@ export interface ClusterOptions {
   /** Extra environment for the agents (on top of process.env, S3RVER_ENV, FAST_ENV). */
   env?: Record<string, string>;
   logLevel?: string;
+  /** Runs after the folders exist and before any agent starts (e.g. key files of a secured cluster). */
+  prepare?: (c: Cluster) => Promise<void>;
 }
 
 export class Cluster {
@@ -197,6 +199,7 @@ export class Cluster {
   /** Creates the folders and starts every agent, waiting until each serves its status page. */
   static async start(options: ClusterOptions): Promise<Cluster> {
     const c = new Cluster(options);
+    await options.prepare?.(c);
     for (const name of options.nodes) c.spawnAgent(name);
     await Promise.all(options.nodes.map((n) => c.waitReady(n)));
     return c;
@@ -569,9 +572,9 @@ export function syncedFileHashes(dir: string): Record<string, string> {
 }
 
 /** Runs the CLI without blocking this process (s3rver may run in it). */
-export function runCli(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+export function runCli(args: string[], env: Record<string, string> = {}): Promise<{ code: number; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV }, stdio: ["ignore", "pipe", "pipe"] });
+    const p = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...S3RVER_ENV, ...env }, stdio: ["ignore", "pipe", "pipe"] });
     let stdout = "";
     let stderr = "";
     p.stdout!.on("data", (d: Buffer) => (stdout += d.toString()));
