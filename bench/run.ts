@@ -3,7 +3,7 @@
  * Prints a table (stdout; progress goes to stderr) and writes bench/last-run.json.
  *   --quick  small sizes, for a smoke run (folder: 1,000 small files, 32 MB large file)
  *   --full   1M rows for replay, rss and bootstrap (default 200k)
- *   --only   run only these benchmarks: capture, replay, collide, latency, tailing, rss, folder, bootstrap
+ *   --only   run only these benchmarks: capture, replay, collide, latency, tailing, rss, folder, bootstrap, secure
  *   --keep   keep the temporary folders (agent logs, databases)
  */
 import { execFileSync } from "node:child_process";
@@ -20,9 +20,10 @@ import { latency } from "./latency.js";
 import { makeTmpFactory, ROOT, type Bench, type Result, type Target } from "./lib.js";
 import { replay } from "./replay.js";
 import { rss } from "./rss.js";
+import { secure } from "./secure.js";
 import { tailing } from "./tailing.js";
 
-const BENCHES: Bench[] = [capture, replay, collide, latency, tailing, rss, folder, bootstrap];
+const BENCHES: Bench[] = [capture, replay, collide, latency, tailing, rss, folder, bootstrap, secure];
 
 function fmt(x: number | undefined): string {
   if (x === undefined) return "";

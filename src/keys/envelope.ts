@@ -5,18 +5,19 @@
  *   "USX1" | flags u8 | key id u32 | salt (32) | signer (u8 len + utf8) | label (u16 len + utf8)
  *   | chunks | [signature (64), when flags & SIGNED]
  *
- * - The payload is cut into chunks of CHUNK bytes (the last one shorter, maybe
- *   empty), each encrypted with AES-256-GCM under a key derived for this object
- *   alone (HKDF of the cluster data key `key id` and the random salt), nonce =
- *   chunk number, and the header plus a "last chunk" byte as associated data. A
- *   chunk cannot be changed, moved, dropped or cut off without failing its tag,
- *   and a stream is verified chunk by chunk, so nothing unverified is released.
+ * - The payload is cut into chunks of CHUNK bytes (the last one shorter), each
+ *   encrypted with AES-256-GCM under a key derived for this object alone (HKDF
+ *   of the cluster data key `key id` and the random salt), nonce = chunk number,
+ *   and the header plus a "last" byte (0) as associated data; an empty end
+ *   marker chunk (last = 1) follows. A chunk cannot be changed, moved, dropped
+ *   or cut off without failing a tag, and a stream is verified chunk by chunk,
+ *   so nothing unverified is released.
  * - The label names what the object is (a store key, or "segment <origin>/<stream>/<seq>"),
  *   so an object copied under another name is refused.
  * - A signed object ends with the signer's Ed25519 signature of the sha256 of
  *   everything before it. Who may sign what is the vault's business (vault.ts).
  */
-import { createCipheriv, createDecipheriv, createHash, hkdfSync, randomBytes } from "node:crypto";
+import { createCipheriv, createDecipheriv, createHash, hkdfSync, randomBytes, type CipherGCM, type DecipherGCM } from "node:crypto";
 import { Transform, type TransformCallback } from "node:stream";
 
 export const SEALED_MAGIC = Buffer.from("USX1");
@@ -97,21 +98,125 @@ function nonce(chunk: number): Buffer {
   return n;
 }
 
-function sealChunk(key: Buffer, header: Buffer, index: number, last: boolean, plain: Buffer): Buffer {
-  const c = createCipheriv("aes-256-gcm", key, nonce(index));
-  c.setAAD(Buffer.concat([header, Buffer.from([last ? 1 : 0])]));
-  return Buffer.concat([c.update(plain), c.final(), c.getAuthTag()]);
+/**
+ * Encrypts a payload chunk by chunk as it arrives: CHUNK bytes per chunk (the
+ * last data chunk shorter), then a terminator, an empty chunk whose associated
+ * data says "last". A reader that misses the terminator knows the object was
+ * cut off; no chunk has to be held back to learn whether it is the last one.
+ */
+class ChunkSealer {
+  private cipher: CipherGCM | null = null;
+  private filled = 0;
+  private index = 0;
+
+  constructor(
+    private readonly key: Buffer,
+    private readonly header: Buffer,
+  ) {}
+
+  write(piece: Buffer, out: Buffer[]): void {
+    for (let at = 0; at < piece.length; ) {
+      this.cipher ??= startChunk(createCipheriv("aes-256-gcm", this.key, nonce(this.index)), this.header, false);
+      const take = Math.min(CHUNK - this.filled, piece.length - at);
+      out.push(this.cipher.update(piece.subarray(at, at + take)));
+      at += take;
+      this.filled += take;
+      if (this.filled === CHUNK) this.close(out);
+    }
+  }
+
+  end(out: Buffer[]): void {
+    if (this.cipher) this.close(out);
+    const t = startChunk(createCipheriv("aes-256-gcm", this.key, nonce(this.index)), this.header, true);
+    t.final();
+    out.push(t.getAuthTag());
+  }
+
+  private close(out: Buffer[]): void {
+    out.push(this.cipher!.final(), this.cipher!.getAuthTag());
+    this.cipher = null;
+    this.filled = 0;
+    this.index++;
+  }
 }
 
-function openChunk(key: Buffer, header: Buffer, index: number, last: boolean, sealed: Buffer, what: string): Buffer {
-  if (sealed.length < TAG) throw new SealError("tampered", `${what}: truncated (chunk ${index} has no tag)`);
-  const d = createDecipheriv("aes-256-gcm", key, nonce(index));
-  d.setAAD(Buffer.concat([header, Buffer.from([last ? 1 : 0])]));
-  d.setAuthTag(sealed.subarray(sealed.length - TAG));
-  try {
-    return Buffer.concat([d.update(sealed.subarray(0, sealed.length - TAG)), d.final()]);
-  } catch {
-    throw new SealError("tampered", `${what}: chunk ${index} fails authentication (bytes changed, cut off, or sealed under another key with the same id)`);
+function startChunk<T extends CipherGCM | DecipherGCM>(c: T, header: Buffer, last: boolean): T {
+  c.setAAD(Buffer.concat([header, Buffer.from([last ? 1 : 0])]));
+  return c;
+}
+
+/**
+ * Decrypts chunk by chunk and releases a chunk's plaintext only once its tag
+ * verified. Holds at most one chunk plus the terminator's 16 bytes.
+ */
+class ChunkOpener {
+  private pieces: Buffer[] = [];
+  private have = 0;
+  private index = 0;
+
+  constructor(
+    private readonly key: Buffer,
+    private readonly header: Buffer,
+    private readonly what: string,
+  ) {}
+
+  write(piece: Buffer, out: Buffer[]): void {
+    this.pieces.push(piece);
+    this.have += piece.length;
+    // Past a whole chunk plus a terminator's worth, the next CHUNK + TAG bytes are a full data chunk.
+    while (this.have > CHUNK + 2 * TAG) this.open(this.take(CHUNK + TAG), false, out);
+  }
+
+  end(out: Buffer[]): void {
+    if (this.have < TAG) throw new SealError("tampered", `${this.what}: cut off (no terminator after chunk ${this.index})`);
+    if (this.have > TAG) this.open(this.take(this.have - TAG), false, out);
+    this.open(this.take(TAG), true, out);
+  }
+
+  private open(sealed: Buffer[], last: boolean, out: Buffer[]): void {
+    const bytes = sealed.reduce((n, b) => n + b.length, 0);
+    if (bytes < TAG) throw new SealError("tampered", `${this.what}: cut off (chunk ${this.index} has no tag)`);
+    const d = startChunk(createDecipheriv("aes-256-gcm", this.key, nonce(this.index)), this.header, last);
+    const plain: Buffer[] = [];
+    let left = bytes - TAG;
+    const tag: Buffer[] = [];
+    for (const b of sealed) {
+      const data = Math.min(left, b.length);
+      if (data > 0) plain.push(d.update(b.subarray(0, data)));
+      if (data < b.length) tag.push(b.subarray(data));
+      left -= data;
+    }
+    d.setAuthTag(Buffer.concat(tag));
+    try {
+      plain.push(d.final());
+    } catch {
+      throw new SealError(
+        "tampered",
+        `${this.what}: ${last ? "the end marker" : `chunk ${this.index}`} fails authentication (bytes changed, moved or cut off, or sealed under another key with the same id)`,
+      );
+    }
+    out.push(...plain);
+    this.index++;
+  }
+
+  /** The next n bytes, as pieces (no copying of the bulk). */
+  private take(n: number): Buffer[] {
+    const got: Buffer[] = [];
+    while (n > 0) {
+      const p = this.pieces[0]!;
+      if (p.length <= n) {
+        got.push(p);
+        this.pieces.shift();
+        n -= p.length;
+        this.have -= p.length;
+      } else {
+        got.push(p.subarray(0, n));
+        this.pieces[0] = p.subarray(n);
+        this.have -= n;
+        n = 0;
+      }
+    }
+    return got;
   }
 }
 
@@ -136,10 +241,10 @@ const signedDigest = (bytes: Buffer) => createHash("sha256").update("unisync-sig
 /** The stored bytes of `payload` under `label`. */
 export function sealBuffer(payload: Buffer, label: string, s: Sealer): Buffer {
   const header = buildHeader(s.keyId, s.signer, label, s.sign !== undefined);
-  const key = objectKey(s.key, header.salt);
   const parts = [header.raw];
-  const count = Math.max(1, Math.ceil(payload.length / CHUNK));
-  for (let i = 0; i < count; i++) parts.push(sealChunk(key, header.raw, i, i === count - 1, payload.subarray(i * CHUNK, (i + 1) * CHUNK)));
+  const sealer = new ChunkSealer(objectKey(s.key, header.salt), header.raw);
+  sealer.write(payload, parts);
+  sealer.end(parts);
   const body = Buffer.concat(parts);
   return s.sign ? Buffer.concat([body, s.sign(signedDigest(body))]) : body;
 }
@@ -174,72 +279,52 @@ export function openBuffer(bytes: Buffer, o: Opener, what: string, expectLabel?:
   } else if (mustSign) {
     throw new SealError("unsigned", `${what} carries no signature`);
   }
-  const key = keyFor(o, header, what);
+  const opener = new ChunkOpener(keyFor(o, header, what), header.raw, what);
   const out: Buffer[] = [];
-  let pos = header.raw.length;
-  for (let i = 0; ; i++) {
-    const last = end - pos <= CHUNK + TAG;
-    const next = last ? end : pos + CHUNK + TAG;
-    out.push(openChunk(key, header.raw, i, last, bytes.subarray(pos, next), what));
-    pos = next;
-    if (last) break;
-  }
+  opener.write(bytes.subarray(header.raw.length, end), out);
+  opener.end(out);
   return { header, payload: Buffer.concat(out) };
 }
 
 /** Seals a stream (unsigned: a stream's authenticity comes from the data key and the content hash its record names). */
 export class SealStream extends Transform {
   private readonly header: EnvelopeHeader;
-  private readonly key: Buffer;
-  private pending: Buffer[] = [];
-  private pendingBytes = 0;
-  private index = 0;
+  private readonly sealer: ChunkSealer;
 
   constructor(label: string, s: Sealer) {
     super();
     this.header = buildHeader(s.keyId, s.signer, label, false);
-    this.key = objectKey(s.key, this.header.salt);
+    this.sealer = new ChunkSealer(objectKey(s.key, this.header.salt), this.header.raw);
     this.push(this.header.raw);
   }
 
   /** Stored size of a payload of `plain` bytes (for uploads that must state a length). */
   sealedSize(plain: number): number {
-    return this.header.raw.length + plain + TAG * Math.max(1, Math.ceil(plain / CHUNK));
+    return this.header.raw.length + plain + TAG * (Math.ceil(plain / CHUNK) + 1);
   }
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
-    this.pending.push(chunk);
-    this.pendingBytes += chunk.length;
-    // Hold back at least one byte beyond a full chunk: only the end says which chunk is last.
-    while (this.pendingBytes > CHUNK) this.emit1(false);
+    const out: Buffer[] = [];
+    this.sealer.write(chunk, out);
+    for (const b of out) this.push(b);
     done();
   }
 
   override _flush(done: TransformCallback): void {
-    this.emit1(true);
+    const out: Buffer[] = [];
+    this.sealer.end(out);
+    for (const b of out) this.push(b);
     done();
-  }
-
-  private emit1(last: boolean): void {
-    const all = Buffer.concat(this.pending);
-    const take = last ? all.length : CHUNK;
-    this.push(sealChunk(this.key, this.header.raw, this.index++, last, all.subarray(0, take)));
-    this.pending = [all.subarray(take)];
-    this.pendingBytes = all.length - take;
   }
 }
 
 /** Opens a sealed stream chunk by chunk; fails (and releases nothing more) at the first chunk that does not authenticate. */
 export class OpenStream extends Transform {
-  private header: EnvelopeHeader | null = null;
-  private key: Buffer | null = null;
-  /** Bytes received and not opened yet: joined only once a whole chunk is there (no copying per piece). */
-  private parts: Buffer[] = [];
-  private have = 0;
-  private index = 0;
+  private head: Buffer[] = [];
+  private opener: ChunkOpener | null = null;
 
   constructor(
-    private readonly opener: Opener,
+    private readonly keys: Opener,
     private readonly what: string,
     private readonly expectLabel?: string,
   ) {
@@ -248,46 +333,34 @@ export class OpenStream extends Transform {
 
   override _transform(chunk: Buffer, _enc: BufferEncoding, done: TransformCallback): void {
     try {
-      this.parts.push(chunk);
-      this.have += chunk.length;
-      if (!this.header) {
-        const buf = this.joined();
-        this.header = parseHeader(buf);
-        if (!this.header) return done();
-        if (this.header.signed) throw new SealError("malformed", `${this.what}: a signed object cannot be streamed`);
-        if (this.expectLabel !== undefined && this.header.label !== this.expectLabel) {
-          throw new SealError("wrong-label", `${this.what} was sealed as "${this.header.label}", not as "${this.expectLabel}"`);
+      const out: Buffer[] = [];
+      if (this.opener) this.opener.write(chunk, out);
+      else {
+        this.head.push(chunk);
+        const buf = Buffer.concat(this.head);
+        const header = parseHeader(buf);
+        if (!header) return done();
+        if (header.signed) throw new SealError("malformed", `${this.what}: a signed object cannot be streamed`);
+        if (this.expectLabel !== undefined && header.label !== this.expectLabel) {
+          throw new SealError("wrong-label", `${this.what} was sealed as "${header.label}", not as "${this.expectLabel}"`);
         }
-        this.key = keyFor(this.opener, this.header, this.what);
-        this.parts = [buf.subarray(this.header.raw.length)];
-        this.have = this.parts[0]!.length;
+        this.opener = new ChunkOpener(keyFor(this.keys, header, this.what), header.raw, this.what);
+        this.head = [];
+        this.opener.write(buf.subarray(header.raw.length), out);
       }
-      // Hold back one byte beyond a whole chunk: only the end says which chunk is last.
-      if (this.have > CHUNK + TAG) {
-        let buf = this.joined();
-        while (buf.length > CHUNK + TAG) {
-          this.push(openChunk(this.key!, this.header.raw, this.index++, false, buf.subarray(0, CHUNK + TAG), this.what));
-          buf = buf.subarray(CHUNK + TAG);
-        }
-        this.parts = [buf];
-        this.have = buf.length;
-      }
+      for (const b of out) this.push(b);
       done();
     } catch (err) {
       done(err as Error);
     }
   }
 
-  private joined(): Buffer {
-    const all = this.parts.length === 1 ? this.parts[0]! : Buffer.concat(this.parts);
-    this.parts = [all];
-    return all;
-  }
-
   override _flush(done: TransformCallback): void {
     try {
-      if (!this.header || !this.key) throw new SealError("malformed", `${this.what}: truncated header`);
-      this.push(openChunk(this.key, this.header.raw, this.index++, true, this.joined(), this.what));
+      if (!this.opener) throw new SealError("malformed", `${this.what}: truncated header`);
+      const out: Buffer[] = [];
+      this.opener.end(out);
+      for (const b of out) this.push(b);
       done();
     } catch (err) {
       done(err as Error);
