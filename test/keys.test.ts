@@ -197,6 +197,10 @@ describe("decompression bomb", () => {
     expect(() => decompressFrame(frame, 1024 * 1024)).toThrow(/over the 1048576-byte limit/);
     // Through openSegment too: refused as corrupt, with the hash right.
     expect(() => openSegment(bomb, sha(bomb))).toThrow(CorruptSegmentError);
+    // A frame that declares less than it holds: zstd stops at the declared size.
+    const liar = Buffer.from(frame);
+    liar.writeUInt32LE(1000, 5 + (single ? 0 : 1));
+    expect(() => decompressFrame(liar)).toThrow(/not a valid zstd frame: Destination buffer is too small/);
     const twoFrames = Buffer.concat([compress(Buffer.from("a")), frame]);
     expect(() => decompressFrame(twoFrames)).toThrow(/bytes after the zstd frame/);
   });

@@ -204,7 +204,11 @@ export async function keysCommand(args: string[], parse: Parse): Promise<void> {
   }
   if (sub === "show") {
     need(1, "STORE_URL");
-    const keys = existsSync(operatorKeyPath(values["operator-key"])) ? loadOperator(values["operator-key"]) : readKeyFile(process.env.UNISYNC_KEY_FILE ?? "");
+    const nodeKey = process.env.UNISYNC_KEY_FILE;
+    if (!existsSync(operatorKeyPath(values["operator-key"])) && !nodeKey) {
+      throw new BadInputError(`keys show needs the operator key file (--operator-key FILE) or a node's (UNISYNC_KEY_FILE) to check the list's signature`);
+    }
+    const keys = nodeKey && !existsSync(operatorKeyPath(values["operator-key"])) ? readKeyFile(nodeKey) : loadOperator(values["operator-key"]);
     const list = await current(openStore(rest[0]!), keys);
     const plain = { ...list, keys: list.keys.map((k) => ({ id: k.id, createdMs: k.createdMs, wrappedFor: Object.keys(k.wrapped) })), addressKey: undefined };
     console.log(values.json ? JSON.stringify(plain, null, 2) : describe(list));

@@ -44,7 +44,7 @@ async function collectedProblem(store: ObjectStore, origin: string, stream: stri
       `this node was offline longer than the retention window and cannot catch up from the log. It must start again from a snapshot: ` +
       `the agent does it by itself once none of its own changes waits to upload (what it holds is kept in .unisync/left-behind-<time>/; ` +
       `the agent's status "rejoin" says why it waits). By hand: once "unisync status" shows nothing waiting to upload, stop the agent, ` +
-      `move the instance folder's databases, files and .unisync/ aside, and start the agent on the empty folder (it starts from the newest snapshot)`,
+      `move the instance folder's databases, files and .unisync/ aside (in a secured cluster keep .unisync/node.key), and start the agent on the empty folder (it starts from the newest snapshot)`,
   };
 }
 
