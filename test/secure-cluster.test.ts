@@ -3,8 +3,10 @@
  * the CLI as a user would (keys init, keys node, keys add):
  *  - rows and files sync, and no object in the bucket holds a row value, a
  *    file's content or a file's sha256 in clear;
- *  - a segment forged under n1's name (signed by n2's key) is refused by every
- *    reader, shown in status, and never applied; the agents keep running;
+ *  - a segment forged under n1's name (signed by n2's key), tampered bytes, an
+ *    old segment replayed under a new seq and a decompression bomb signed by n1
+ *    itself are each refused by every reader, shown in status, and never
+ *    applied; the agents keep running;
  *  - after "keys rotate" every node writes under the new key and still syncs;
  *  - after "keys remove n3" the segments n3 writes are refused by n1 and n2
  *    (status says why), n3 is told it was removed, and n1 and n2 go on syncing;
@@ -23,7 +25,9 @@ import { readKeyFile } from "../src/keys/trust.js";
 import { newestTrustList, Vault } from "../src/keys/vault.js";
 import { publishPointer } from "../src/log/index.js";
 import { logHead, segmentKey } from "../src/log/keys.js";
-import { sealSegment } from "../src/log/segment.js";
+import { sealSegment, sha256Hex } from "../src/log/segment.js";
+import { segmentLabel } from "../src/keys/vault.js";
+import { compress } from "zstd-napi";
 import { listAll } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
 
@@ -105,22 +109,37 @@ describe("secured cluster on moto's S3 server", () => {
     }
     expect(objects).toBeGreaterThan(10);
 
-    // n2's key signs a segment under n1's name, announced in the index like a real one.
+    // Hostile objects at n1's next seq, one at a time, each announced in the index like a real
+    // segment: every reader refuses it, says why in status, applies nothing, and keeps running.
     const trust = (await newestTrustList(store, operatorPublic.slice("unisync-operator:".length)))!.bytes;
-    const n2vault = new Vault(readKeyFile(c.instance("n2", ".unisync/node.key")), trust);
+    const vaultOf = (n: string) => new Vault(readKeyFile(c.instance(n, ".unisync/node.key")), trust);
     const seq = (await logHead(store, "n1", "data.db")) + 1;
-    const forged = sealSegment(
-      { origin: "n1", stream: "data.db", seq, createdMs: Date.now(), records: [{ hlc: Date.now() * 1024, row: { table: "items", op: 1, columns: ["id", "t"], values: [999_999n, `FORGED-${SEED}`], key: ["id"], changed: [] } }] },
-      n2vault,
-    );
-    const forgedKey = segmentKey("n1", "data.db", seq, forged.sha256);
-    await store.put(forgedKey, forged.bytes);
-    await publishPointer(store, Date.now(), "n1", "data.db", [{ seq, sha256: forged.sha256 }]);
-    for (const n of ["n2", "n3"]) {
-      await waitFor(async () => /refused: .*signed by "n2", not by its origin/.test((await c.status(n)).databases[0]?.problems.n1 ?? ""), 30_000, `${n} to refuse the forged segment`);
+    const forgedRow = (seqNo: number) => ({
+      origin: "n1", stream: "data.db", seq: seqNo, createdMs: Date.now(),
+      records: [{ hlc: Date.now() * 1024, row: { table: "items", op: 1 as const, columns: ["id", "t"], values: [999_999n, `FORGED-${SEED}`], key: ["id"], changed: [] } }],
+    });
+    const realFirst = (await store.list("log/n1/data.db/", { limit: 1 })).objects[0]!.key;
+    const tampered = Buffer.from((await store.get(realFirst))!);
+    tampered[tampered.length - 70] ^= 1;
+    const bomb = Buffer.from(compress(Buffer.alloc(8 * 1024 * 1024), { compressionLevel: 19 }));
+    bomb.writeUInt32LE(0xffffffff, 5 + ((bomb[4]! >> 5) & 1 ? 0 : 1));
+    const attacks: { what: string; bytes: Buffer; refusal: RegExp }[] = [
+      { what: "forged origin (n2's key, n1's name)", bytes: sealSegment(forgedRow(seq), vaultOf("n2")).bytes, refusal: /refused: .*signed by "n2", not by its origin/ },
+      { what: "tampered bytes", bytes: tampered, refusal: /refused: .*(fails authentication|does not verify)/ },
+      { what: "old segment replayed under a new seq", bytes: (await store.get(realFirst))!, refusal: /header says n1\/data.db#1, key says n1\/data.db#\d+/ },
+      { what: "decompression bomb signed by n1 itself", bytes: vaultOf("n1").seal(bomb, segmentLabel("n1", "data.db", seq), true), refusal: /declares 4294967295 bytes decompressed, over the .* limit/ },
+    ];
+    for (const a of attacks) {
+      const sha = sha256Hex(a.bytes);
+      const key = segmentKey("n1", "data.db", seq, sha);
+      await store.put(key, a.bytes);
+      await publishPointer(store, Date.now(), "n1", "data.db", [{ seq, sha256: sha }]);
+      for (const n of ["n2", "n3"]) {
+        await waitFor(async () => a.refusal.test((await c.status(n)).databases[0]?.problems.n1 ?? ""), 30_000, `${n} to refuse the ${a.what}`);
+      }
+      await store.delete(key);
     }
     for (const n of NODES) expect(c.running(n), `${n} keeps running`).toBe(true);
-    await store.delete(forgedKey);
 
     // Rotation: every node takes the new list from the index and writes under key 2.
     await cli(["keys", "rotate", url, "--operator-key", operatorKey]);
