@@ -14,19 +14,20 @@ install: node_modules/.package-lock.json
 build: install
 	npm run build
 
-# Debian packages the tests use: Python's Flask-SQLAlchemy (the real app client)
-# and rsync (benchmark baseline), installed when missing and we are root; and
+# Debian packages the tests use: Python's Flask-SQLAlchemy (the real app client),
+# rsync (benchmark baseline) and Chromium (the console's browser test), installed
+# when missing and we are root; and
 # moto's S3 server (the second S3 implementation the tests use), from PyPI when missing.
 deps:
 	@command -v moto_server >/dev/null || python3 -c 'import moto.server' 2>/dev/null || \
 	  python3 -m pip install --quiet 'moto[server]>=5,<6' 2>/dev/null || \
 	  python3 -m pip install --quiet --break-system-packages 'moto[server]>=5,<6' || \
 	  { echo "please install moto's S3 server: python3 -m pip install 'moto[server]>=5'"; exit 1; }
-	@if ! /usr/bin/python3 -c 'import flask_sqlalchemy' 2>/dev/null || ! command -v rsync >/dev/null; then \
+	@if ! /usr/bin/python3 -c 'import flask_sqlalchemy' 2>/dev/null || ! command -v rsync >/dev/null || [ ! -x /usr/bin/chromium ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-flask-sqlalchemy rsync >/dev/null; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-flask-sqlalchemy rsync chromium >/dev/null; \
 	  else \
-	    echo "please install the Debian packages python3-flask-sqlalchemy and rsync (sudo apt-get install ...)"; exit 1; \
+	    echo "please install the Debian packages python3-flask-sqlalchemy, rsync and chromium (sudo apt-get install ...)"; exit 1; \
 	  fi; \
 	fi
 

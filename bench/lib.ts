@@ -214,8 +214,8 @@ export function startAgent(name: string, instanceDir: string, storeUrl: string, 
         buf = buf.slice(nl + 1);
         try {
           const j = JSON.parse(line) as { level?: number; msg?: string; url?: unknown };
-          if (j.msg === "status page and /metrics" && typeof j.url === "string") statusUrl = j.url;
-          if (j.msg === "status page and /metrics" || j.msg?.startsWith("status page not started")) resolve();
+          if (typeof j.url === "string") statusUrl = j.url;
+          if (typeof j.url === "string" || j.msg?.startsWith("status page not started")) resolve();
           if ((j.level ?? 0) >= 50) errors.push(line);
         } catch {
           // not JSON

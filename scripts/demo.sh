@@ -28,7 +28,7 @@ done
 
 echo "== starting three agents (logs in $DEMO/nodeN.log)"
 for n in 1 2 3; do
-  UNISYNC_POLL_MAX_MS=300 $UNISYNC run "$DEMO/node$n" "file://$DEMO/store" --node "node$n" --http-port 0 >"$DEMO/node$n.log" 2>&1 &
+  UNISYNC_POLL_MIN_MS=100 UNISYNC_POLL_MAX_MS=300 $UNISYNC run "$DEMO/node$n" "file://$DEMO/store" --node "node$n" --http-port 0 >"$DEMO/node$n.log" 2>&1 &
   pids+=($!)
 done
 sleep 1
@@ -98,8 +98,18 @@ echo "== unisync status node1"
 $UNISYNC status "$DEMO/node1" --store "file://$DEMO/store"
 echo "== unisync verify node1 node2"
 $UNISYNC verify "$DEMO/node1" "$DEMO/node2"
+console() { grep -o '"url":"http://[^"]*"' "$DEMO/node$1.log" | head -1 | cut -d'"' -f4; }
+echo "demo OK: three nodes hold identical databases and folders. Files are in $DEMO."
+if [ -t 0 ] && [ -t 1 ] && [ -z "${DEMO_EXIT:-}" ]; then
+  echo "== the cluster keeps running; open a node's console in a browser:"
+  for n in 1 2 3; do echo "   node$n: $(console "$n")"; done
+  echo "   write to $DEMO/node1/data.db (or drop files into $DEMO/node2/) and watch the other consoles."
+  echo "   Press Ctrl-C to stop the three agents."
+  trap 'echo; echo "== stopping agents"; for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" || true; done; pids=(); exit 0' INT TERM
+  while true; do sleep 3600 & wait $! || true; done
+fi
+echo "== consoles were: node1 $(console 1), node2 $(console 2), node3 $(console 3) (not on a terminal: stopping; DEMO_EXIT=1 forces this)"
 echo "== stopping agents"
 for p in "${pids[@]}"; do kill -TERM "$p"; done
 for p in "${pids[@]}"; do wait "$p" || true; done
 pids=()
-echo "demo OK: three nodes hold identical databases and folders. Files are in $DEMO."

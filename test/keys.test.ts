@@ -29,6 +29,7 @@ import { readAfter } from "../src/log/tail.js";
 import { listAll, type ObjectStore } from "../src/store/store.js";
 import { openStore } from "../src/store/url.js";
 import { startStatusServer } from "../src/web/server.js";
+import type { ConsoleBackend } from "../src/web/backend.js";
 import type { AgentStatus } from "../src/agent/agent.js";
 
 const root = mkdtempSync(join(tmpdir(), "unisync-keys-"));
@@ -296,7 +297,8 @@ describe("status server off loopback", () => {
     expect(() => loadConfig({ instanceDir: root, store: "file:///x", node: "a", httpHost: "0.0.0.0" }, undefined, {})).toThrow(/"httpToken" must be at least 16 characters/);
     const token = "0123456789abcdef-token";
     const status = { node: "n1", store: "x", origins: [], databases: [], notSynced: {}, storeRequests: { perSecond: {}, total: {}, conditionalWrites: "unknown" }, tailing: { pollIntervalMs: 1 } } as unknown as AgentStatus;
-    const { server, url } = await startStatusServer("127.0.0.1", 0, () => status, new Metrics(), token);
+    const backend = { status: () => status } as unknown as ConsoleBackend;
+    const { server, url } = await startStatusServer("127.0.0.1", 0, backend, new Metrics(), token);
     try {
       expect((await get(`${url}metrics`)).code).toBe(401);
       expect((await get(`${url}status.json?token=wrong`)).code).toBe(401);

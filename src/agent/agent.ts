@@ -5,6 +5,8 @@
  * segments wait in each database's outbox until it is back.
  */
 import { vaultOf } from "../keys/securestore.js";
+import { hlcToMs } from "../log/hlc.js";
+import { Activity } from "./activity.js";
 import { KeyConfigError, OPERATOR, TRUST_STREAM } from "../keys/trust.js";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import Database from "better-sqlite3";
@@ -86,6 +88,10 @@ export interface AgentStatus {
     longestWriteLockMs: number;
     longestWriteLockFor: string;
     cursors: Record<string, number>;
+    /** Per origin, the clock time (ms) of the last record applied: lag in seconds against that origin's lastSealedMs. */
+    cursorMs: Record<string, number>;
+    /** When this node last sealed a segment of this stream (ms, 0: never). */
+    lastSealedMs: number;
     problems: Record<string, string>;
   }[];
   /** The instance folder's files (stream ".files"), when syncFiles is on. */
@@ -100,6 +106,8 @@ export interface AgentStatus {
     conflicts: number;
     massDelete?: string;
     cursors: Record<string, number>;
+    cursorMs: Record<string, number>;
+    lastSealedMs: number;
     problems: Record<string, string>;
   };
   storeError?: string;
@@ -109,12 +117,24 @@ export interface AgentStatus {
   tailing: { indexPolls: number; pollIntervalMs: number; listings: Record<string, number>; hintsReceived: number; hintsRefused: number };
   /** A node left behind by retention: waiting to start again from a snapshot (and why), or done (what was kept where). */
   rejoin?: RejoinStatus;
+  /** Sync paused from the console: capture goes on, uploads and pulls wait. */
+  paused: boolean;
   /** A secured cluster: the trust list this node holds, and why it could not take a newer one. */
   trust?: { cluster: string; version: number; currentKey: number; members: string[]; removed: string[]; error?: string };
   /** Databases not synced, with why. */
   notSynced: Record<string, string>;
   /** Database files replaced under the running agent (and re-enrolled), with when and why. */
   replaced: { stream: string; at: string; why: string }[];
+}
+
+/** Where a stream is: last segment applied per origin and its clock time, and when this node last wrote to it. */
+function cursorFields(s: DbSync | FolderSync): { cursors: Record<string, number>; cursorMs: Record<string, number>; lastSealedMs: number } {
+  const all = [...s.cursors()];
+  return {
+    cursors: Object.fromEntries(all.map(([o, c]) => [o, c.seq])),
+    cursorMs: Object.fromEntries(all.map(([o, c]) => [o, hlcToMs(c.lastHlc)])),
+    lastSealedMs: s.outbox.lastSealedMs(),
+  };
 }
 
 /** A secured node looks for a newer trust list this often (and at once when a segment is refused). */
@@ -238,6 +258,11 @@ export class Agent {
 
   private halted(): boolean {
     return this.stopping || this.pausing;
+  }
+
+  /** The databases this node syncs now (the console reads their conflicts and parked records). */
+  databases(): DbSync[] {
+    return [...this.dbs.values()];
   }
 
   private streams(): (DbSync | FolderSync)[] {
@@ -614,6 +639,7 @@ export class Agent {
   private async uploadLoop(): Promise<void> {
     let backoff = 0;
     while (!this.halted()) {
+      if (this.paused) await this.whilePaused();
       let failed = false;
       let more = false;
       const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
@@ -621,7 +647,10 @@ export class Agent {
       for (const s of streams) {
         try {
           // A full turn means more is waiting: go round again without sleeping.
+          const before = s.outbox.size().segments;
           if (await this.uploadTurn(s)) more = true;
+          const sent = before - s.outbox.size().segments;
+          if (sent > 0) this.activity.add({ kind: "uploaded", stream: s.stream, text: `sent ${sent} segment${sent === 1 ? "" : "s"} of ${s.stream} (through seq ${s.outbox.nextSeq() - 1 - s.outbox.size().segments})` });
         } catch (err) {
           if (err instanceof LogForkError) await this.dropForked(s, err);
           else {
@@ -657,6 +686,7 @@ export class Agent {
   private async pullLoop(): Promise<void> {
     let lastOriginScan = Date.now();
     while (!this.halted()) {
+      if (this.paused) await this.whilePaused();
       const roundMs = Date.now();
       let applied = 0;
       let fresh = 0;
@@ -690,10 +720,15 @@ export class Agent {
         // A database new to this node first replays this node's own earlier log (Agent.placeLogs).
         for (const s of streams) if (s instanceof DbSync && s.replaysOwnLog()) plan.push({ stream: s.stream, origin: this.config.node });
         for (const p of plan) {
+          if (this.paused) break; // paused mid-round: nothing more is applied from now on
           const s = byName.get(p.stream)!;
-          let before = cursor(p.stream, p.origin);
+          const start = cursor(p.stream, p.origin);
+          let before = start;
+          let records = 0;
           for (let pulled = 0; pulled < PULL_TURN && !this.halted(); pulled += 16) {
-            applied += s instanceof DbSync ? await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known) : await s.pull(p.origin, 16, Infinity, p.known);
+            const n = s instanceof DbSync ? await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known) : await s.pull(p.origin, 16, Infinity, p.known);
+            applied += n;
+            records += n;
             const after = s.cursor(p.origin).seq;
             this.index.forget(p.origin, p.stream, after);
             // Go on while the last pull was a full turn, or the index names the next segment already.
@@ -701,6 +736,10 @@ export class Agent {
             if (!again) break;
             if (pulled + 16 >= PULL_TURN) more = true;
             before = after;
+          }
+          const reached = s.cursor(p.origin).seq;
+          if (reached > start) {
+            this.activity.add({ kind: "applied", stream: p.stream, origin: p.origin, text: `applied ${records} record${records === 1 ? "" : "s"} of ${p.origin} to ${p.stream} (segments ${start + 1}..${reached})` });
           }
           this.storeOk(roundMs); // judged only from calls really made
         }
@@ -758,6 +797,7 @@ export class Agent {
       }
       this.rescanDatabases();
       this.updateGauges();
+      this.noteProblems();
       if (this.rejoinWanted()) {
         // Runs beside the loops it pauses (this one included): not awaited here.
         this.rejoining = this.rejoin().finally(() => (this.rejoining = null));
@@ -776,6 +816,61 @@ export class Agent {
           await this.heartbeat({ ...body, atMs: lastHeartbeat }).catch((err) => this.storeFailed(err, "writing heartbeat"));
         }
       }
+    }
+  }
+
+  /** The console's live feed. */
+  readonly activity = new Activity();
+  private paused = false;
+  private resumed: (() => void) | null = null;
+
+  private problemsSeen = new Map<string, string>();
+
+  /** A stream that starts waiting (gap, refused or corrupt segment, fork) goes to the activity feed once. */
+  private noteProblems(): void {
+    const now = new Map<string, string>();
+    for (const s of this.streams()) for (const [origin, p] of s.problems) now.set(`${s.stream}\n${origin}`, p.message);
+    for (const [k, message] of now) {
+      if (this.problemsSeen.get(k) === message) continue;
+      const [stream, origin] = k.split("\n");
+      this.activity.add({ kind: "problem", stream, origin, text: message });
+    }
+    this.problemsSeen = now;
+  }
+
+  /** Stops uploading and pulling (capture goes on: the app's writes wait in the outbox) until resume(). */
+  pause(): void {
+    if (this.paused) return;
+    this.paused = true;
+    this.activity.add({ kind: "control", text: "sync paused: changes are captured and wait; nothing is sent or applied" });
+    this.log.info("sync paused");
+  }
+
+  resume(): void {
+    if (!this.paused) return;
+    this.paused = false;
+    this.activity.add({ kind: "control", text: "sync resumed" });
+    this.log.info("sync resumed");
+    this.resumed?.();
+    this.syncNow();
+  }
+
+  /** Ends the loops' waits: upload and poll at once. */
+  syncNow(): void {
+    this.wake?.();
+    this.wakePull?.(true);
+  }
+
+  /** While paused, a loop waits here (and still ends when the agent stops). */
+  private async whilePaused(): Promise<void> {
+    while (this.paused && !this.halted()) {
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, 1000);
+        this.resumed = () => {
+          clearTimeout(t);
+          resolve();
+        };
+      });
     }
   }
 
@@ -835,6 +930,18 @@ export class Agent {
       const { setAside } = db.conflictCounts();
       this.metrics.set("unisync_rows_set_aside", setAside, labels);
     }
+    for (const s of this.streams()) {
+      const labels = { db: s.stream };
+      // Segments the index has named (or a listing found) past this node's cursors: incoming lag.
+      let lag = 0;
+      for (const [origin, c] of s.cursors()) lag += Math.max(0, this.index.head(origin, s.stream) - c.seq);
+      for (const origin of this.index.origins) if (!s.cursors().has(origin)) lag += this.index.head(origin, s.stream);
+      this.metrics.set("unisync_lag_segments", lag, labels);
+      // Streams of other origins that wait (gap, corrupt or refused segment, fork, collected), by kind.
+      const waiting: Record<string, number> = { gap: 0, corrupt: 0, refused: 0, fork: 0, collected: 0 };
+      for (const p of s.problems.values()) waiting[p.kind === "corrupt" && p.message.includes("refused:") ? "refused" : p.kind]++;
+      for (const [kind, n] of Object.entries(waiting)) this.metrics.set("unisync_streams_waiting", n, { ...labels, kind });
+    }
   }
 
   status(): AgentStatus {
@@ -854,11 +961,12 @@ export class Agent {
         enrolling: db.enrolling,
         longestWriteLockMs: Math.round(db.writes.longestMs),
         longestWriteLockFor: db.writes.longestWhat,
-        cursors: Object.fromEntries([...db.cursors()].map(([o, c]) => [o, c.seq])),
+        ...cursorFields(db),
         problems: Object.fromEntries([...db.problems].map(([o, p]) => [o, p.message])),
       })),
       files: this.files ? this.filesStatus(this.files) : undefined,
       storeError: this.storeError,
+      paused: this.paused,
       trust: this.trustStatus(),
       storeRequests: {
         perSecond: this.requestRates,
@@ -889,7 +997,7 @@ export class Agent {
       excluded: f.excluded.length,
       conflicts: f.state.conflictCount(),
       massDelete: f.massDelete,
-      cursors: Object.fromEntries([...f.cursors()].map(([o, c]) => [o, c.seq])),
+      ...cursorFields(f),
       problems: Object.fromEntries([...f.problems].map(([o, p]) => [o, p.message])),
     };
   }

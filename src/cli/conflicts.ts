@@ -54,8 +54,26 @@ export interface SetAsideReport {
   table: string;
   key: string[];
   keptKey: string[];
+  /** The row set aside (its values when it was set aside). */
   values: Record<string, string>;
+  /** The row that kept the clashing values, as it is now (null: gone, or a table without a declared key). */
+  kept: Record<string, string> | null;
   detectedAt: string;
+}
+
+/** A row by its declared primary key, every column shown; null when there is none. */
+function rowByKey(db: Database.Database, table: string, key: SqlValue[]): Record<string, string> | null {
+  const cols = (db.prepare(`PRAGMA table_info(${quoteIdent(table)})`).all() as { name: string; pk: number | bigint }[])
+    .filter((c) => Number(c.pk) > 0)
+    .sort((a, b) => Number(a.pk) - Number(b.pk))
+    .map((c) => c.name);
+  if (cols.length === 0 || cols.length !== key.length) return null;
+  // Safe integers whatever the connection's default (the console reads through the agent's): 7 stays 7, not 7.0.
+  const row = db
+    .prepare(`SELECT * FROM ${quoteIdent(table)} WHERE ${cols.map((c) => `${quoteIdent(c)} IS ?`).join(" AND ")}`)
+    .safeIntegers(true)
+    .get(...key) as Record<string, SqlValue> | undefined;
+  return row ? Object.fromEntries(Object.entries(row).map(([k, v]) => [k, showValue(v)])) : null;
 }
 
 export interface RepairReport {
@@ -135,11 +153,13 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
         const flat = decodeValues(c.vals);
         const values: Record<string, string> = {};
         for (let i = 0; i + 1 < flat.length; i += 2) values[String(flat[i])] = showValue(flat[i + 1]);
+        const keptKey = decodeValues(c.kept_key);
         return {
           table: c.tbl,
           key: decodeValues(c.row_key).map(showValue),
-          keptKey: decodeValues(c.kept_key).map(showValue),
+          keptKey: keptKey.map(showValue),
           values,
+          kept: rowByKey(db, c.tbl, keptKey),
           detectedAt: new Date(Number(c.detected_ms)).toISOString(),
         };
       })
@@ -203,7 +223,8 @@ export async function conflictsCommand(args: string[], parse: Parse): Promise<vo
     }
     for (const s of r.setAside) {
       const vals = Object.entries(s.values).map(([k, v]) => `${k}=${v}`).join(", ");
-      console.log(`  set aside ${s.table} (${s.key.join(", ")}) clashes with kept row (${s.keptKey.join(", ")}): ${vals}`);
+      const kept = s.kept ? Object.entries(s.kept).map(([k, v]) => `${k}=${v}`).join(", ") : "(not here now)";
+      console.log(`  set aside ${s.table} (${s.key.join(", ")}) clashes with kept row (${s.keptKey.join(", ")})\n            set aside: ${vals}\n            kept:      ${kept}`);
     }
     for (const f of r.repaired) {
       const what = f.action === "kept parent" ? `kept ${f.table} (${f.key.join(", ")}), deleted while ${f.child} (${f.childKey.join(", ")}) was written referring to it`

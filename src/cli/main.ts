@@ -11,6 +11,7 @@ import { ConfigError, defaultConfigPath, loadConfig, openNodeStore, renderConfig
 import { StoreConfigError } from "../store/store.js";
 import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
+import { agentBackend } from "../web/backend.js";
 import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
 import { audit, formatEntry, withOldValues, type AuditEntry } from "./log.js";
@@ -59,7 +60,7 @@ their header) plus those listed in the config. Needs no config file: STORE_URL
 and --node are enough. Node-local state lives in INSTANCE_DIR/.unisync/.
   --node NAME         this node's name (default: host name; UNISYNC_NODE)
   --config FILE       config file (default INSTANCE_DIR/.unisync/config.jsonc if present)
-  --http-port N       status page and /metrics port on 127.0.0.1 (0 = any free port, off = none; default 7717)
+  --http-port N       console (status page), /status.json and /metrics port on 127.0.0.1 (0 = any free port, off = none; default 7717)
   --log-level LEVEL   fatal|error|warn|info|debug|trace (default info)
 Every config key can also be set as UNISYNC_<KEY> (e.g. UNISYNC_POLL_MAX_MS=1000).
 Logs are JSON lines (pino) on stdout.`,
@@ -169,9 +170,9 @@ async function run(args: string[]): Promise<void> {
   let server: Awaited<ReturnType<typeof startStatusServer>>["server"] | undefined;
   if (config.httpPort >= 0) {
     try {
-      const started = await startStatusServer(config.httpHost, config.httpPort, () => agent.status(), agent.metrics, config.httpToken);
+      const started = await startStatusServer(config.httpHost, config.httpPort, agentBackend(agent), agent.metrics, config.httpToken);
       server = started.server;
-      log.info({ url: started.url }, "status page and /metrics");
+      log.info({ url: started.url }, "console (status page), /status.json and /metrics");
     } catch (err) {
       log.warn({ err: (err as Error).message }, "status page not started (port in use?); syncing goes on without it");
     }

@@ -59,7 +59,13 @@ export class Outbox {
     const key = segmentKey(this.origin, this.stream, seq, sha256);
     this.insertStmt.run(seq, key, bytes, records.length, nowMs);
     setMeta(this.db, "next_seq", seq + 1);
+    setMeta(this.db, "last_sealed_ms", nowMs);
     return { seq, key, bytes, records: records.length };
+  }
+
+  /** When the newest segment was sealed (ms; 0: never): with a reader's cursor time, how far behind the reader is. */
+  lastSealedMs(): number {
+    return Number(getMeta(this.db, "last_sealed_ms") ?? 0);
   }
 
   /** The `n` oldest sealed segments, in seq order. */
