@@ -7,6 +7,7 @@
 import { vaultOf } from "../keys/securestore.js";
 import { hlcToMs } from "../log/hlc.js";
 import { Activity } from "./activity.js";
+import type { ProgressLine } from "../snapshot/progress.js";
 import { KeyConfigError, OPERATOR, TRUST_STREAM } from "../keys/trust.js";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import Database from "better-sqlite3";
@@ -84,6 +85,8 @@ export interface AgentStatus {
     setAside: number;
     /** Its existing rows wait for the cluster's log to be replayed before they are enrolled. */
     enrolling: boolean;
+    /** While a table's existing rows are enrolled: rows done of total and the ETA. */
+    enrolmentProgress?: ProgressLine;
     /** The longest the agent held this database's write lock (ms) since it started, and doing what. */
     longestWriteLockMs: number;
     longestWriteLockFor: string;
@@ -959,6 +962,7 @@ export class Agent {
         parked: db.parkedCount(),
         ...db.conflictCounts(),
         enrolling: db.enrolling,
+        enrolmentProgress: db.enrolProgress,
         longestWriteLockMs: Math.round(db.writes.longestMs),
         longestWriteLockFor: db.writes.longestWhat,
         ...cursorFields(db),

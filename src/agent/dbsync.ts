@@ -4,13 +4,14 @@
  * segments. Each database has its own stream and its own cursors.
  */
 import { vaultOf } from "../keys/securestore.js";
+import { Progress, type ProgressLine } from "../snapshot/progress.js";
 import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, getMeta, NodeIdentityError, recordAgentChange, setMeta } from "../capture/internal.js";
-import { discoverTables, schemaVersion } from "../capture/schema.js";
+import { discoverTables, quoteIdent, schemaVersion } from "../capture/schema.js";
 import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
@@ -301,6 +302,9 @@ export class DbSync {
     return this.o.stream;
   }
 
+  /** The table being enrolled now: rows done of total, and the ETA (status, console). */
+  enrolProgress: ProgressLine | undefined;
+
   /** Installs or refreshes triggers when the schema changed; returns true if it did. */
   refreshSchema(): boolean {
     const version = schemaVersion(this.db);
@@ -322,7 +326,10 @@ export class DbSync {
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
     // Rows are enrolled once the log is replayed in (enrolling) and its own place is known.
     for (const def of this.enrolling || this.logUnknown ? [] : defs.filter((d) => d.needsBaseline)) {
-      let logged = 0;
+      // Counts and ETA in the log (every 5 s) and in status (the console shows it).
+      const total = Number((this.db.prepare(`SELECT count(*) AS n FROM ${quoteIdent(def.shape.name)}`).get() as { n: number | bigint }).n);
+      const progress = new Progress(`enrolling ${def.shape.name}`, total, (line) => this.log.info(line, "enrolment progress"), null, 5000);
+      let recorded = 0;
       const n = baselineTable(
         this.db,
         def,
@@ -331,12 +338,13 @@ export class DbSync {
         () => (this.sealBatch(deadline()), !this.hasPending()),
         (what, fn) => this.write(what, fn, true),
         (rows) => {
-          if (rows - logged < 100_000) return;
-          logged = rows;
-          this.log.info({ table: def.shape.name, rows }, "recording existing rows");
+          progress.add(rows - recorded);
+          recorded = rows;
+          this.enrolProgress = progress.snapshot();
         },
         this.firstEnrolment,
       );
+      this.enrolProgress = undefined;
       if (n > 0) {
         // A fresh node's clock may not have ticked yet: the enrolment time is at least now.
         this.applier.enrolments.count(this.o.node, def.shape.name, Math.max(this.o.clock.current, hlcFromMs(Date.now())), "added", n);

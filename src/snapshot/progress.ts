@@ -37,6 +37,11 @@ export class Progress {
     if (this.tty) this.tty.write("\n");
   }
 
+  /** Where it stands now (counts and ETA). */
+  snapshot(): ProgressLine {
+    return this.line();
+  }
+
   private line(): ProgressLine {
     const elapsed = (Date.now() - this.t0) / 1000;
     const rate = this.done / Math.max(elapsed, 0.001);

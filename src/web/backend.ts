@@ -15,12 +15,17 @@ export interface StreamView {
   stream: string;
   /** Segments other nodes wrote that this node has not applied yet. */
   lagSegments: number;
-  /** How much older this node's copy is than the newest write it lacks (s; 0 when caught up). */
-  lagSeconds: number;
+  /**
+   * How much older this node's copy is than the newest write it lacks (s; 0 when caught
+   * up; null when it lacks writes of nodes it has applied nothing of yet: no time to compare).
+   */
+  lagSeconds: number | null;
   pending: number;
   outbox: number;
   parked: number;
   problems: string[];
+  /** Long work on this stream now (enrolling a big table): what, how far, ETA. */
+  progress?: string;
 }
 
 export interface NodeView {
@@ -63,6 +68,11 @@ function streamsOf(s: AgentStatus): StreamStatus[] {
   return s.files ? [...s.databases, s.files] : s.databases;
 }
 
+function describeProgress(p: { progress: string; done: number; total: number; etaS: number | null } | undefined): string | undefined {
+  if (!p) return undefined;
+  return `${p.progress}: ${p.done} of ${p.total}${p.etaS === null ? "" : `, about ${p.etaS} s left`}`;
+}
+
 /** Lag of every node's every stream, from the statuses (heartbeats) of all nodes. */
 export function clusterView(statuses: { status: AgentStatus; atMs: number; self: boolean }[]): NodeView[] {
   const written = new Map<string, { seq: number; sealedMs: number }>(); // `${origin}\n${stream}`
@@ -80,23 +90,28 @@ export function clusterView(statuses: { status: AgentStatus; atMs: number; self:
       requestsPerSecond: Math.round(Object.values(status.storeRequests?.perSecond ?? {}).reduce((a, b) => a + b, 0) * 100) / 100,
       streams: streamsOf(status).map((st) => {
         let lagSegments = 0;
-        let lagMs = 0;
+        let lagMs: number | null = 0;
+        let unknown = false;
         for (const other of statuses) {
           if (other.status.node === status.node) continue;
           const w = written.get(`${other.status.node}\n${st.stream}`);
           if (!w) continue;
           const behind = Math.max(0, w.seq - (st.cursors[other.status.node] ?? 0));
           lagSegments += behind;
-          if (behind > 0) lagMs = Math.max(lagMs, w.sealedMs - (st.cursorMs?.[other.status.node] ?? 0));
+          const appliedMs = st.cursorMs?.[other.status.node];
+          if (behind > 0 && appliedMs && w.sealedMs) lagMs = Math.max(lagMs, w.sealedMs - appliedMs);
+          else if (behind > 0) unknown = true;
         }
+        if (unknown && lagMs === 0) lagMs = null;
         return {
           stream: st.stream,
           lagSegments,
-          lagSeconds: Math.round(Math.max(0, lagMs) / 100) / 10,
+          lagSeconds: lagMs === null ? null : Math.round(Math.max(0, lagMs) / 100) / 10,
           pending: st.pendingChanges,
           outbox: st.outboxSegments,
           parked: st.parked,
           problems: Object.entries(st.problems).map(([origin, m]) => `${origin}: ${m}`),
+          progress: describeProgress("enrolmentProgress" in st ? st.enrolmentProgress : undefined),
         };
       }),
     }))

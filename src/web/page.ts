@@ -64,9 +64,9 @@ async function cluster() {
       const lag = s.lagSegments ? '<span class="pill ' + (s.lagSegments > 20 ? "bad" : "warn") + '">' + s.lagSegments + "</span>" : '<span class="pill ok">0</span>';
       rows.push("<tr data-node=\\"" + esc(n.node) + "\\" data-stream=\\"" + esc(s.stream) + "\\" data-lag=\\"" + s.lagSegments + "\\">" +
         (i === 0 ? "<td rowspan=" + streams.length + "><b>" + esc(n.node) + "</b>" + (n.self ? " (this node)" : "") + "</td><td rowspan=" + streams.length + ">" + (n.self ? "now" : ago(n.lastSeenMs)) + "</td><td rowspan=" + streams.length + ">" + state + "</td>" : "") +
-        "<td>" + esc(s.stream) + "</td><td>" + lag + "</td><td>" + s.lagSeconds + "</td><td>" + s.pending + "</td><td>" + s.outbox + "</td><td>" + s.parked + "</td>" +
+        "<td>" + esc(s.stream) + "</td><td>" + lag + "</td><td>" + (s.lagSeconds ?? "?") + "</td><td>" + s.pending + "</td><td>" + s.outbox + "</td><td>" + s.parked + "</td>" +
         (i === 0 ? "<td rowspan=" + streams.length + ">" + n.requestsPerSecond + "</td>" : "") +
-        '<td class="wrap">' + (s.problems.map(esc).join("<br>") || '<span class="mute">none</span>') + "</td></tr>");
+        '<td class="wrap">' + (s.progress ? '<span class="pill warn">' + esc(s.progress) + "</span><br>" : "") + (s.problems.map(esc).join("<br>") || (s.progress ? "" : '<span class="mute">none</span>')) + "</td></tr>");
     });
   }
   $("#cluster tbody").innerHTML = rows.join("");
