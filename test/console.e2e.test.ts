@@ -65,13 +65,13 @@ describe("web console in Chromium", () => {
     // n3 paused from its console: n1's console shows its lag growing, then 0 after resume.
     await p3.click("#pause");
     await p3.waitForFunction(() => document.querySelector("#state")?.textContent === "paused");
+    // n1 sees n3 paused once n3's heartbeat says so (every heartbeatMs, read every 2 s): from then on its cursors stand still.
+    await p1.locator("#cluster tr[data-node='n3'] .pill", { hasText: "paused" }).waitFor({ timeout: 15_000 });
     sql(c.instance("n1", "app.db"), "INSERT INTO people(name) VALUES ('p1')", "INSERT INTO people(name) VALUES ('p2')");
     await p1.waitForFunction(() => Number(document.querySelector<HTMLElement>("#cluster tr[data-node='n3'][data-stream='app.db']")?.dataset.lag) > 0, undefined, { timeout: 30_000 });
     const first = await lagOf(p1, "n3");
     sql(c.instance("n1", "app.db"), "INSERT INTO people(name) VALUES ('p3')", "INSERT INTO people(name) VALUES ('p4')", "INSERT INTO people(name) VALUES ('p5')");
     await p1.waitForFunction((was) => Number(document.querySelector<HTMLElement>("#cluster tr[data-node='n3'][data-stream='app.db']")?.dataset.lag) > was, first, { timeout: 30_000 });
-    // n3's heartbeat says it is paused (it comes every heartbeatMs, read by n1 every 2 s).
-    await p1.locator("#cluster tr[data-node='n3'] .pill", { hasText: "paused" }).waitFor({ timeout: 15_000 });
     await shot(p1, "3-paused-lag");
     await p3.click("#pause"); // now "Resume sync"
     await p1.waitForFunction(() => document.querySelector<HTMLElement>("#cluster tr[data-node='n3'][data-stream='app.db']")?.dataset.lag === "0", undefined, { timeout: 30_000 });
