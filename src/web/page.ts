@@ -4,7 +4,8 @@
  * sideways inside their cards, controls are large enough to tap.
  */
 export function consolePage(node: string): string {
-  const title = `unisync · ${node.replace(/[&<>"]/g, "")}`;
+  const name = node.replace(/[&<>"]/g, "");
+  const title = `unisync · ${name}`;
   return `<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>${title}</title>
@@ -28,7 +29,7 @@ input{font:inherit;padding:.4em;border:1px solid var(--line);border-radius:6px;m
 .side{display:grid;grid-template-columns:1fr 1fr;gap:.5em}.side div{background:var(--bg);padding:.4em;border-radius:6px}
 #msg{color:var(--mute)}
 </style></head><body>
-<header><h1>unisync · <span id="self">${title.slice(10)}</span></h1><span id="state" class="pill ok">…</span><span class="sp"></span>
+<header><h1>unisync · <span id="self">${name}</span></h1><span id="state" class="pill ok">…</span><span class="sp"></span>
 <button id="pause">Pause sync</button><button id="sync" class="primary">Sync now</button><button id="snap">Take snapshot</button><span id="msg"></span></header>
 <main>
 <section class="wide"><h2>Cluster</h2><div class="scroll"><table id="cluster"><thead><tr><th>node</th><th>last seen</th><th>state</th><th>stream</th><th>lag (segments)</th><th>lag (s)</th><th>pending</th><th>outbox</th><th>parked</th><th>req/s</th><th>problems</th></tr></thead><tbody></tbody></table></div></section>
