@@ -14,11 +14,9 @@ const LAYER = { store: 0, keys: 1, db: 2, log: 3, capture: 4, replay: 4, snapsho
 
 /** "importer -> imported folder" pairs that run against the flow today (issue 13 moves them). */
 const KNOWN = new Set([
-  "log/outbox.ts -> capture",
   "capture/drain.ts -> replay",
   "capture/baseline.ts -> replay",
   "replay/apply.ts -> capture",
-  "replay/enrolments.ts -> capture",
   "replay/folder.ts -> capture",
   "replay/references.ts -> capture",
   "replay/relocate.ts -> capture",

@@ -4,6 +4,7 @@
  * data. All are named _unisync_* and are never synced.
  */
 import type { Database, Statement } from "better-sqlite3";
+import { getMeta, setMeta } from "../db/meta.js";
 
 export const INTERNAL_DDL = `
 CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
@@ -119,15 +120,6 @@ export function silenced<T>(db: Database, fn: () => T): T {
   } finally {
     db.prepare("DELETE FROM _unisync_applying").run();
   }
-}
-
-export function getMeta(db: Database, key: string): unknown {
-  const row = db.prepare("SELECT v FROM _unisync_meta WHERE k = ?").get(key) as { v: unknown } | undefined;
-  return row?.v;
-}
-
-export function setMeta(db: Database, key: string, value: unknown): void {
-  db.prepare("INSERT INTO _unisync_meta(k, v) VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET v = excluded.v").run(key, value);
 }
 
 /**

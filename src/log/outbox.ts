@@ -6,7 +6,7 @@
  */
 import type { Database, Statement } from "better-sqlite3";
 import { enforcesConditionalWrites, listAll, type ObjectStore } from "../store/store.js";
-import { getMeta, setMeta } from "../capture/internal.js";
+import { getMeta, setMeta } from "../db/meta.js";
 import { hlcToMs, type HybridClock } from "./hlc.js";
 import { publishPointer } from "./index.js";
 import { claimKey, parseSegmentKey, segmentKey, seqFloorKey, streamPrefix } from "./keys.js";

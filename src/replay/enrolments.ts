@@ -8,7 +8,7 @@
  * (a stale copy: it changed nothing). `unisync status` and `conflicts` read it.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { getMeta } from "../capture/internal.js";
+import { getMeta } from "../db/meta.js";
 import { hlcFromMs, hlcToIso } from "../log/hlc.js";
 import { encodeValues, sameValue, type SqlValue } from "../log/value.js";
 import { clockOf, isEnrolmentStamp, type RowState, type Stamp } from "./merge.js";

@@ -17,7 +17,7 @@ import Database from "better-sqlite3";
 import { findDatabases } from "../agent/databases.js";
 import { discoverTables, quoteIdent } from "../capture/schema.js";
 import { builtinExclusion } from "../capture/ignore.js";
-import { getMeta, setMeta } from "../capture/internal.js";
+import { getMeta, setMeta } from "../db/meta.js";
 import { listOrigins } from "../log/keys.js";
 import { catchUp, writeFiles, type Materializing, type Pullable } from "./catchup.js";
 import { Progress } from "./progress.js";
