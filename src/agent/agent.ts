@@ -7,6 +7,7 @@
 import { vaultOf } from "../keys/securestore.js";
 import { hlcToMs } from "../log/hlc.js";
 import { Activity } from "./activity.js";
+import type { TailProblem } from "../log/tail.js";
 import type { ProgressLine } from "../snapshot/progress.js";
 import { KeyConfigError, OPERATOR, TRUST_STREAM } from "../keys/trust.js";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
@@ -635,7 +636,10 @@ export class Agent {
       called = true;
     }
     const n = await s.upload(UPLOAD_TURN);
-    if (n > 0) this.hints?.notify();
+    if (n > 0) {
+      this.hints?.notify();
+      this.activity.add({ kind: "uploaded", stream: s.stream, text: `sent ${n} segment${n === 1 ? "" : "s"} of ${s.stream} (through seq ${s.outbox.nextSeq() - 1 - s.outbox.size().segments})` });
+    }
     if (called || n > 0) this.storeOk(since);
     return n === UPLOAD_TURN;
   }
@@ -651,10 +655,7 @@ export class Agent {
       for (const s of streams) {
         try {
           // A full turn means more is waiting: go round again without sleeping.
-          const before = s.outbox.size().segments;
           if (await this.uploadTurn(s)) more = true;
-          const sent = before - s.outbox.size().segments;
-          if (sent > 0) this.activity.add({ kind: "uploaded", stream: s.stream, text: `sent ${sent} segment${sent === 1 ? "" : "s"} of ${s.stream} (through seq ${s.outbox.nextSeq() - 1 - s.outbox.size().segments})` });
         } catch (err) {
           if (err instanceof LogForkError) await this.dropForked(s, err);
           else {
@@ -811,8 +812,7 @@ export class Agent {
       const since = Date.now() - lastHeartbeat;
       if (since >= this.config.heartbeatMs) {
         const body = this.status();
-        const problems = [...body.databases.map((d) => d.problems), body.files?.problems ?? {}].flatMap((p) => Object.values(p));
-        await this.refreshTrust(problems.some((m) => m.includes("refused:")));
+        await this.refreshTrust(this.streams().some((s) => [...s.problems.values()].some((p) => p.kind === "refused")));
         const said = JSON.stringify({ ...body, storeRequests: undefined, tailing: undefined });
         if (said !== lastSaid || since >= IDLE_HEARTBEAT_FACTOR * this.config.heartbeatMs) {
           lastHeartbeat = Date.now();
@@ -937,13 +937,13 @@ export class Agent {
     for (const s of this.streams()) {
       const labels = { db: s.stream };
       // Segments the index has named (or a listing found) past this node's cursors: incoming lag.
+      const cursors = s.cursors();
       let lag = 0;
-      for (const [origin, c] of s.cursors()) lag += Math.max(0, this.index.head(origin, s.stream) - c.seq);
-      for (const origin of this.index.origins) if (!s.cursors().has(origin)) lag += this.index.head(origin, s.stream);
+      for (const origin of new Set([...cursors.keys(), ...this.index.origins])) lag += Math.max(0, this.index.head(origin, s.stream) - (cursors.get(origin)?.seq ?? 0));
       this.metrics.set("unisync_lag_segments", lag, labels);
       // Streams of other origins that wait (gap, corrupt or refused segment, fork, collected), by kind.
-      const waiting: Record<string, number> = { gap: 0, corrupt: 0, refused: 0, fork: 0, collected: 0 };
-      for (const p of s.problems.values()) waiting[p.kind === "corrupt" && p.message.includes("refused:") ? "refused" : p.kind]++;
+      const waiting: Record<TailProblem["kind"], number> = { gap: 0, corrupt: 0, refused: 0, fork: 0, collected: 0 };
+      for (const p of s.problems.values()) waiting[p.kind]++;
       for (const [kind, n] of Object.entries(waiting)) this.metrics.set("unisync_streams_waiting", n, { ...labels, kind });
     }
   }

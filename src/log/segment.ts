@@ -103,6 +103,17 @@ export class CorruptSegmentError extends Error {
   }
 }
 
+/**
+ * A segment a secured cluster does not accept (forged, tampered, a removed
+ * member's, an unknown key, a plain/sealed mix). Its message starts "refused: ".
+ */
+export class SegmentRefusedError extends CorruptSegmentError {
+  constructor(why: string, options?: { cause?: unknown }) {
+    super(`refused: ${why}`, options);
+    this.name = "SegmentRefusedError";
+  }
+}
+
 const root = protobuf.loadSync(join(packageRoot(), "proto", "unisync.proto"));
 const SegmentType = root.lookupType("unisync.v1.Segment");
 
@@ -345,8 +356,8 @@ export function openSegment(bytes: Buffer, expectedSha256: string, vault?: Vault
   let label: string | undefined;
   if (isSealed(bytes)) {
     if (!vault) {
-      throw new CorruptSegmentError(
-        "refused: the segment is signed and encrypted (a secured cluster) and this node has no cluster keys; " +
+      throw new SegmentRefusedError(
+        "the segment is signed and encrypted (a secured cluster) and this node has no cluster keys; " +
           "a node joins a secured cluster with \"unisync keys node\" and the operator's \"unisync keys add\"",
       );
     }
@@ -354,15 +365,15 @@ export function openSegment(bytes: Buffer, expectedSha256: string, vault?: Vault
       label = parseHeader(bytes)?.label;
       frame = vault.open(bytes, "segment", label, true);
     } catch (err) {
-      if (err instanceof SealError) throw new CorruptSegmentError(`refused: ${err.message}`, { cause: err });
+      if (err instanceof SealError) throw new SegmentRefusedError(err.message, { cause: err });
       throw err;
     }
   } else if (vault) {
-    throw new CorruptSegmentError("refused: the segment is not signed, but this cluster is secured (a node without keys, or a forgery, wrote it)");
+    throw new SegmentRefusedError("the segment is not signed, but this cluster is secured (a node without keys, or a forgery, wrote it)");
   }
   const seg = decodeSegment(decompressFrame(frame));
   if (label !== undefined && label !== segmentLabel(seg.origin, seg.stream, seg.seq)) {
-    throw new CorruptSegmentError(`refused: sealed as ${label} but holds ${segmentLabel(seg.origin, seg.stream, seg.seq)}`);
+    throw new SegmentRefusedError(`sealed as ${label} but holds ${segmentLabel(seg.origin, seg.stream, seg.seq)}`);
   }
   return seg;
 }

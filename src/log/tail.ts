@@ -9,7 +9,7 @@ import { vaultOf } from "../keys/securestore.js";
 import { readGcMarker } from "./collected.js";
 import { parseSegmentKey, seqFloorKey, streamPrefix } from "./keys.js";
 import type { KnownSegments } from "./index.js";
-import { CorruptSegmentError, openSegment, type Segment } from "./segment.js";
+import { CorruptSegmentError, openSegment, SegmentRefusedError, type Segment } from "./segment.js";
 
 export interface FetchedSegment {
   key: string;
@@ -18,8 +18,8 @@ export interface FetchedSegment {
 }
 
 export interface TailProblem {
-  /** "collected": the missing segments were deleted by gc; they will never come. */
-  kind: "gap" | "corrupt" | "fork" | "collected";
+  /** "collected": the missing segments were deleted by gc; they will never come. "refused": a secured cluster does not accept it. */
+  kind: "gap" | "corrupt" | "refused" | "fork" | "collected";
   seq: number;
   key?: string;
   message: string;
@@ -102,7 +102,7 @@ export async function readAfter(
         }
       } catch (err) {
         if (!(err instanceof CorruptSegmentError)) throw err;
-        problem = { kind: "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` };
+        problem = { kind: err instanceof SegmentRefusedError ? "refused" : "corrupt", seq: w.seq, key: w.key, message: `segment ${w.key} is unusable: ${err.message}` };
         return;
       }
       yield { key: w.key, seq: w.seq, segment };
