@@ -14,6 +14,7 @@ import {
   newKeyFile,
   OPERATOR,
   parsePublicLine,
+  pinnedOperator,
   publicLine,
   readKeyFile,
   signTrustList,
@@ -75,7 +76,7 @@ async function publish(store: ObjectStore, operator: KeyFile, list: TrustList): 
 }
 
 async function current(store: ObjectStore, keys: KeyFile): Promise<TrustList> {
-  const found = await newestTrustList(store, keys.operator ?? keys.sign.public);
+  const found = await newestTrustList(store, pinnedOperator(keys));
   if (!found) throw new KeyConfigError(`${store.description} is not a secured cluster (no trust list): run "unisync keys init" first`);
   return found.list;
 }

@@ -261,6 +261,13 @@ function keyFor(o: Opener, h: EnvelopeHeader, what: string): Buffer {
   return objectKey(k, h.salt);
 }
 
+/** Refuses an object sealed under another name than the one it was read by. */
+function checkLabel(header: EnvelopeHeader, what: string, expectLabel: string | undefined): void {
+  if (expectLabel !== undefined && header.label !== expectLabel) {
+    throw new SealError("wrong-label", `${what} was sealed as "${header.label}", not as "${expectLabel}": an object copied or replayed under another name`);
+  }
+}
+
 /**
  * The payload of a sealed object, after checking its label (when `expectLabel`
  * is given), its signature (when `mustSign`, or whenever it has one) and every chunk.
@@ -268,9 +275,7 @@ function keyFor(o: Opener, h: EnvelopeHeader, what: string): Buffer {
 export function openBuffer(bytes: Buffer, o: Opener, what: string, expectLabel?: string, mustSign = false): { header: EnvelopeHeader; payload: Buffer } {
   const header = parseHeader(bytes);
   if (!header) throw new SealError("malformed", `${what}: truncated header`);
-  if (expectLabel !== undefined && header.label !== expectLabel) {
-    throw new SealError("wrong-label", `${what} was sealed as "${header.label}", not as "${expectLabel}": an object copied or replayed under another name`);
-  }
+  checkLabel(header, what, expectLabel);
   let end = bytes.length;
   if (header.signed) {
     end -= SIGNATURE_BYTES;
@@ -341,9 +346,7 @@ export class OpenStream extends Transform {
         const header = parseHeader(buf);
         if (!header) return done();
         if (header.signed) throw new SealError("malformed", `${this.what}: a signed object cannot be streamed`);
-        if (this.expectLabel !== undefined && header.label !== this.expectLabel) {
-          throw new SealError("wrong-label", `${this.what} was sealed as "${header.label}", not as "${this.expectLabel}"`);
-        }
+        checkLabel(header, this.what, this.expectLabel);
         this.opener = new ChunkOpener(keyFor(this.keys, header, this.what), header.raw, this.what);
         this.head = [];
         this.opener.write(buf.subarray(header.raw.length), out);

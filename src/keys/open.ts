@@ -5,7 +5,7 @@
 import { existsSync } from "node:fs";
 import { StoreUnavailableError, type ObjectStore } from "../store/store.js";
 import { SecureStore } from "./securestore.js";
-import { KeyConfigError, readKeyFile, TRUST_PREFIX } from "./trust.js";
+import { KeyConfigError, pinnedOperator, readKeyFile, TRUST_PREFIX } from "./trust.js";
 import { newestTrustList, Vault } from "./vault.js";
 
 /**
@@ -39,7 +39,7 @@ export async function secureStore(inner: ObjectStore, o: { keyFile?: string; tru
   const cached = o.trustCache ? Vault.fromCache(keys, o.trustCache) : null;
   let newest: Awaited<ReturnType<typeof newestTrustList>>;
   try {
-    newest = await newestTrustList(inner, keys.operator ?? keys.sign.public);
+    newest = await newestTrustList(inner, pinnedOperator(keys));
   } catch (err) {
     if (!(err instanceof StoreUnavailableError)) throw err;
     if (cached) return new SecureStore(inner, cached);

@@ -73,6 +73,13 @@ export interface KeyFile {
 
 const rawPublic = (k: KeyObject) => (k.export({ format: "jwk" }) as { x: string }).x;
 
+/** The operator key a key file trusts: its own for the operator's file, the pinned one for a node's. */
+export function pinnedOperator(k: KeyFile): string {
+  const operator = k.name === OPERATOR ? k.sign.public : k.operator;
+  if (!operator) throw new KeyConfigError(`key file of ${k.name} pins no operator key`);
+  return operator;
+}
+
 export function newKeyFile(name: string, operator?: string): KeyFile {
   const s = generateKeyPairSync("ed25519");
   const b = generateKeyPairSync("x25519");

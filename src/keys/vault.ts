@@ -7,7 +7,7 @@ import { createHmac, sign, verify } from "node:crypto";
 import { existsSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { openBuffer, OpenStream, sealBuffer, SealError, SealStream, type Opener, type Sealer } from "./envelope.js";
-import { KeyConfigError, OPERATOR, openTrustList, signPublic, TRUST_PREFIX, unwrapKeys, type KeyFile, type TrustList } from "./trust.js";
+import { KeyConfigError, OPERATOR, openTrustList, pinnedOperator, signPublic, TRUST_PREFIX, unwrapKeys, type KeyFile, type TrustList } from "./trust.js";
 
 /** The label a segment is sealed under: its identity, so a copy under another name or seq is refused. */
 export function segmentLabel(origin: string, stream: string, seq: number): string {
@@ -39,10 +39,8 @@ export class Vault implements Opener {
     trustBytes: Buffer,
     private readonly cacheFile?: string,
   ) {
-    const operator = me.operator ?? (me.name === OPERATOR ? me.sign.public : undefined);
-    if (!operator) throw new KeyConfigError(`key file of ${me.name} pins no operator key`);
-    this.operator = operator;
-    this.accept(openTrustList(trustBytes, operator, "the trust list"), trustBytes);
+    this.operator = pinnedOperator(me);
+    this.accept(openTrustList(trustBytes, this.operator, "the trust list"), trustBytes);
   }
 
   private readonly operator: string;

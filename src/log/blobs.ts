@@ -35,6 +35,11 @@ export class BlobIntegrityError extends Error {
 /** The blob is not in the store yet: its origin has not uploaded it. Wait, it is no fault. */
 export class BlobMissingError extends BlobIntegrityError {}
 
+/** A blob a secured store refuses (changed bytes, unknown key) is, to its readers, one that does not check out. */
+function sealedAsIntegrity(sha256: string, err: unknown): unknown {
+  return err instanceof SealError ? new BlobIntegrityError(`blob ${sha256}: ${err.message}`) : err;
+}
+
 /** Counts and hashes what flows through; fails at the end (or as soon as it is too long) on a mismatch. */
 export class VerifyStream extends Transform {
   private readonly hash = createHash("sha256");
@@ -241,7 +246,7 @@ function hashedChunks(
  */
 export async function fetchBlob(store: ObjectStore, sha256: string, size: number): Promise<Buffer> {
   const stored = await store.get(blobKey(sha256)).catch((err) => {
-    throw err instanceof SealError ? new BlobIntegrityError(`blob ${sha256}: ${err.message}`) : err;
+    throw sealedAsIntegrity(sha256, err);
   });
   if (!stored) throw new BlobMissingError(`blob ${sha256} is not in the store (yet)`);
   if (!(stored.length >= 4 && stored.subarray(0, 4).equals(ZSTD_MAGIC))) {
@@ -286,7 +291,7 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
   let ended = false;
   while (have < 4) {
     const r = await it.next().catch((err) => {
-      throw err instanceof SealError ? new BlobIntegrityError(`blob ${sha256}: ${err.message}`) : err;
+      throw sealedAsIntegrity(sha256, err);
     });
     if (r.done) {
       ended = true;
@@ -312,7 +317,7 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
   } catch (err) {
     stream.destroy();
     if (err instanceof BlobIntegrityError) throw err;
-    if (err instanceof SealError) throw new BlobIntegrityError(`blob ${sha256}: ${err.message}`);
+    if (err instanceof SealError) throw sealedAsIntegrity(sha256, err);
     if (/zstd|frame|decompress/i.test((err as Error).message)) throw new BlobIntegrityError(`blob ${sha256}: corrupt zstd data: ${(err as Error).message}`);
     throw err;
   }
