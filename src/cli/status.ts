@@ -9,6 +9,7 @@ import { listExcluded } from "../capture/folder.js";
 import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { readEnrolments, type EnrolmentSummary } from "../replay/enrolments.js";
+import { listParked } from "../replay/apply.js";
 import { conflictCounts } from "./conflicts.js";
 import { BadInputError } from "./usage.js";
 
@@ -22,7 +23,7 @@ interface DbReport {
   segmentsWritten?: number;
   pendingChanges?: number;
   outboxSegments?: number;
-  parked?: { origin: string; seq: number; table: string | null; reason: string }[];
+  parked?: ReturnType<typeof listParked>;
   origins?: { origin: string; appliedSeq: number; appliedAt: string | null; waitingInStore?: number }[];
   /** Rows moved by id collisions and set aside by unique clashes (details: unisync conflicts). */
   moved?: number;
@@ -113,7 +114,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
         segmentsWritten: nextSeq - 1,
         pendingChanges: one<{ n: number }>("SELECT count(*) AS n FROM _unisync_changes").n,
         outboxSegments: one<{ n: number }>("SELECT count(*) AS n FROM _unisync_outbox").n,
-        parked: db.prepare("SELECT origin, seq, tbl AS 'table', reason FROM _unisync_parked ORDER BY id LIMIT 50").all() as DbReport["parked"],
+        parked: listParked(db, 50),
         origins: originReports,
         ...conflictCounts(db),
         enrolling: Number(one<{ v: number } | undefined>("SELECT v FROM _unisync_meta WHERE k = 'enrol_pending'")?.v ?? 0) === 1,

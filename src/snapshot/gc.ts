@@ -133,8 +133,8 @@ async function inBatches<T>(items: T[], size: number, fn: (t: T) => Promise<void
   for (let i = 0; i < items.length; i += size) await Promise.all(items.slice(i, i + size).map(fn));
 }
 
-/** Every node's last heartbeat (nodes/<node>.json); unreadable ones are problems. */
-async function readHeartbeats(store: ObjectStore, problems: string[]): Promise<Partial<Heartbeat>[]> {
+/** Every node's last heartbeat (nodes/<node>.json); unreadable ones are problems (gc, the console). */
+export async function readHeartbeats(store: ObjectStore, problems: string[]): Promise<Partial<Heartbeat>[]> {
   const out: Partial<Heartbeat>[] = [];
   for await (const o of listAll(store, "nodes/")) {
     if (!o.key.endsWith(".json")) continue;

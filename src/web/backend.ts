@@ -7,8 +7,9 @@
 import type { Agent, AgentStatus, Heartbeat } from "../agent/agent.js";
 import type { ActivityEvent } from "../agent/activity.js";
 import { readConflicts, type ConflictReport } from "../cli/conflicts.js";
+import { listParked } from "../replay/apply.js";
 import { audit, withOldValues, type AuditEntry, type LogFilter } from "../cli/log.js";
-import { listAll } from "../store/store.js";
+import { readHeartbeats } from "../snapshot/gc.js";
 
 /** One stream of one node, as the cluster view shows it. */
 export interface StreamView {
@@ -123,16 +124,8 @@ export function agentBackend(agent: Agent, cacheMs = 2000): ConsoleBackend {
   let cached: { atMs: number; beats: Heartbeat[] } | null = null;
   const heartbeats = async (): Promise<Heartbeat[]> => {
     if (cached && Date.now() - cached.atMs < cacheMs) return cached.beats;
-    const beats: Heartbeat[] = [];
-    for await (const o of listAll(agent.store, "nodes/")) {
-      const body = await agent.store.get(o.key).catch(() => null); // a refused or vanished heartbeat: that node is not shown
-      if (!body) continue;
-      try {
-        beats.push(JSON.parse(body.toString("utf8")) as Heartbeat);
-      } catch {
-        // not JSON: skipped like gc skips it
-      }
-    }
+    // Refused (secured cluster), unreadable or foreign ones are left out, as gc leaves them out.
+    const beats = (await readHeartbeats(agent.store, [])) as Heartbeat[];
     cached = { atMs: Date.now(), beats };
     return beats;
   };
@@ -145,19 +138,7 @@ export function agentBackend(agent: Agent, cacheMs = 2000): ConsoleBackend {
     },
     activity: (afterId) => agent.activity.since(afterId),
     conflicts: () => agent.databases().map((d) => readConflicts(d.db, d.stream, 200)),
-    parked: () =>
-      agent.databases().flatMap((d) =>
-        (d.db.prepare("SELECT origin, seq, tbl, reason, parked_ms FROM _unisync_parked ORDER BY id LIMIT 200").all() as {
-          origin: string; seq: number | bigint; tbl: string | null; reason: string; parked_ms: number | bigint | null;
-        }[]).map((p) => ({
-          stream: d.stream,
-          origin: p.origin,
-          seq: Number(p.seq),
-          table: p.tbl,
-          reason: p.reason,
-          parkedAt: p.parked_ms === null ? null : new Date(Number(p.parked_ms)).toISOString(),
-        })),
-      ),
+    parked: () => agent.databases().flatMap((d) => listParked(d.db, 200).map((p) => ({ stream: d.stream, ...p }))),
     async history(filter, limit = 200) {
       const all: AuditEntry[] = [];
       for await (const e of audit(agent.store, filter)) all.push(e);
