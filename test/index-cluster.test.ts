@@ -12,12 +12,11 @@
 import { spawn } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { compareDatabases, compareToJournal, readJournal } from "./helpers/checker.js";
-import { appSucceeded, Cluster, CLI, killAllChildren, runApp, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
-import { MOTO_ENV, startMoto, type MotoHandle } from "./helpers/moto.js";
+import { appSucceeded, CLI, clusterSuite, runApp, sleep, syncedFileHashes, waitFor } from "./helpers/cluster.js";
+import { MOTO_ENV } from "./helpers/moto.js";
 import { startPointerChaos } from "./helpers/pointer-chaos.js";
-import { s3StoreUrl } from "./helpers/s3rver.js";
 import { listAll } from "../src/store/store.js";
 import { parseSegmentKey } from "../src/log/keys.js";
 import { openStore } from "../src/store/url.js";
@@ -25,29 +24,18 @@ import { openStore } from "../src/store/url.js";
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const NODES = ["n1", "n2", "n3"];
 
-let moto: MotoHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-beforeAll(async () => {
-  moto = await startMoto();
-});
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await moto?.stop();
-});
+const suite = clusterSuite("moto");
 
 describe("cluster index on moto's S3 server", () => {
   it("loses no segment when pointers are deleted, late or duplicated, and claims stop a second agent under one name", async (ctx) => {
     console.log(`index-cluster.test SEED=${SEED}`);
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const url = s3StoreUrl(moto!.endpoint, moto!.bucket, `index-${SEED}`);
-    const store = openStore(url, { ...MOTO_ENV });
     // Gap repair every 300 ms so a dropped last pointer costs seconds here, not minutes.
-    cluster = await Cluster.start({ nodes: NODES, store: url, env: { ...MOTO_ENV, UNISYNC_REPAIR_EVERY_MS: "300" } });
-    const c = cluster;
+    const c = await suite.start(NODES, `index-${SEED}`, { env: { UNISYNC_REPAIR_EVERY_MS: "300" } });
+    const url = c.options.store;
+    const store = openStore(url, { ...MOTO_ENV });
     for (const [i, name] of NODES.entries()) {
       await appSucceeded(runApp("random_writer.py", [c.instance(name, "data.db"), "--node", String(i + 1), "--ops", "0", "--journal", "wal"]), "create data.db");
     }

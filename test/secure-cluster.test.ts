@@ -16,11 +16,10 @@
 import { spawnSync } from "node:child_process";
 import { mkdirSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { describe, expect, it } from "vitest";
 import { compareDatabases } from "./helpers/checker.js";
-import { appSucceeded, Cluster, CLI, killAllChildren, runApp, runCli, syncedFileHashes, waitFor, PYTHON } from "./helpers/cluster.js";
-import { MOTO_ENV, startMoto, type MotoHandle } from "./helpers/moto.js";
-import { s3StoreUrl } from "./helpers/s3rver.js";
+import { appSucceeded, CLI, clusterSuite, runApp, runCli, syncedFileHashes, waitFor, PYTHON } from "./helpers/cluster.js";
+import { MOTO_ENV } from "./helpers/moto.js";
 import { readKeyFile } from "../src/keys/trust.js";
 import { newestTrustList, Vault } from "../src/keys/vault.js";
 import { publishPointer } from "../src/log/index.js";
@@ -34,17 +33,7 @@ import { openStore } from "../src/store/url.js";
 const SEED = Number(process.env.SEED ?? Math.floor(Math.random() * 1_000_000));
 const NODES = ["n1", "n2", "n3"];
 
-let moto: MotoHandle | undefined;
-let cluster: Cluster | undefined;
-let keep = !!process.env.KEEP_CLUSTER;
-beforeAll(async () => {
-  moto = await startMoto();
-});
-afterAll(async () => {
-  await killAllChildren();
-  await cluster?.destroy(keep);
-  await moto?.stop();
-});
+const suite = clusterSuite("moto");
 
 async function cli(args: string[]): Promise<string> {
   const r = await runCli(args, MOTO_ENV);
@@ -61,27 +50,23 @@ describe("secured cluster on moto's S3 server", () => {
   it("syncs sealed, refuses forged and removed members' segments, survives rotation, and turns away agents without keys", async (ctx) => {
     console.log(`secure-cluster.test SEED=${SEED}`);
     ctx.onTestFailed(() => {
-      keep = true;
+      suite.keep = true;
     });
-    const url = s3StoreUrl(moto!.endpoint, moto!.bucket, `secure-${SEED}`);
-    const store = openStore(url, { ...MOTO_ENV });
     let operatorKey = "";
     let operatorPublic = "";
-    cluster = await Cluster.start({
-      nodes: NODES,
-      store: url,
-      env: { ...MOTO_ENV },
+    const c = await suite.start(NODES, `secure-${SEED}`, {
       prepare: async (c) => {
         operatorKey = join(c.root, "operator.key");
-        const init = await cli(["keys", "init", url, "--operator-key", operatorKey]);
+        const init = await cli(["keys", "init", c.options.store, "--operator-key", operatorKey]);
         operatorPublic = /unisync-operator:[A-Za-z0-9_-]{43}/.exec(init)![0];
         for (const name of NODES) {
           const line = /unisync-node:\S+/.exec(await cli(["keys", "node", c.instance(name), "--operator", operatorPublic, "--node", name]))![0];
-          await cli(["keys", "add", url, line, "--operator-key", operatorKey]);
+          await cli(["keys", "add", c.options.store, line, "--operator-key", operatorKey]);
         }
       },
     });
-    const c = cluster;
+    const url = c.options.store;
+    const store = openStore(url, { ...MOTO_ENV });
     for (const [i, name] of NODES.entries()) {
       await appSucceeded(runApp("random_writer.py", [c.instance(name, "data.db"), "--node", String(i + 1), "--ops", "0"]), "create data.db");
     }

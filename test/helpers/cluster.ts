@@ -18,6 +18,7 @@ import Database from "better-sqlite3";
 import { compareDatabases } from "./checker.js";
 import { afterAll, beforeAll } from "vitest";
 import { S3RVER_ENV, s3StoreUrl, startS3rver, type S3rverHandle } from "./s3rver.js";
+import { MOTO_ENV, startMoto, type MotoHandle } from "./moto.js";
 
 export const REPO = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** The launcher under test; UNISYNC_TEST_CLI points the tests at another build (e.g. a patched copy). */
@@ -522,35 +523,42 @@ export function integrityCheck(path: string): string {
 }
 
 /**
- * Set-up shared by the multi-agent test files: one s3rver for the file, started
+ * Set-up shared by the multi-agent test files: one S3 server for the file (s3rver,
+ * or moto's, which enforces If-None-Match and lists correctly), started
  * before its tests. Afterwards every child is killed and the cluster's folders and
  * the store's data are removed, or kept (paths printed) with KEEP_CLUSTER=1 or when
  * a test sets `suite.keep = true` on failure.
  */
-export function clusterSuite() {
+export function clusterSuite(server: "s3rver" | "moto" = "s3rver") {
   let s3: S3rverHandle | undefined;
+  let moto: MotoHandle | undefined;
   const suite = {
     keep: !!process.env.KEEP_CLUSTER,
     cluster: undefined as Cluster | undefined,
+    /** The credentials the suite's S3 server takes (the test's own store clients and CLI runs). */
+    env: (server === "moto" ? MOTO_ENV : S3RVER_ENV) as Record<string, string>,
     /** A fresh prefix of the suite's bucket as a store URL. */
     storeUrl(prefix: string): string {
-      if (!s3) throw new Error("s3rver is not running (clusterSuite's beforeAll did not run)");
-      return s3StoreUrl(s3.endpoint, s3.bucket, `${prefix}-${Date.now()}`);
+      const s = s3 ?? moto;
+      if (!s) throw new Error(`${server} is not running (clusterSuite's beforeAll did not run)`);
+      return s3StoreUrl(s.endpoint, s.bucket, `${prefix}-${Date.now()}`);
     },
     /** Starts agents for `nodes` on a fresh prefix; destroyed after the file's tests. */
     async start(nodes: string[], prefix: string, options: Partial<ClusterOptions> = {}): Promise<Cluster> {
-      suite.cluster = await Cluster.start({ ...options, nodes, store: suite.storeUrl(prefix) });
+      suite.cluster = await Cluster.start({ ...options, nodes, store: suite.storeUrl(prefix), env: { ...suite.env, ...options.env } });
       return suite.cluster;
     },
   };
   beforeAll(async () => {
     ensureBuilt();
-    s3 = await startS3rver();
+    if (server === "moto") moto = await startMoto();
+    else s3 = await startS3rver();
   });
   afterAll(async () => {
     await killAllChildren();
     await suite.cluster?.destroy(suite.keep);
     await s3?.stop({ keepData: suite.keep });
+    await moto?.stop();
     if (suite.keep && s3) console.log(`s3rver data kept in ${s3.directory}`);
   });
   return suite;
