@@ -123,11 +123,16 @@ function startWriter(c: Cluster, name: string, nodeNo: number, sleepMs: number):
   ], join(dir, "apps.log"));
 }
 
-/** Stops a writer that runs "forever" (SIGTERM: it may die mid-transaction, which SQLite rolls back). */
+/**
+ * Stops a writer that runs "forever". SIGTERM makes it finish and journal the
+ * transaction in hand and exit 0 (random_writer.py StopOnTerm): dying of the
+ * signal between a COMMIT and its journal line left committed deletes out of the
+ * journal, which the final checks then reported as lost rows.
+ */
 async function stopWriter(run: AppRun): Promise<void> {
   run.proc.kill("SIGTERM");
   const r = await run.done;
-  if (r.code !== null && r.code !== 0) throw new Error(`writer failed with code ${r.code}:\n${r.stderr.slice(-3000)}`);
+  if (r.code !== 0) throw new Error(`writer exited with code ${r.code} signal ${r.signal} (not cleanly):\n${r.stderr.slice(-3000)}`);
 }
 
 function startFlask(c: Cluster, name: string, nodeNo: number, sleepMs: number): AppRun {

@@ -46,7 +46,7 @@ from sqlalchemy.orm.exc import ObjectDeletedError, StaleDataError
 # Value pools, Journal and the id range are shared with the plain writer.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from random_writer import (  # noqa: E402
-    NODE_RANGE, Journal, is_locked_error, maybe_null, pick_blob, pick_real, pick_text,
+    NODE_RANGE, Journal, StopOnTerm, is_locked_error, maybe_null, pick_blob, pick_real, pick_text,
 )
 
 # engine_options given to the constructor apply to every bind; in 3.0.x
@@ -260,6 +260,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if not args.init_only and (args.node is None or not 1 <= args.node < 1000):
         ap.error("--node in 1..999 is required unless --init-only")
+    # SIGTERM stops it between transactions, each journaled (random_writer.StopOnTerm).
+    stop = StopOnTerm()
 
     app = create_app(args.instance_dir)
     stats = {"locked": 0, "stale": 0}
@@ -274,6 +276,8 @@ def main(argv=None):
         actions = Actions(args.node, rng)
         journal = Journal(args.journal_file)
         for _ in range(args.ops):
+            if stop.requested:
+                break
             name = actions.random_action()
             journal.commit(commit_with_retry(getattr(actions, name), stats))
             if name != "add_event" and rng.random() < 0.5:

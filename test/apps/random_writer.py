@@ -25,6 +25,10 @@ concurrent update elsewhere may legitimately win or lose against the delete,
 depending on the conflict policy.  Values cannot be checked either (the last
 writer is decided by the sync engine), only that all databases agree.
 
+SIGTERM stops the writer between transactions: the one in hand is committed
+(or rolled back) and journaled first, so the journal lists exactly what was
+committed (see StopOnTerm).
+
 Lock errors ("database is locked"/busy) roll the transaction back and retry
 it; the number of such retries is printed on stderr at the end as `LOCKED n`.
 
@@ -36,6 +40,7 @@ import json
 import math
 import os
 import random
+import signal
 import sqlite3
 import sys
 import time
@@ -121,6 +126,23 @@ def maybe_null(rng, value, p=0.1):
 
 # ---------------------------------------------------------------------------
 # Shared helpers (also used by flask_app.py).
+
+class StopOnTerm:
+    """SIGTERM asks the writer to stop between transactions.
+
+    Dying of the signal at any instant (Python's default) can land after a
+    COMMIT and before its journal line: a committed delete that the journal
+    never lists then looks to the checker like a row the sync lost. So SIGTERM
+    only sets a flag; the loop finishes and journals the transaction in hand
+    and exits cleanly. (kill -9 still stops it at any instant.)"""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
 
 def is_locked_error(exc):
     msg = str(exc).lower()
@@ -395,6 +417,7 @@ def main(argv=None):
     if not 1 <= args.node < 1000:
         ap.error("--node must be in 1..999")
 
+    stop = StopOnTerm()
     # Seeded per node so nodes sharing --seed still make different choices.
     rng = random.Random(args.seed * 1000 + args.node)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -408,7 +431,7 @@ def main(argv=None):
     writer = Writer(conn, args.node, rng, os.path.basename(args.db_path))
     journal = Journal(args.journal_file)
     done = 0
-    while done < args.ops:
+    while done < args.ops and not stop.requested:
         if args.migrate_at is not None and done >= args.migrate_at and not writer.migrated:
             entry = run_txn(conn, writer.migrate, stats)
             writer.migrated = True
@@ -420,7 +443,7 @@ def main(argv=None):
         if args.sleep_ms:
             time.sleep(args.sleep_ms / 1000)
     # Migration requested at/after the last op still happens, so the test can rely on it.
-    if args.migrate_at is not None and not writer.migrated:
+    if args.migrate_at is not None and not writer.migrated and not stop.requested:
         journal.commit([run_txn(conn, writer.migrate, stats)])
 
     conn.close()
