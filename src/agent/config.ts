@@ -8,7 +8,7 @@ import { openStore } from "../store/url.js";
 import { existsSync, readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
-import { DEFAULT_EXCLUDED_TABLES } from "../capture/schema.js";
+import { DEFAULT_EXCLUDED_TABLES } from "../db/schema.js";
 
 export interface Config {
   instanceDir: string;

@@ -22,7 +22,7 @@ import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../captu
 import { IGNORE_FILE, STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
 import { FolderWatcher, type PathWatcher } from "../capture/watch.js";
 import { ChokidarWatcher } from "../capture/watch-chokidar.js";
-import { claimForNode } from "../capture/internal.js";
+import { claimForNode } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";

@@ -12,8 +12,8 @@ import { enrolmentInstance, type BagStore } from "../replay/bag.js";
 import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../replay/relocate.js";
 import type { AsideRows } from "../replay/unique.js";
 import type { RowStateStore } from "../replay/state.js";
-import type { TableShape } from "./schema.js";
-import { silenced } from "./internal.js";
+import type { TableShape } from "../db/schema.js";
+import { silenced } from "../db/internal.js";
 import { CHANGE_DELETE, CHANGE_INSERT, CHANGE_REVIVE, enrolmentCopy, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {

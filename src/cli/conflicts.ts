@@ -7,9 +7,9 @@
 import Database from "better-sqlite3";
 import { existsSync } from "node:fs";
 import { loadConfig } from "../agent/config.js";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { hlcToIso } from "../log/hlc.js";
-import { quoteIdent } from "../capture/schema.js";
+import { quoteIdent } from "../db/schema.js";
 import { decodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
 import { BadInputError } from "./usage.js";
 

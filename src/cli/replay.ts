@@ -7,7 +7,7 @@ import { rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino from "pino";
 import { loadConfig, openNodeStore, type Config } from "../agent/config.js";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { hlcFromMs, hlcToIso, LOGICAL_BITS } from "../log/hlc.js";
 import { runningAgent } from "../snapshot/agentlink.js";
 import { Progress, type ProgressLine } from "../snapshot/progress.js";

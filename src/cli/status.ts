@@ -4,7 +4,7 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Heartbeat } from "../agent/agent.js";
 import { loadConfig, openNodeStore } from "../agent/config.js";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { listExcluded } from "../capture/folder.js";
 import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";

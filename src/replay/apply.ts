@@ -5,7 +5,7 @@
  * While applying, _unisync_applying holds a row, which silences our triggers.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { silenced } from "../capture/internal.js";
+import { silenced } from "../db/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";

@@ -26,8 +26,8 @@
  * revive a parent nobody meant to keep.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { recordAgentChange, silenced } from "../capture/internal.js";
-import type { ForeignKey } from "../capture/schema.js";
+import { recordAgentChange, silenced } from "../db/internal.js";
+import type { ForeignKey } from "../db/schema.js";
 import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture/triggers.js";
 import { encodeValues, rowIdentity, sameValue, showValue, type SqlValue } from "../log/value.js";
 import type { RowState } from "./merge.js";

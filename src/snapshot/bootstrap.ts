@@ -14,8 +14,8 @@
 import { existsSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { findDatabases } from "../agent/databases.js";
-import { discoverTables, quoteIdent } from "../capture/schema.js";
+import { findDatabases } from "../db/databases.js";
+import { discoverTables, quoteIdent } from "../db/schema.js";
 import { builtinExclusion } from "../capture/ignore.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { listOrigins } from "../log/keys.js";

@@ -4,7 +4,7 @@
  * fresh folder. Each database gets exactly one connection (its DbSync's).
  */
 import type { Logger } from "pino";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { DbSync } from "../agent/dbsync.js";
 import { FolderSync } from "../agent/foldersync.js";
 import { Metrics } from "../agent/metrics.js";

@@ -4,7 +4,7 @@
  * data. All are named _unisync_* and are never synced.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { getMeta, setMeta } from "../db/meta.js";
+import { getMeta, setMeta } from "./meta.js";
 
 export const INTERNAL_DDL = `
 CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
