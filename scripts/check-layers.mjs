@@ -14,8 +14,6 @@ const LAYER = { store: 0, keys: 1, db: 2, log: 3, capture: 4, replay: 4, snapsho
 
 /** "importer -> imported folder" pairs that run against the flow today (issue 13 moves them). */
 const KNOWN = new Set([
-  "capture/drain.ts -> replay",
-  "capture/baseline.ts -> replay",
   "replay/folder.ts -> capture",
   "replay/references.ts -> capture",
   "snapshot/gc.ts -> agent",

@@ -9,15 +9,15 @@ import { silenced } from "../db/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, enrolmentStamp, mergeChange } from "./merge.js";
+import { clockOf, enrolmentStamp, mergeChange } from "../merge/merge.js";
 import { EnrolmentLedger } from "./enrolments.js";
 import type { ReferenceKeeper } from "./references.js";
-import { intKey, lineageName, sameLineage, type Relocator } from "./relocate.js";
-import type { AsideRows } from "./unique.js";
+import { intKey, lineageName, sameLineage, type Relocator } from "../merge/relocate.js";
+import type { AsideRows } from "../merge/unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
-import type { BagStore } from "./bag.js";
-import type { RowStateStore } from "./state.js";
-import type { TableAccess } from "./table.js";
+import type { BagStore } from "../merge/bag.js";
+import type { RowStateStore } from "../merge/state.js";
+import type { TableAccess } from "../merge/table.js";
 
 export type { Cursor };
 
