@@ -17,8 +17,6 @@ const KNOWN = new Set([
   "replay/folder.ts -> capture",
   "replay/references.ts -> capture",
   "snapshot/gc.ts -> agent",
-  "snapshot/rebuild.ts -> agent",
-  "snapshot/streams.ts -> agent",
   "web/backend.ts -> cli",
   "web/server.ts -> cli",
 ]);

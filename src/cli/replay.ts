@@ -10,7 +10,7 @@ import { loadConfig, openNodeStore, type Config } from "../agent/config.js";
 import { findDatabases } from "../db/databases.js";
 import { hlcFromMs, hlcToIso, LOGICAL_BITS } from "../log/hlc.js";
 import { runningAgent } from "../snapshot/agentlink.js";
-import { Progress, type ProgressLine } from "../snapshot/progress.js";
+import { Progress, type ProgressLine } from "../stream/progress.js";
 import { NoSnapshotError, rebuildAt, type RebuildResult } from "../snapshot/rebuild.js";
 import { revertDatabase, revertFolder, type RevertReport } from "../snapshot/revert.js";
 import { digestDatabase } from "./verify.js";

@@ -20,8 +20,8 @@ import { builtinExclusion } from "../capture/ignore.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { listOrigins } from "../log/keys.js";
 import { catchUp, writeFiles, type Materializing, type Pullable } from "./catchup.js";
-import { Progress } from "./progress.js";
-import type { StreamSettings } from "./streams.js";
+import { Progress } from "../stream/progress.js";
+import type { StreamSettings } from "../stream/streams.js";
 import { stageNewest, type StagedSnapshot } from "./stage.js";
 
 export type BootstrapSettings = Pick<StreamSettings, "instanceDir" | "node" | "store" | "log" | "databases" | "excludeTables" | "syncFiles">;

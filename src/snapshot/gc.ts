@@ -22,7 +22,7 @@ import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import type { Heartbeat } from "../agent/agent.js";
-import { FILES_STREAM } from "../agent/foldersync.js";
+import { FILES_STREAM } from "../stream/foldersync.js";
 import { BlobIntegrityError, blobKey, fetchBlob, fetchBlobToFile } from "../log/blobs.js";
 import { hlcFromMs, LOGICAL_BITS } from "../log/hlc.js";
 import { gcMarkerKey, readGcMarker, type GcMarker } from "../log/collected.js";

@@ -9,9 +9,9 @@
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import Database from "better-sqlite3";
-import type { DbSync } from "../agent/dbsync.js";
-import type { FolderSync } from "../agent/foldersync.js";
-import { Metrics } from "../agent/metrics.js";
+import type { DbSync } from "../stream/dbsync.js";
+import type { FolderSync } from "../stream/foldersync.js";
+import { Metrics } from "../stream/metrics.js";
 import { FileStateStore, KIND_WRITE } from "../capture/filestate.js";
 import { hashFile } from "../log/blobs.js";
 import { HybridClock } from "../log/hlc.js";
@@ -19,9 +19,9 @@ import { listOrigins } from "../log/keys.js";
 import { catchUp, writeFiles, type Pullable } from "./catchup.js";
 import { NODE_LOCAL_META } from "./copy.js";
 import type { SnapshotRef } from "./format.js";
-import { Progress, type ProgressLine } from "./progress.js";
+import { Progress, type ProgressLine } from "../stream/progress.js";
 import { noSnapshotReason, stageNewest } from "./stage.js";
-import { openDbSync, openFolderSync, type StreamSettings } from "./streams.js";
+import { openDbSync, openFolderSync, type StreamSettings } from "../stream/streams.js";
 
 /** The name the replay runs under: not a valid node name, so never an origin's. */
 export const REPLAY_NODE = ".replay";

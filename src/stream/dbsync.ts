@@ -4,7 +4,7 @@
  * segments. Each database has its own stream and its own cursors.
  */
 import { vaultOf } from "../keys/securestore.js";
-import { Progress, type ProgressLine } from "../snapshot/progress.js";
+import { Progress, type ProgressLine } from "./progress.js";
 import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
