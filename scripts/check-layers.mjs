@@ -16,8 +16,6 @@ const LAYER = { store: 0, keys: 1, db: 2, log: 3, capture: 4, replay: 4, snapsho
 const KNOWN = new Set([
   "replay/folder.ts -> capture",
   "replay/references.ts -> capture",
-  "web/backend.ts -> cli",
-  "web/server.ts -> cli",
 ]);
 
 function* files(dir) {

@@ -10,7 +10,7 @@ import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/
 import { listAll, type ObjectStore } from "../store/store.js";
 import { readEnrolments, type EnrolmentSummary } from "../replay/enrolments.js";
 import { listParked } from "../replay/apply.js";
-import { conflictCounts } from "./conflicts.js";
+import { conflictCounts } from "../report/conflicts.js";
 import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };

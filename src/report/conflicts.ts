@@ -11,7 +11,7 @@ import { findDatabases } from "../db/databases.js";
 import { hlcToIso } from "../log/hlc.js";
 import { quoteIdent } from "../db/schema.js";
 import { decodeValues, rowIdentity, showValue, type SqlValue } from "../log/value.js";
-import { BadInputError } from "./usage.js";
+import { BadInputError } from "../cli/usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
