@@ -18,7 +18,7 @@ import { audit, formatEntry, withOldValues, type AuditEntry } from "../report/au
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
-import { conflictsCommand, CONFLICTS_HELP } from "../report/conflicts.js";
+import { conflictsCommand, CONFLICTS_HELP } from "./conflicts.js";
 import { gcCommand, GC_HELP } from "./gc.js";
 import { forgetCommand, FORGET_HELP } from "./forget.js";
 import { keysCommand, KEYS_HELP } from "./keys.js";
