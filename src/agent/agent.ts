@@ -18,7 +18,7 @@ import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName, encodeName, listOrigins, logHead, parseSegmentKey } from "../log/keys.js";
 import { LogForkError } from "../log/outbox.js";
-import { enforcesConditionalWrites, REQUEST_KINDS, type ObjectStore, type RequestKind } from "../store/store.js";
+import { enforcesConditionalWrites, REQUEST_KINDS, StoreConfigError, StoreUnavailableError, type ObjectStore, type RequestKind } from "../store/store.js";
 import { publishPointer, SegmentIndex } from "../log/index.js";
 import { TailPlanner } from "./tailing.js";
 import { Hints } from "./hints.js";
@@ -763,7 +763,7 @@ export class Agent {
           this.pullRounds++;
         }
       } catch (err) {
-        if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
+        if (err instanceof StoreUnavailableError || err instanceof StoreConfigError) this.storeFailed(err, "pulling");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");
         failed = true;
       }

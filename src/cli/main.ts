@@ -206,7 +206,7 @@ async function auditLog(args: string[]): Promise<void> {
     try {
       storeUrl = loadConfig({ instanceDir: positionals[0] }, undefined).store;
     } catch (err) {
-      if (!(err instanceof ConfigError && err.message.startsWith('"store"'))) throw err;
+      if (!(err instanceof ConfigError && err.setting === "store")) throw err;
     }
   }
   if (!storeUrl) throw new UsageError(`log needs --store URL (or an INSTANCE_DIR whose config names the store)\n\n${HELP.log}`);

@@ -177,7 +177,9 @@ export function forgetUnisync(db: Database): number {
 }
 
 /** A state file enrolled under another node name than this agent's. */
-export class NodeIdentityError extends Error {}
+export class NodeIdentityError extends Error {
+  readonly code = "NODE_IDENTITY";
+}
 
 /**
  * Enrols `db` (whose file is `path`) under `node` the first time, and refuses it

@@ -97,6 +97,7 @@ export interface Segment {
 
 /** Raised when stored bytes are not a valid segment; the message says why. */
 export class CorruptSegmentError extends Error {
+  readonly code: "CORRUPT_SEGMENT" | "SEGMENT_REFUSED" = "CORRUPT_SEGMENT";
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = "CorruptSegmentError";
@@ -108,6 +109,7 @@ export class CorruptSegmentError extends Error {
  * member's, an unknown key, a plain/sealed mix). Its message starts "refused: ".
  */
 export class SegmentRefusedError extends CorruptSegmentError {
+  override readonly code = "SEGMENT_REFUSED";
   constructor(why: string, options?: { cause?: unknown }) {
     super(`refused: ${why}`, options);
     this.name = "SegmentRefusedError";

@@ -28,6 +28,13 @@ export const REPLAY_NODE = ".replay";
 
 export class NoSnapshotError extends Error {
   override name = "NoSnapshotError";
+  readonly code = "NO_SNAPSHOT";
+}
+
+/** The folder to rebuild into holds something already (it must be missing or empty). */
+export class NotEmptyError extends Error {
+  override name = "NotEmptyError";
+  readonly code = "NOT_EMPTY";
 }
 
 export interface RebuildSettings extends Omit<StreamSettings, "instanceDir" | "node" | "databases"> {
@@ -88,7 +95,7 @@ async function verifyFiles(dir: string, problems: string[]): Promise<number> {
 
 /** Rebuilds the state at `untilHlc` into `dir`, which must be missing or empty. */
 export async function rebuildAt(s: RebuildSettings, untilHlc: number, dir: string): Promise<RebuildResult> {
-  if (existsSync(dir) && readdirSync(dir).length > 0) throw new Error(`${dir} is not empty`);
+  if (existsSync(dir) && readdirSync(dir).length > 0) throw new NotEmptyError(`${dir} is not empty`);
   const existed = existsSync(dir);
   const stageDir = join(dir, ".unisync", "stage");
   const staged = await stageNewest(s.store, stageDir, { untilHlc, onCorrupt: s.onCorrupt }).catch((err: Error) => {

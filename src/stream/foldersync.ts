@@ -32,7 +32,7 @@ import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js"
 import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
-import type { ObjectStore } from "../store/store.js";
+import { StoreUnavailableError, type ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
 
 export const FILES_STREAM = ".files";
@@ -234,7 +234,7 @@ export class FolderSync {
         backoff = 0;
       } catch (err) {
         backoff = Math.min(Math.max(backoff * 2, 250), 10_000);
-        if ((err as Error).name === "StoreUnavailableError") this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
+        if (err instanceof StoreUnavailableError) this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "folder scan failed; retrying");
       }
       // Until the next dirty path is due, or a watcher event, but at least every captureIntervalMs.
