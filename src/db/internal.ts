@@ -88,10 +88,12 @@ CREATE TABLE IF NOT EXISTS _unisync_cursors(
   origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER,
   open INTEGER NOT NULL DEFAULT 0, idx INTEGER NOT NULL DEFAULT 0);
 -- Records that could not be applied yet (unknown table or column, constraint
--- failure); retried after every schema change.
+-- failure); retried after every schema change. kind is why, as code reads it
+-- (replay/apply.ts ParkKind: schema, row, clock, malformed, write); reason is for people.
 CREATE TABLE IF NOT EXISTS _unisync_parked(
   id INTEGER PRIMARY KEY, origin TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
   tbl TEXT, reason TEXT NOT NULL, hlc INTEGER NOT NULL, record BLOB NOT NULL, parked_ms INTEGER,
+  kind TEXT NOT NULL DEFAULT 'write',
   UNIQUE(origin, seq, idx));
 `;
 
@@ -105,6 +107,20 @@ export function ensureInternalTables(db: Database): void {
   const cursorCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_cursors)").all() as { name: string }[]).map((c) => c.name));
   if (!cursorCols.has("open")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN open INTEGER NOT NULL DEFAULT 0");
   if (!cursorCols.has("idx")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN idx INTEGER NOT NULL DEFAULT 0");
+  const parkedCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_parked)").all() as { name: string }[]).map((c) => c.name));
+  if (!parkedCols.has("kind")) {
+    // Records parked before kinds existed: the kind is read once from the reason they were parked with.
+    db.transaction(() => {
+      db.exec("ALTER TABLE _unisync_parked ADD COLUMN kind TEXT NOT NULL DEFAULT 'write'");
+      db.exec(`UPDATE _unisync_parked SET kind = CASE
+        WHEN reason LIKE 'waiting for the row%' THEN 'row'
+        WHEN reason LIKE 'clock of origin % ahead of ours%' THEN 'clock'
+        WHEN reason LIKE 'table % does not exist here (yet)' OR reason LIKE 'column(s) % do not exist here (yet)' THEN 'schema'
+        WHEN reason LIKE 'unknown operation %' OR reason IN ('column and value counts differ', 'row key is not among the columns')
+          OR reason LIKE 'key % of % is not an integer' THEN 'malformed'
+        ELSE 'write' END`);
+    })();
+  }
 }
 
 /**

@@ -574,7 +574,7 @@ export class FolderSync {
         const reason = `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`;
         const bytes = encodeSegment({ origin, stream: FILES_STREAM, seq, createdMs: 0, records: [r] });
         this.state
-          .sql("INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+          .sql("INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, kind, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, 'clock', ?, ?, ?, ?)")
           .run(origin, seq, idx, FILES_STREAM, reason, r.hlc, bytes, Date.now());
         this.log.warn({ origin, seq, idx, path: f.path, reason }, "file record parked");
         this.o.metrics.inc("unisync_clock_drift_records_total");
