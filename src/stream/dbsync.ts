@@ -19,6 +19,7 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
 import type { KnownSegments } from "../log/index.js";
+import type { SyncStream } from "./stream.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, type ParkKind } from "../replay/apply.js";
 import { BagStore } from "../merge/bag.js";
@@ -66,7 +67,7 @@ const PARKED_RETRY_MS = 10_000;
 
 export { NodeIdentityError };
 
-export class DbSync {
+export class DbSync implements SyncStream {
   readonly db: Database.Database;
   private readonly states: RowStateStore;
   private readonly bag: BagStore;
@@ -528,6 +529,11 @@ export class DbSync {
 
   pendingChanges(): number {
     return this.drain.pendingCount();
+  }
+
+  /** Captured changes not sealed yet (SyncStream). */
+  unsentChanges(): number {
+    return this.pendingChanges();
   }
 
   parkedCount(): number {

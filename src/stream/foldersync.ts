@@ -31,6 +31,7 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js";
 import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
+import type { SyncStream } from "./stream.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
 import { StoreUnavailableError, type ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
@@ -93,7 +94,7 @@ function caseSafeBatches(paths: readonly string[], size: number): string[][] {
   return batches.map((b) => b.paths);
 }
 
-export class FolderSync {
+export class FolderSync implements SyncStream {
   readonly db: Database.Database;
   readonly state: FileStateStore;
   private readonly cursorStore: Cursors;
@@ -522,7 +523,7 @@ export class FolderSync {
    * Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied.
    * `untilHlc` (point-in-time replay): only records stamped at or before it (see DbSync.pull).
    */
-  pull(origin: string, maxSegments = 16, untilHlc = Infinity, known?: KnownSegments): Promise<number> {
+  pull(origin: string, maxSegments = 16, untilHlc = Infinity, _stop?: () => boolean, known?: KnownSegments): Promise<number> {
     return this.exclusive(async () => {
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments, 4, known);
@@ -636,6 +637,21 @@ export class FolderSync {
       const n = await this.materializer.materialize(batch);
       if (n) this.o.metrics.inc("unisync_files_written_total", n);
     }
+  }
+
+  /** The folder's log always knows where it goes on (SyncStream: a database new to this node may not). */
+  readonly logUnknown = false;
+  /** The folder has no rows to enrol (SyncStream). */
+  readonly enrolling = false;
+
+  /** The folder replays its own earlier segments only in a bootstrap or rejoin (SyncStream). */
+  replaysOwnLog(): boolean {
+    return false;
+  }
+
+  /** Files changed here and waiting to be stable before they are sealed (SyncStream). */
+  unsentChanges(): number {
+    return this.unstable;
   }
 
   /** Paths whose disk does not match the winner yet, plus files waiting to be stable. */
