@@ -1,8 +1,10 @@
 /**
  * The agent: one per node. It finds the app's databases, keeps a DbSync per
- * database, and runs three loops: capture (seal local changes), upload, and
- * pull (apply other origins). The store being down never stops capture: sealed
- * segments wait in each database's outbox until it is back.
+ * database and a FolderSync for the instance folder (each a SyncStream), and
+ * runs five loops: capture (seal local changes), upload, pull (apply other
+ * origins), housekeeping (rescan, gauges, heartbeat, rejoin) and the snapshot
+ * scheduler. The store being down never stops capture: sealed segments wait in
+ * each stream's outbox until it is back.
  */
 import { vaultOf } from "../keys/securestore.js";
 import { hlcToMs } from "../log/hlc.js";

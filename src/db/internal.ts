@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS _unisync_rows(
   alive INTEGER NOT NULL, base_hlc INTEGER NOT NULL, base_origin TEXT NOT NULL,
   cols TEXT, dead BLOB, lin_hlc INTEGER, lin_origin TEXT, lin_epoch INTEGER, refs TEXT,
   inc_hlc INTEGER, inc_origin TEXT, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
--- Rows moved by an id collision (src/replay/relocate.ts): where each losing
+-- Rows moved by an id collision (src/merge/relocate.ts): where each losing
 -- lineage lives now, the key it was created at, and the lineage that kept it.
 CREATE TABLE IF NOT EXISTS _unisync_moves(
   tbl TEXT NOT NULL, lin_hlc INTEGER NOT NULL, lin_origin TEXT NOT NULL, born_key NOT NULL, key NOT NULL,

@@ -39,7 +39,7 @@ export interface RowChange {
   /**
    * Which entity the change is about. Tables without a key: the copy (its
    * insert's clock and origin) an UPDATE/DELETE changed. Tables with an
-   * INTEGER PRIMARY KEY: the row's lineage (see src/replay/relocate.ts).
+   * INTEGER PRIMARY KEY: the row's lineage (see src/merge/relocate.ts).
    */
   instance?: { hlc: number; origin: string };
   /** The key the lineage was created at, when it is not the row's key now. */
