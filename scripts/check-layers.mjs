@@ -9,7 +9,8 @@ import { readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 
-const SRC = resolve(dirname(fileURLToPath(import.meta.url)), "..", "src");
+/** The tree to check: src/ of this repository, or the folder given as the first argument (tests). */
+const SRC = process.argv[2] ? resolve(process.argv[2]) : resolve(dirname(fileURLToPath(import.meta.url)), "..", "src");
 
 /**
  * Lower number = lower layer. Folders of one number may not import each other.
