@@ -2,8 +2,8 @@
  * unisync benchmarks: `npm run bench [-- --quick | --full] [--only NAME[,NAME]] [--keep]`.
  * Prints a table (stdout; progress goes to stderr) and writes bench/last-run.json.
  *   --quick  small sizes, for a smoke run (folder: 1,000 small files, 32 MB large file)
- *   --full   1M rows for replay, rss and bootstrap (default 200k)
- *   --only   run only these benchmarks: capture, replay, collide, latency, tailing, rss, folder, bootstrap, secure
+ *   --full   1M rows for replay, catchup, rss and bootstrap (default 200k)
+ *   --only   run only these benchmarks: capture, replay, catchup, collide, latency, tailing, rss, folder, bootstrap, secure
  *   --keep   keep the temporary folders (agent logs, databases)
  */
 import { execFileSync } from "node:child_process";
@@ -19,11 +19,12 @@ import { folder } from "./folder.js";
 import { latency } from "./latency.js";
 import { makeTmpFactory, ROOT, type Bench, type Result, type Target } from "./lib.js";
 import { replay } from "./replay.js";
+import { catchup } from "./catchup.js";
 import { rss } from "./rss.js";
 import { secure } from "./secure.js";
 import { tailing } from "./tailing.js";
 
-const BENCHES: Bench[] = [capture, replay, collide, latency, tailing, rss, folder, bootstrap, secure];
+const BENCHES: Bench[] = [capture, replay, catchup, collide, latency, tailing, rss, folder, bootstrap, secure];
 
 function fmt(x: number | undefined): string {
   if (x === undefined) return "";

@@ -13,6 +13,7 @@ import { isSealed, parseHeader, SealError } from "../keys/envelope.js";
 import { segmentLabel, type Vault } from "../keys/vault.js";
 import { packageRoot } from "./paths.js";
 import type { SqlValue } from "./value.js";
+import { readSegment, type WireSegmentHead } from "./wire.js";
 
 /**
  * Version 2 added row lineages, born keys and references (id collisions).
@@ -245,17 +246,37 @@ interface WireSegment {
 }
 
 export function decodeSegment(bytes: Buffer): Segment {
+  let wire: WireSegmentHead;
+  try {
+    wire = readSegment(bytes);
+  } catch (err) {
+    throw new CorruptSegmentError(`malformed protobuf: ${(err as Error).message}`, { cause: err });
+  }
+  checkVersion(wire.formatVersion);
+  const { origin, stream, seq, createdMs, continues, records } = wire;
+  return { origin, stream, seq, createdMs, continues: continues || undefined, records };
+}
+
+function checkVersion(version: number | undefined): void {
+  if (!READABLE_VERSIONS.includes(version ?? 0)) {
+    throw new CorruptSegmentError(
+      `unsupported segment format version ${version ?? "(none)"}; this unisync reads versions ${READABLE_VERSIONS.join(", ")}`,
+    );
+  }
+}
+
+/**
+ * The same through protobufjs's generated decoder: the reference that
+ * test/segment.test.ts checks wire.ts's reader against (replay uses decodeSegment).
+ */
+export function decodeSegmentWithProtobufjs(bytes: Buffer): Segment {
   let wire: WireSegment;
   try {
     wire = SegmentType.decode(bytes) as unknown as WireSegment;
   } catch (err) {
     throw new CorruptSegmentError(`malformed protobuf: ${(err as Error).message}`, { cause: err });
   }
-  if (!READABLE_VERSIONS.includes(wire.formatVersion ?? 0)) {
-    throw new CorruptSegmentError(
-      `unsupported segment format version ${wire.formatVersion ?? "(none)"}; this unisync reads versions ${READABLE_VERSIONS.join(", ")}`,
-    );
-  }
+  checkVersion(wire.formatVersion);
   return {
     origin: wire.origin ?? "",
     stream: wire.stream ?? "",

@@ -36,6 +36,7 @@ export class RowStateStore {
   private readonly getStmt: Statement;
   private readonly putStmt: Statement;
   private readonly deleteStmt: Statement;
+  private readonly insertNewStmt: Statement;
 
   constructor(db: Database) {
     this.getStmt = db.prepare(
@@ -46,6 +47,10 @@ export class RowStateStore {
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     );
     this.deleteStmt = db.prepare("DELETE FROM _unisync_rows WHERE tbl = ? AND pk = ?");
+    this.insertNewStmt = db.prepare(
+      "INSERT INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin) " +
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+    );
   }
 
   delete(table: string, pk: Buffer): void {
@@ -76,6 +81,16 @@ export class RowStateStore {
   private readonly allBase = new Map<string, string>();
 
   put(table: string, pk: Buffer, s: RowState): void {
+    this.putStmt.run(...this.columns(table, pk, s));
+  }
+
+  /** Writes the state of a row that has none yet; false (nothing written) when it has one. */
+  insertNew(table: string, pk: Buffer, s: RowState): boolean {
+    return this.insertNewStmt.run(...this.columns(table, pk, s)).changes === 1;
+  }
+
+  /** The _unisync_rows columns of a state, in the order put and insertNew bind them. */
+  private columns(table: string, pk: Buffer, s: RowState): unknown[] {
     const entries = Object.entries(s.cols);
     let cols: string | null = null;
     if (entries.length > 0 && entries.every(([, st]) => st === null)) {
@@ -87,10 +102,10 @@ export class RowStateStore {
       }
     } else if (entries.length) cols = JSON.stringify(Object.fromEntries(entries.map(([c, st]) => [c, st ? [st.hlc, st.origin] : 0])));
     const refs = s.refs && Object.keys(s.refs).length ? JSON.stringify(s.refs) : null;
-    this.putStmt.run(
+    return [
       table, pk, s.exists.hlc, s.exists.origin, s.alive ? 1 : 0, s.base.hlc, s.base.origin, cols,
       s.dead ? encodeDead(s.dead) : null, s.lineage?.hlc ?? null, s.lineage?.origin ?? null, s.lineage?.epoch ?? null, refs,
       s.incarnation?.hlc ?? null, s.incarnation?.origin ?? null,
-    );
+    ];
   }
 }

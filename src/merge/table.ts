@@ -137,6 +137,27 @@ export class TableAccess {
     ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue));
   }
 
+  /** INSERT ... ON CONFLICT DO NOTHING statements by column list (see insertNew). */
+  private readonly newInserts = new Map<string, { cols: string[]; stmt: Statement }>();
+
+  /**
+   * Inserts a row unless it clashes with one there on its key or a UNIQUE
+   * constraint: then nothing is written and it returns false. Other errors
+   * (NOT NULL, CHECK, foreign keys) throw as insert's do.
+   */
+  insertNew(values: Map<string, SqlValue>): boolean {
+    const names = [...values.keys()];
+    const id = names.join("\u0000");
+    let ins = this.newInserts.get(id);
+    if (!ins) {
+      const cols = names.filter((c) => this.known.has(c));
+      const sql = `INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) ON CONFLICT DO NOTHING`;
+      ins = { cols, stmt: this.db.prepare(sql) };
+      this.newInserts.set(id, ins);
+    }
+    return ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue)).changes === 1;
+  }
+
   /** Only for tables with a declared key (rows of the others never change in place). */
   update(key: string[], keyValues: SqlValue[], values: Map<string, SqlValue>): void {
     const cols = [...values.keys()].filter((c) => this.shape.columns.includes(c));

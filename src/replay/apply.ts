@@ -9,10 +9,10 @@ import { silenced } from "../db/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, enrolmentStamp, mergeChange } from "../merge/merge.js";
+import { clockOf, enrolmentStamp, mergeChange, type RowState, type Stamp } from "../merge/merge.js";
 import { EnrolmentLedger } from "./enrolments.js";
 import type { ReferenceKeeper } from "./references.js";
-import { intKey, lineageName, sameLineage, type Relocator } from "../merge/relocate.js";
+import { intKey, lineageName, sameLineage, type Lineage, type Relocator } from "../merge/relocate.js";
 import type { AsideRows } from "../merge/unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
 import type { BagStore } from "../merge/bag.js";
@@ -62,6 +62,14 @@ export function listParked(db: Database, limit: number): { origin: string; seq: 
     origin: string; seq: number | bigint; tbl: string | null; reason: string; parked_ms: number | bigint | null;
   }[];
   return rows.map((p) => ({ origin: p.origin, seq: Number(p.seq), table: p.tbl, reason: p.reason, parkedAt: p.parked_ms === null ? null : new Date(Number(p.parked_ms)).toISOString() }));
+}
+
+/** A reference is this record's when the column's value is: the state keeps whose row it points at. */
+function keepRefs(state: RowState, row: RowChange, stamp: Stamp): void {
+  for (const ref of row.refs ?? []) {
+    const c = clockOf(state, ref.column);
+    if (c.origin === stamp.origin && (c.hlc === stamp.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
+  }
 }
 
 /** Why a record cannot apply now; null when it can. */
@@ -177,6 +185,10 @@ export class Applier {
     if (!row) return null;
     const access = this.tables().get(row.table) as TableAccess;
     if (!access.shape.hasDeclaredKey) return this.applyToBag(origin, rec, access);
+    if (row.op === OP_INSERT && !row.enrolment) {
+      const fresh = this.insertFresh(origin, rec, row, access);
+      if (fresh !== undefined) return fresh;
+    }
     let values = row.values;
     try {
       const placed = this.placeRow(row, access);
@@ -208,11 +220,7 @@ export class Applier {
       incarnation: row.incarnation,
       enrolment: row.enrolment,
     });
-    // A reference is this record's when the column's value is: the state keeps whose row it points at.
-    for (const ref of row.refs ?? []) {
-      const c = clockOf(state, ref.column);
-      if (c.origin === origin && (c.hlc === stamp.hlc || c.hlc === 0)) state.refs = { ...state.refs, [ref.column]: ref.lineage };
-    }
+    keepRefs(state, row, stamp);
     const written = write.kind === "insert" || write.kind === "update" ? write.values : new Map<string, SqlValue>();
     const full = new Map([...(current ?? aside ?? []), ...written]);
     const writeTable = () => {
@@ -256,6 +264,45 @@ export class Applier {
   }
 
   /**
+   * The common case of replay, a logged insert of a row this node knows nothing
+   * of, in two statements: its merge state and the row are each inserted only
+   * if nothing is there, which replaces looking up the row, its state and the
+   * row at its key. Returns undefined, with nothing written, when something is
+   * there (or the row moved, or rows are set aside): applyRecord then takes the
+   * general path, which gives the same result for a fresh row.
+   */
+  private insertFresh(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): ParkReason | null | undefined {
+    if (this.aside.anyAside) return undefined;
+    const values = this.placeRefs(row);
+    if (!Array.isArray(values)) return values;
+    let lineage: Lineage | undefined;
+    if (access.shape.autoId && row.instance) {
+      lineage = { ...row.instance, epoch: row.epoch ?? 1 };
+      const key = intKey(values[row.columns.indexOf(row.key[0])]);
+      if (key === null || (row.bornKey !== undefined && intKey(row.bornKey) !== key) || this.relocator.movedTo(row.table, lineage) !== null) return undefined;
+    }
+    const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
+    if (keyValues.some((v) => v === null)) return undefined; // NULL keys match by IS, not by the key constraint
+    const stamp = { hlc: rec.hlc, origin };
+    const { state, write } = mergeChange(null, null, {
+      op: row.op, stamp, columns: row.columns, values, changed: row.changed, lineage, incarnation: row.incarnation,
+    });
+    if (write.kind !== "insert") return undefined;
+    keepRefs(state, row, stamp);
+    const pk = rowIdentity(keyValues, false);
+    if (!this.states.insertNew(row.table, pk, state)) return undefined;
+    let inserted = false;
+    try {
+      inserted = access.insertNew(write.values);
+    } finally {
+      if (!inserted) this.states.delete(row.table, pk);
+    }
+    if (!inserted) return undefined;
+    this.references.childWritten(access, write.values);
+    return null;
+  }
+
+  /**
    * A deleted row whose key holds a reference (an association row) stays where
    * it was when the row it pointed at moved (only rows in the table follow a
    * move). A record for another row at that key, pointing at another lineage,
@@ -291,7 +338,27 @@ export class Applier {
    * Returns a reason to wait when a referenced row has not arrived yet.
    */
   private placeRow(row: RowChange, access: TableAccess): SqlValue[] | ParkReason {
+    const placed = this.placeRefs(row);
+    if (!Array.isArray(placed)) return placed;
+    let values = placed;
+    if (access.shape.autoId && row.instance) {
+      const i = row.columns.indexOf(row.key[0]);
+      const key = intKey(values[i]);
+      const born = row.bornKey === undefined ? key : intKey(row.bornKey);
+      if (key === null || born === null) return wait("malformed", `key "${row.key[0]}" of "${row.table}" is not an integer`);
+      const at = this.relocator.place(access, { ...row.instance, epoch: row.epoch ?? 1 }, born);
+      if (at !== key) {
+        if (values === row.values) values = row.values.slice();
+        values[i] = at;
+      }
+    }
+    return values;
+  }
+
+  /** The record's values with its references pointed at where their rows live here (see placeRow). */
+  private placeRefs(row: RowChange): SqlValue[] | ParkReason {
     let values = row.values;
+    const access = this.tables().get(row.table) as TableAccess;
     const tables = this.tables();
     for (const ref of row.refs ?? []) {
       const i = row.columns.indexOf(ref.column);
@@ -304,17 +371,6 @@ export class Applier {
       const at = this.relocator.locate(parent.shape.name, ref.lineage, born);
       if (at === null) return wait("row", `${WAITING_FOR_ROW} of "${fk.table}" that "${ref.column}" points at (${lineageName(ref.lineage)}), which has not arrived yet`);
       if (at !== value) {
-        if (values === row.values) values = row.values.slice();
-        values[i] = at;
-      }
-    }
-    if (access.shape.autoId && row.instance) {
-      const i = row.columns.indexOf(row.key[0]);
-      const key = intKey(values[i]);
-      const born = row.bornKey === undefined ? key : intKey(row.bornKey);
-      if (key === null || born === null) return wait("malformed", `key "${row.key[0]}" of "${row.table}" is not an integer`);
-      const at = this.relocator.place(access, { ...row.instance, epoch: row.epoch ?? 1 }, born);
-      if (at !== key) {
         if (values === row.values) values = row.values.slice();
         values[i] = at;
       }
