@@ -5,7 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { pathToFileURL } from "node:url";
 import { afterAll, describe, expect, it } from "vitest";
-import { audit, type AuditEntry } from "../src/cli/log.js";
+import { audit, type AuditEntry } from "../src/report/audit.js";
 import { FileStore } from "../src/store/file.js";
 import { appConnection, openSync } from "./helpers/node.js";
 

@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { triggerSql } from "../src/capture/triggers.js";
-import { discoverTables } from "../src/capture/schema.js";
+import { discoverTables } from "../src/db/schema.js";
 import { decodeSegment, openSegment, type LogRecord } from "../src/log/segment.js";
 import { parseSegmentKey } from "../src/log/keys.js";
 import { FileStore } from "../src/store/file.js";

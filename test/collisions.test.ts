@@ -8,7 +8,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
-import type { DbSync } from "../src/agent/dbsync.js";
+import type { DbSync } from "../src/stream/dbsync.js";
 import { FileStore } from "../src/store/file.js";
 import { compareDatabases } from "./helpers/checker.js";
 import { appConnection, openSync } from "./helpers/node.js";

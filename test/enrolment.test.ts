@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
-import type { DbSync, DbSyncOptions } from "../src/agent/dbsync.js";
+import type { DbSync, DbSyncOptions } from "../src/stream/dbsync.js";
 import { readEnrolments } from "../src/replay/enrolments.js";
 import { FileStore } from "../src/store/file.js";
 import { compareDatabases } from "./helpers/checker.js";
@@ -232,7 +232,7 @@ describe("enrolment", () => {
 describe("unisync forget", () => {
   it("enrols a file copied from another node afresh, and refuses to lose this node's unsent changes", async () => {
     const { runCli } = await import("./helpers/cluster.js");
-    const { NodeIdentityError } = await import("../src/agent/dbsync.js");
+    const { NodeIdentityError } = await import("../src/stream/dbsync.js");
     const dir = join(root, `forget-${++n}`);
     mkdirSync(dir, { recursive: true });
     const path = join(dir, "app.db");

@@ -11,8 +11,8 @@ import { join } from "node:path";
 import pino from "pino";
 import Database from "better-sqlite3";
 import { compress } from "zstd-napi";
-import { FolderSync } from "../src/agent/foldersync.js";
-import { Metrics } from "../src/agent/metrics.js";
+import { FolderSync } from "../src/stream/foldersync.js";
+import { Metrics } from "../src/stream/metrics.js";
 import { conflictName, decide, FileStateStore, KIND_DELETE, KIND_WRITE, MAX_CONFLICT_COPIES, type Version } from "../src/capture/filestate.js";
 import { listExcluded } from "../src/capture/folder.js";
 import { builtinExclusion, IgnoreRules, unsafePathReason } from "../src/capture/ignore.js";
@@ -202,7 +202,7 @@ afterEach(async () => {
 });
 
 // FolderSync keeps its options private; the tests need the node name.
-declare module "../src/agent/foldersync.js" {
+declare module "../src/stream/foldersync.js" {
   interface FolderSync {
     readonly o_node: string;
   }

@@ -16,7 +16,7 @@ import { compress } from "zstd-napi";
 import { afterAll, describe, expect, it } from "vitest";
 import { addMember, initCluster, removeMember, rotateKey } from "../src/cli/keys.js";
 import { loadConfig } from "../src/agent/config.js";
-import { Metrics } from "../src/agent/metrics.js";
+import { Metrics } from "../src/stream/metrics.js";
 import { CHUNK, OpenStream, sealBuffer, SealError, SealStream, type Opener } from "../src/keys/envelope.js";
 import { secureStore } from "../src/keys/open.js";
 import { SecureStore, storedName } from "../src/keys/securestore.js";

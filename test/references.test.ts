@@ -10,7 +10,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import type Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
-import type { DbSync, DbSyncOptions } from "../src/agent/dbsync.js";
+import type { DbSync, DbSyncOptions } from "../src/stream/dbsync.js";
 import { FileStore } from "../src/store/file.js";
 import { compareDatabases } from "./helpers/checker.js";
 import { appConnection, openSync } from "./helpers/node.js";

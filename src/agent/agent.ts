@@ -1,33 +1,36 @@
 /**
  * The agent: one per node. It finds the app's databases, keeps a DbSync per
- * database, and runs three loops: capture (seal local changes), upload, and
- * pull (apply other origins). The store being down never stops capture: sealed
- * segments wait in each database's outbox until it is back.
+ * database and a FolderSync for the instance folder (each a SyncStream), and
+ * runs five loops: capture (seal local changes), upload, pull (apply other
+ * origins), housekeeping (rescan, gauges, heartbeat, rejoin) and the snapshot
+ * scheduler. The store being down never stops capture: sealed segments wait in
+ * each stream's outbox until it is back.
  */
 import { vaultOf } from "../keys/securestore.js";
 import { hlcToMs } from "../log/hlc.js";
 import { Activity } from "./activity.js";
 import type { TailProblem } from "../log/tail.js";
-import type { ProgressLine } from "../snapshot/progress.js";
+import type { ProgressLine } from "../stream/progress.js";
 import { KeyConfigError, OPERATOR, TRUST_STREAM } from "../keys/trust.js";
 import { existsSync, mkdirSync, readdirSync, readFileSync, writeFileSync } from "node:fs";
 import Database from "better-sqlite3";
-import { forgetUnisync } from "../capture/internal.js";
+import { forgetUnisync } from "../db/internal.js";
 import { getMeta } from "../db/meta.js";
 import type { Logger } from "pino";
 import { HybridClock } from "../log/hlc.js";
 import { decodeName, encodeName, listOrigins, logHead, parseSegmentKey } from "../log/keys.js";
 import { LogForkError } from "../log/outbox.js";
-import { enforcesConditionalWrites, REQUEST_KINDS, type ObjectStore, type RequestKind } from "../store/store.js";
+import { enforcesConditionalWrites, REQUEST_KINDS, StoreConfigError, StoreUnavailableError, type ObjectStore, type RequestKind } from "../store/store.js";
 import { publishPointer, SegmentIndex } from "../log/index.js";
 import { TailPlanner } from "./tailing.js";
 import { Hints } from "./hints.js";
 import { stateDir, type Config } from "./config.js";
-import { findDatabases } from "./databases.js";
-import { DbSync, NodeIdentityError } from "./dbsync.js";
-import { openDbSync } from "../snapshot/streams.js";
-import { FILES_STREAM, FolderSync } from "./foldersync.js";
-import { Metrics } from "./metrics.js";
+import { findDatabases } from "../db/databases.js";
+import { DbSync, NodeIdentityError } from "../stream/dbsync.js";
+import { openDbSync } from "../stream/streams.js";
+import { FILES_STREAM, FolderSync } from "../stream/foldersync.js";
+import type { SyncStream } from "../stream/stream.js";
+import { Metrics } from "../stream/metrics.js";
 import { announceAgent, retireAgent } from "../snapshot/agentlink.js";
 import { SnapshotScheduler } from "../snapshot/scheduler.js";
 import { finishBootstrap, placeNewestSnapshot, type BootstrapSettings } from "../snapshot/bootstrap.js";
@@ -133,7 +136,7 @@ export interface AgentStatus {
 }
 
 /** Where a stream is: last segment applied per origin and its clock time, and when this node last wrote to it. */
-function cursorFields(s: DbSync | FolderSync): { cursors: Record<string, number>; cursorMs: Record<string, number>; lastSealedMs: number } {
+function cursorFields(s: SyncStream): { cursors: Record<string, number>; cursorMs: Record<string, number>; lastSealedMs: number } {
   const all = [...s.cursors()];
   return {
     cursors: Object.fromEntries(all.map(([o, c]) => [o, c.seq])),
@@ -270,17 +273,17 @@ export class Agent {
     return [...this.dbs.values()];
   }
 
-  private streams(): (DbSync | FolderSync)[] {
+  private streams(): SyncStream[] {
     return this.files ? [...this.dbs.values(), this.files] : [...this.dbs.values()];
   }
 
   /** This node's own changes not in the store yet, per stream (folder: files waiting to be stable). */
-  private unsent(streams: (DbSync | FolderSync)[]): string | null {
+  private unsent(streams: SyncStream[]): string | null {
     return unsentReason(
       streams.map((s) => ({
         stream: s.stream,
         outboxSegments: s.outbox.size().segments,
-        localPending: s instanceof FolderSync ? s.pendingChanges() - s.state.pendingCount() : s.pendingChanges(),
+        localPending: s.unsentChanges(),
       })),
     );
   }
@@ -521,10 +524,10 @@ export class Agent {
   private readonly replacements: { stream: string; atMs: number; why: string }[] = [];
 
   /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
-  private async dropForked(s: DbSync | FolderSync, err: LogForkError): Promise<void> {
-    if (s instanceof FolderSync) {
+  private async dropForked(s: SyncStream, err: LogForkError): Promise<void> {
+    if (s === this.files) {
       this.log.error({ err: err.message }, "the instance folder's files will not be synced");
-      await s.stop();
+      await this.files.stop();
       s.close();
       this.files = null;
       return;
@@ -624,11 +627,11 @@ export class Agent {
    * full turn went up (more is waiting). Store health is only judged from calls
    * that were really made, so an idle stream cannot report "up" while the store is down.
    */
-  private async uploadTurn(s: DbSync | FolderSync): Promise<boolean> {
+  private async uploadTurn(s: SyncStream): Promise<boolean> {
     const since = Date.now();
     let called = false;
     // A database new to this node seals nothing before it knows where its log goes on (placeLogs).
-    if (s instanceof DbSync && s.logUnknown) return false;
+    if (s.logUnknown) return false;
     // Once per stream, before its first upload, even if the store was down at start.
     if (!this.storeChecked.has(s.stream)) {
       await s.outbox.checkStoreAgrees(this.store);
@@ -650,9 +653,7 @@ export class Agent {
       if (this.paused) await this.whilePaused();
       let failed = false;
       let more = false;
-      const streams: (DbSync | FolderSync)[] = [...this.dbs.values()];
-      if (this.files) streams.push(this.files);
-      for (const s of streams) {
+      for (const s of this.streams()) {
         try {
           // A full turn means more is waiting: go round again without sleeping.
           if (await this.uploadTurn(s)) more = true;
@@ -714,16 +715,17 @@ export class Agent {
         }
         await this.placeLogs();
         const streams = this.streams();
+        const dbs = this.databases();
         const byName = new Map(streams.map((s) => [s.stream, s]));
         const origins = [...new Set([...this.origins, ...this.index.origins])].filter((o) => o !== this.config.node);
         const cursorsOf = new Map(streams.map((s) => [s.stream, s.cursors()]));
         const cursor = (stream: string, origin: string) => cursorsOf.get(stream)?.get(origin)?.seq ?? 0;
         const plan = this.planner.plan(
-          streams.map((s) => ({ stream: s.stream, cursor: (o: string) => cursor(s.stream, o), listAll: s instanceof DbSync && s.enrolling })),
+          streams.map((s) => ({ stream: s.stream, cursor: (o: string) => cursor(s.stream, o), listAll: s.enrolling })),
           origins,
         );
         // A database new to this node first replays this node's own earlier log (Agent.placeLogs).
-        for (const s of streams) if (s instanceof DbSync && s.replaysOwnLog()) plan.push({ stream: s.stream, origin: this.config.node });
+        for (const s of streams) if (s.replaysOwnLog()) plan.push({ stream: s.stream, origin: this.config.node });
         for (const p of plan) {
           if (this.paused) break; // paused mid-round: nothing more is applied from now on
           const s = byName.get(p.stream)!;
@@ -731,7 +733,7 @@ export class Agent {
           let before = start;
           let records = 0;
           for (let pulled = 0; pulled < PULL_TURN && !this.halted(); pulled += 16) {
-            const n = s instanceof DbSync ? await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known) : await s.pull(p.origin, 16, Infinity, p.known);
+            const n = await s.pull(p.origin, 16, Infinity, () => this.halted(), p.known);
             applied += n;
             records += n;
             const after = s.cursor(p.origin).seq;
@@ -748,8 +750,7 @@ export class Agent {
           }
           this.storeOk(roundMs); // judged only from calls really made
         }
-        for (const s of streams) {
-          if (!(s instanceof DbSync)) continue;
+        for (const s of dbs) {
           s.maintain();
           // A new database enrols its own rows once the cluster's log is in it.
           const own = s.replaysOwnLog() ? [this.config.node] : [];
@@ -763,7 +764,7 @@ export class Agent {
           this.pullRounds++;
         }
       } catch (err) {
-        if ((err as Error).name === "StoreUnavailableError" || (err as Error).name === "StoreConfigError") this.storeFailed(err, "pulling");
+        if (err instanceof StoreUnavailableError || err instanceof StoreConfigError) this.storeFailed(err, "pulling");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "replay failed; retrying");
         failed = true;
       }

@@ -8,7 +8,7 @@ import { openStore } from "../store/url.js";
 import { existsSync, readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
-import { DEFAULT_EXCLUDED_TABLES } from "../capture/schema.js";
+import { DEFAULT_EXCLUDED_TABLES } from "../db/schema.js";
 
 export interface Config {
   instanceDir: string;
@@ -74,7 +74,16 @@ export interface Config {
   retentionMs: number;
 }
 
-export class ConfigError extends Error {}
+/** A configuration that cannot work; `setting` names the setting whose value is wrong or missing, when it is one. */
+export class ConfigError extends Error {
+  readonly code = "CONFIG";
+  constructor(
+    message: string,
+    readonly setting?: string,
+  ) {
+    super(message);
+  }
+}
 
 export const DEFAULTS: Omit<Config, "instanceDir" | "store" | "node"> = {
   databases: [],
@@ -214,7 +223,7 @@ function coerce(key: keyof Config, raw: unknown, source: string): unknown {
 
 function validate(c: Config): void {
   const need = (cond: boolean, key: keyof Config, what: string) => {
-    if (!cond) throw new ConfigError(`"${key}" ${what} (got ${JSON.stringify(c[key])})`);
+    if (!cond) throw new ConfigError(`"${key}" ${what} (got ${JSON.stringify(c[key])})`, key);
   };
   need(c.store.length > 0, "store", "is required: give STORE_URL, e.g. file:///var/lib/unisync or s3://bucket/prefix");
   need(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(c.node), "node", "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit");

@@ -7,10 +7,10 @@
  */
 import type { Database } from "better-sqlite3";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import type { BagStore } from "../replay/bag.js";
-import type { RowStateStore } from "../replay/state.js";
+import type { BagStore } from "../merge/bag.js";
+import type { RowStateStore } from "../merge/state.js";
 import { deadline } from "../db/writes.js";
-import { quoteIdent, type TableShape } from "./schema.js";
+import { quoteIdent, type TableShape } from "../db/schema.js";
 import { CHANGE_INSERT, CHANGE_UPDATE, enrolmentMask, maskFor, type CaptureDef } from "./triggers.js";
 
 const CHUNK = 2000;

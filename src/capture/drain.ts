@@ -7,13 +7,13 @@ import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
-import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../replay/merge.js";
-import { enrolmentInstance, type BagStore } from "../replay/bag.js";
-import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../replay/relocate.js";
-import type { AsideRows } from "../replay/unique.js";
-import type { RowStateStore } from "../replay/state.js";
-import type { TableShape } from "./schema.js";
-import { silenced } from "./internal.js";
+import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../merge/merge.js";
+import { enrolmentInstance, type BagStore } from "../merge/bag.js";
+import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../merge/relocate.js";
+import type { AsideRows } from "../merge/unique.js";
+import type { RowStateStore } from "../merge/state.js";
+import type { TableShape } from "../db/schema.js";
+import { silenced } from "../db/internal.js";
 import { CHANGE_DELETE, CHANGE_INSERT, CHANGE_REVIVE, enrolmentCopy, maskHasColumn } from "./triggers.js";
 
 interface CaptureGeneration {

@@ -17,7 +17,7 @@
  * Plus the row side's `_unisync_meta`, `_unisync_outbox` and `_unisync_cursors`.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { ensureInternalTables, statementCache } from "./internal.js";
+import { ensureInternalTables, statementCache } from "../db/internal.js";
 import { compareStamp, hlcToMs } from "../log/hlc.js";
 
 export const KIND_WRITE = 1;

@@ -5,8 +5,8 @@
  * Values are copied as-is into untyped columns, which keeps their exact class.
  */
 import type { Database } from "better-sqlite3";
-import { ensureChangeWidth } from "./internal.js";
-import { quoteIdent, type TableShape } from "./schema.js";
+import { ensureChangeWidth } from "../db/internal.js";
+import { quoteIdent, type TableShape } from "../db/schema.js";
 
 export const CHANGE_INSERT = 1;
 export const CHANGE_UPDATE = 2;

@@ -10,7 +10,7 @@ import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import Database from "better-sqlite3";
 import { loadConfig } from "../agent/config.js";
-import { forgetUnisync } from "../capture/internal.js";
+import { forgetUnisync } from "../db/internal.js";
 import { getMeta } from "../db/meta.js";
 import { runningAgent } from "../snapshot/agentlink.js";
 import { BadInputError } from "./usage.js";

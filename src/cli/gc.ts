@@ -111,7 +111,7 @@ export async function gcCommand(args: string[], parse: Parse): Promise<number> {
       url = config.store;
     } catch (err) {
       // A folder without a configured store is fine when --store names one.
-      if (!(err instanceof ConfigError && err.message.startsWith('"store"'))) throw err;
+      if (!(err instanceof ConfigError && err.setting === "store")) throw err;
     }
   }
   if (!url) throw new BadInputError(`gc needs --store URL or an INSTANCE_DIR whose config names the store`);

@@ -14,7 +14,7 @@ import { startStatusServer } from "../web/server.js";
 import { agentBackend } from "../web/backend.js";
 import { statusCommand } from "./status.js";
 import { compareInstances } from "./verify.js";
-import { audit, formatEntry, withOldValues, type AuditEntry } from "./log.js";
+import { audit, formatEntry, withOldValues, type AuditEntry } from "../report/audit.js";
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
 import { BadInputError } from "./usage.js";
@@ -206,7 +206,7 @@ async function auditLog(args: string[]): Promise<void> {
     try {
       storeUrl = loadConfig({ instanceDir: positionals[0] }, undefined).store;
     } catch (err) {
-      if (!(err instanceof ConfigError && err.message.startsWith('"store"'))) throw err;
+      if (!(err instanceof ConfigError && err.setting === "store")) throw err;
     }
   }
   if (!storeUrl) throw new UsageError(`log needs --store URL (or an INSTANCE_DIR whose config names the store)\n\n${HELP.log}`);

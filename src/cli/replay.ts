@@ -7,11 +7,11 @@ import { rmSync } from "node:fs";
 import { join, resolve } from "node:path";
 import pino from "pino";
 import { loadConfig, openNodeStore, type Config } from "../agent/config.js";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { hlcFromMs, hlcToIso, LOGICAL_BITS } from "../log/hlc.js";
 import { runningAgent } from "../snapshot/agentlink.js";
-import { Progress, type ProgressLine } from "../snapshot/progress.js";
-import { NoSnapshotError, rebuildAt, type RebuildResult } from "../snapshot/rebuild.js";
+import { Progress, type ProgressLine } from "../stream/progress.js";
+import { NoSnapshotError, NotEmptyError, rebuildAt, type RebuildResult } from "../snapshot/rebuild.js";
 import { revertDatabase, revertFolder, type RevertReport } from "../snapshot/revert.js";
 import { digestDatabase } from "./verify.js";
 import { BadInputError, parseTime } from "./usage.js";
@@ -102,7 +102,7 @@ export async function replayCommand(args: string[], parse: Parse): Promise<numbe
   const into = resolve(values.into);
   if (positionals[0] && into.startsWith(resolve(positionals[0]) + "/")) throw new BadInputError(`--into must be outside the instance folder (the agent would sync it)`);
   const r = await rebuild(config, atMs, into, !!values.json).catch((err: Error) => {
-    if (err.message.endsWith("is not empty")) throw new BadInputError(`--into ${err.message}`);
+    if (err instanceof NotEmptyError) throw new BadInputError(`--into ${err.message}`);
     throw err;
   });
   console.log(values.json ? JSON.stringify({ at: new Date(atMs).toISOString(), into, ...r }) : `${describe(r, atMs)}\nwritten to ${into}`);

@@ -10,7 +10,7 @@ import { hlcToIso } from "../log/hlc.js";
 import { requestSnapshot, runningAgent } from "../snapshot/agentlink.js";
 import { takeSnapshot } from "../snapshot/create.js";
 import { listSnapshots, readManifest } from "../snapshot/format.js";
-import { openStreams } from "../snapshot/streams.js";
+import { openStreams } from "../stream/streams.js";
 import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };

@@ -4,13 +4,13 @@ import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join } from "node:path";
 import type { Heartbeat } from "../agent/agent.js";
 import { loadConfig, openNodeStore } from "../agent/config.js";
-import { findDatabases } from "../agent/databases.js";
+import { findDatabases } from "../db/databases.js";
 import { listExcluded } from "../capture/folder.js";
 import { listOrigins, seqFloorKey, streamPrefix, parseSegmentKey } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { readEnrolments, type EnrolmentSummary } from "../replay/enrolments.js";
 import { listParked } from "../replay/apply.js";
-import { conflictCounts } from "./conflicts.js";
+import { conflictCounts } from "../report/conflicts.js";
 import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };

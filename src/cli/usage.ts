@@ -1,6 +1,7 @@
 /** Bad input on the command line: one line on stderr, exit code 2 (see main.ts). */
 export class BadInputError extends Error {
   override name = "BadInputError";
+  readonly code = "BAD_INPUT";
 }
 
 /** An ISO 8601 time as wall milliseconds, or bad input that names the option. */

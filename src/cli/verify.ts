@@ -6,8 +6,8 @@ import Database from "better-sqlite3";
 import { createHash } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
-import { findDatabases } from "../agent/databases.js";
-import { discoverTables, quoteIdent } from "../capture/schema.js";
+import { findDatabases } from "../db/databases.js";
+import { discoverTables, quoteIdent } from "../db/schema.js";
 import { encodeValues, type SqlValue } from "../log/value.js";
 
 export interface TableDigest {

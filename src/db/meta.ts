@@ -1,4 +1,4 @@
-/** unisync's own key-value row store in each synced database (`_unisync_meta`, made by capture/internal.ts). */
+/** unisync's own key-value row store in each synced database (`_unisync_meta`, made by db/internal.ts). */
 import type { Database } from "better-sqlite3";
 
 export function getMeta(db: Database, key: string): unknown {

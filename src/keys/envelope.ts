@@ -30,6 +30,7 @@ export const SIGNATURE_BYTES = 64;
 /** A sealed object that cannot be used: the message says why, in words an operator can act on. */
 export class SealError extends Error {
   override name = "SealError";
+  readonly code = "SEAL";
   constructor(
     readonly reason: "not-sealed" | "malformed" | "unknown-key" | "tampered" | "unsigned" | "bad-signature" | "not-trusted" | "wrong-label",
     message: string,

@@ -24,6 +24,7 @@ export const OPERATOR = "#operator";
 
 export class KeyConfigError extends Error {
   override name = "KeyConfigError";
+  readonly code = "KEY_CONFIG";
 }
 
 export interface Member {

@@ -30,10 +30,13 @@ export function blobKey(sha256: string): string {
 /** Stored bytes that do not hash to their name, are truncated, or are missing. */
 export class BlobIntegrityError extends Error {
   override name = "BlobIntegrityError";
+  readonly code: "BLOB_INTEGRITY" | "BLOB_MISSING" = "BLOB_INTEGRITY";
 }
 
 /** The blob is not in the store yet: its origin has not uploaded it. Wait, it is no fault. */
-export class BlobMissingError extends BlobIntegrityError {}
+export class BlobMissingError extends BlobIntegrityError {
+  override readonly code = "BLOB_MISSING";
+}
 
 /** A blob a secured store refuses (changed bytes, unknown key) is, to its readers, one that does not check out. */
 function sealedAsIntegrity(sha256: string, err: unknown): unknown {

@@ -16,6 +16,7 @@ import type { Vault } from "../keys/vault.js";
 /** The store holds segments of this origin that this database did not seal. */
 export class LogForkError extends Error {
   override name = "LogForkError";
+  readonly code = "LOG_FORK";
 }
 
 export interface OutboxEntry {

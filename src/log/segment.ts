@@ -40,7 +40,7 @@ export interface RowChange {
   /**
    * Which entity the change is about. Tables without a key: the copy (its
    * insert's clock and origin) an UPDATE/DELETE changed. Tables with an
-   * INTEGER PRIMARY KEY: the row's lineage (see src/replay/relocate.ts).
+   * INTEGER PRIMARY KEY: the row's lineage (see src/merge/relocate.ts).
    */
   instance?: { hlc: number; origin: string };
   /** The key the lineage was created at, when it is not the row's key now. */
@@ -98,6 +98,7 @@ export interface Segment {
 
 /** Raised when stored bytes are not a valid segment; the message says why. */
 export class CorruptSegmentError extends Error {
+  readonly code: "CORRUPT_SEGMENT" | "SEGMENT_REFUSED" = "CORRUPT_SEGMENT";
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = "CorruptSegmentError";
@@ -109,6 +110,7 @@ export class CorruptSegmentError extends Error {
  * member's, an unknown key, a plain/sealed mix). Its message starts "refused: ".
  */
 export class SegmentRefusedError extends CorruptSegmentError {
+  override readonly code = "SEGMENT_REFUSED";
   constructor(why: string, options?: { cause?: unknown }) {
     super(`refused: ${why}`, options);
     this.name = "SegmentRefusedError";

@@ -5,24 +5,39 @@
  * While applying, _unisync_applying holds a row, which silences our triggers.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { silenced } from "../capture/internal.js";
+import { silenced } from "../db/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, enrolmentStamp, mergeChange, type RowState, type Stamp } from "./merge.js";
+import { clockOf, enrolmentStamp, mergeChange, type RowState, type Stamp } from "../merge/merge.js";
 import { EnrolmentLedger } from "./enrolments.js";
 import type { ReferenceKeeper } from "./references.js";
-import { intKey, lineageName, sameLineage, type Lineage, type Relocator } from "./relocate.js";
-import type { AsideRows } from "./unique.js";
+import { intKey, lineageName, sameLineage, type Lineage, type Relocator } from "../merge/relocate.js";
+import type { AsideRows } from "../merge/unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
-import type { BagStore } from "./bag.js";
-import type { RowStateStore } from "./state.js";
-import type { TableAccess } from "./table.js";
+import type { BagStore } from "../merge/bag.js";
+import type { RowStateStore } from "../merge/state.js";
+import type { TableAccess } from "../merge/table.js";
 
 export type { Cursor };
 
 /** Reason prefix of records parked until the row they point at arrives (retried after each pull that applied something). */
 export const WAITING_FOR_ROW = "waiting for the row";
+
+/**
+ * Why a record is parked, as code reads it (`_unisync_parked.kind`): a table or column
+ * this node lacks (`schema`), a row it points at not arrived yet (`row`), its origin's
+ * clock too far ahead (`clock`), a record that does not make sense (`malformed`), or a
+ * write that failed (`write`). The reason text is for people.
+ */
+export type ParkKind = "schema" | "row" | "clock" | "malformed" | "write";
+
+export interface ParkReason {
+  kind: ParkKind;
+  reason: string;
+}
+
+const wait = (kind: ParkKind, reason: string): ParkReason => ({ kind, reason });
 
 export interface ApplyOutcome {
   applied: number;
@@ -37,6 +52,7 @@ export interface ParkedRecord {
   seq: number;
   idx: number;
   table: string;
+  kind: ParkKind;
   reason: string;
 }
 
@@ -57,16 +73,16 @@ function keepRefs(state: RowState, row: RowChange, stamp: Stamp): void {
 }
 
 /** Why a record cannot apply now; null when it can. */
-function unfit(rec: LogRecord, tables: Map<string, TableAccess>): string | null {
+function unfit(rec: LogRecord, tables: Map<string, TableAccess>): ParkReason | null {
   const row = rec.row;
   if (!row) return null; // file records belong to the folder sync
-  if (![OP_INSERT, OP_UPDATE, OP_DELETE].includes(row.op)) return `unknown operation ${row.op}`;
-  if (row.columns.length !== row.values.length) return "column and value counts differ";
-  if (row.key.length === 0 || row.key.some((k) => !row.columns.includes(k))) return "row key is not among the columns";
+  if (![OP_INSERT, OP_UPDATE, OP_DELETE].includes(row.op)) return wait("malformed", `unknown operation ${row.op}`);
+  if (row.columns.length !== row.values.length) return wait("malformed", "column and value counts differ");
+  if (row.key.length === 0 || row.key.some((k) => !row.columns.includes(k))) return wait("malformed", "row key is not among the columns");
   const access = tables.get(row.table);
-  if (!access) return `table "${row.table}" does not exist here (yet)`;
+  if (!access) return wait("schema", `table "${row.table}" does not exist here (yet)`);
   const missing = row.columns.filter((c) => !access.has(c));
-  if (missing.length) return `column(s) ${missing.map((c) => `"${c}"`).join(", ")} of "${row.table}" do not exist here (yet)`;
+  if (missing.length) return wait("schema", `column(s) ${missing.map((c) => `"${c}"`).join(", ")} of "${row.table}" do not exist here (yet)`);
   return null;
 }
 
@@ -98,7 +114,7 @@ export class Applier {
     this.cursorStore = new Cursors(db);
     this.enrolments = new EnrolmentLedger(db);
     this.park = db.prepare(
-      "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+      "INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, kind, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     );
   }
 
@@ -157,13 +173,13 @@ export class Applier {
   }
 
   /** Applies one record; returns null on success or the reason it must wait. */
-  applyRecord(origin: string, rec: LogRecord): string | null {
+  applyRecord(origin: string, rec: LogRecord): ParkReason | null {
     const reason = unfit(rec, this.tables());
     if (reason) return reason;
     // A node whose clock runs far ahead would win every conflict for as long as
     // it stays ahead; its records wait until our clock reaches theirs.
     const aheadMs = hlcToMs(rec.hlc) - this.now();
-    if (aheadMs > this.maxDriftMs) return `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`;
+    if (aheadMs > this.maxDriftMs) return wait("clock", `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`);
     this.clock.observe(rec.hlc);
     const row = rec.row;
     if (!row) return null;
@@ -176,10 +192,10 @@ export class Applier {
     let values = row.values;
     try {
       const placed = this.placeRow(row, access);
-      if (typeof placed === "string") return placed;
+      if (!Array.isArray(placed)) return placed;
       values = placed;
     } catch (err) {
-      return `moving a row after an id collision failed: ${(err as Error).message}`;
+      return wait("write", `moving a row after an id collision failed: ${(err as Error).message}`);
     }
     const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
@@ -226,7 +242,7 @@ export class Applier {
       const clash = write.kind === "insert" || write.kind === "update" ? (err as { code?: string }).code === "SQLITE_CONSTRAINT_UNIQUE" : false;
       const other = clash ? access.uniqueClash(full, row.key, keyValues) : null;
       // A failed statement changes nothing, so the state is not written either.
-      if (!other) return `${(err as Error).message}`;
+      if (!other) return wait("write", `${(err as Error).message}`);
       try {
         const there = this.states.get(row.table, rowIdentity(other, false));
         if (!there && this.enrolling && !this.aside.isAside(row.table, other)) {
@@ -238,7 +254,7 @@ export class Applier {
           writeTable();
         } else this.aside.settle(access, { keyValues, state, values: full, inTable: current !== null }, other, writeTable);
       } catch (err2) {
-        return `${(err2 as Error).message}`;
+        return wait("write", `${(err2 as Error).message}`);
       }
       this.references.childWritten(access, full);
     }
@@ -255,10 +271,10 @@ export class Applier {
    * there (or the row moved, or rows are set aside): applyRecord then takes the
    * general path, which gives the same result for a fresh row.
    */
-  private insertFresh(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): string | null | undefined {
+  private insertFresh(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): ParkReason | null | undefined {
     if (this.aside.anyAside) return undefined;
     const values = this.placeRefs(row);
-    if (typeof values === "string") return values;
+    if (!Array.isArray(values)) return values;
     let lineage: Lineage | undefined;
     if (access.shape.autoId && row.instance) {
       lineage = { ...row.instance, epoch: row.epoch ?? 1 };
@@ -321,15 +337,15 @@ export class Applier {
    * here, and its key at where its lineage lives (resolving an id collision).
    * Returns a reason to wait when a referenced row has not arrived yet.
    */
-  private placeRow(row: RowChange, access: TableAccess): SqlValue[] | string {
+  private placeRow(row: RowChange, access: TableAccess): SqlValue[] | ParkReason {
     const placed = this.placeRefs(row);
-    if (typeof placed === "string") return placed;
+    if (!Array.isArray(placed)) return placed;
     let values = placed;
     if (access.shape.autoId && row.instance) {
       const i = row.columns.indexOf(row.key[0]);
       const key = intKey(values[i]);
       const born = row.bornKey === undefined ? key : intKey(row.bornKey);
-      if (key === null || born === null) return `key "${row.key[0]}" of "${row.table}" is not an integer`;
+      if (key === null || born === null) return wait("malformed", `key "${row.key[0]}" of "${row.table}" is not an integer`);
       const at = this.relocator.place(access, { ...row.instance, epoch: row.epoch ?? 1 }, born);
       if (at !== key) {
         if (values === row.values) values = row.values.slice();
@@ -340,7 +356,7 @@ export class Applier {
   }
 
   /** The record's values with its references pointed at where their rows live here (see placeRow). */
-  private placeRefs(row: RowChange): SqlValue[] | string {
+  private placeRefs(row: RowChange): SqlValue[] | ParkReason {
     let values = row.values;
     const access = this.tables().get(row.table) as TableAccess;
     const tables = this.tables();
@@ -353,7 +369,7 @@ export class Applier {
       // A parent without lineages here (or a changed schema) leaves the value as it is.
       if (!fk || !parent?.shape.autoId || value === null || born === null) continue;
       const at = this.relocator.locate(parent.shape.name, ref.lineage, born);
-      if (at === null) return `${WAITING_FOR_ROW} of "${fk.table}" that "${ref.column}" points at (${lineageName(ref.lineage)}), which has not arrived yet`;
+      if (at === null) return wait("row", `${WAITING_FOR_ROW} of "${fk.table}" that "${ref.column}" points at (${lineageName(ref.lineage)}), which has not arrived yet`);
       if (at !== value) {
         if (values === row.values) values = row.values.slice();
         values[i] = at;
@@ -363,7 +379,7 @@ export class Applier {
   }
 
   /** Tables without a key: merge into the named copy, then match the table's copies to the bag. */
-  private applyToBag(origin: string, rec: LogRecord, access: TableAccess): string | null {
+  private applyToBag(origin: string, rec: LogRecord, access: TableAccess): ParkReason | null {
     const row = rec.row as RowChange;
     // Values in local column order; a local column the origin lacks (it was added
     // here first, or the origin's record predates it) takes its declared default.
@@ -382,38 +398,38 @@ export class Applier {
     try {
       this.bag.reconcile(access, affected);
     } catch (err) {
-      return (err as Error).message;
+      return wait("write", (err as Error).message);
     }
     if (op !== "delete") this.references.childWritten(access, new Map(access.shape.columns.map((c, i) => [c, values[i]])));
     return null;
   }
 
-  private parkRecord(origin: string, seq: number, idx: number, rec: LogRecord, reason: string): void {
+  private parkRecord(origin: string, seq: number, idx: number, rec: LogRecord, { kind, reason }: ParkReason): void {
     const bytes = encodeSegment({ origin, stream: "", seq, createdMs: 0, records: [rec] });
-    this.park.run(origin, seq, idx, rec.row?.table ?? null, reason, rec.hlc, bytes, Date.now());
-    this.onParked({ origin, seq, idx, table: rec.row?.table ?? "", reason });
+    this.park.run(origin, seq, idx, rec.row?.table ?? null, kind, reason, rec.hlc, bytes, Date.now());
+    this.onParked({ origin, seq, idx, table: rec.row?.table ?? "", kind, reason });
   }
 }
 
 /**
- * Retries parked records; returns how many applied now. `turn` runs each in
- * its own write transaction (the caller folds pending local captures first).
+ * Retries parked records (of one kind, or all); returns how many applied now. `turn` runs
+ * each in its own write transaction (the caller folds pending local captures first).
  */
-export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, turn: (fn: () => void) => void, reasonPrefix = ""): number {
+export function retryParked(db: Database, applier: Applier, decode: (bytes: Buffer) => Segment, turn: (fn: () => void) => void, kind?: ParkKind): number {
   const rows = db
-    .prepare("SELECT id, origin, record FROM _unisync_parked WHERE substr(reason, 1, ?) = ? ORDER BY id")
-    .all(reasonPrefix.length, reasonPrefix) as { id: number; origin: string; record: Buffer }[];
+    .prepare("SELECT id, origin, record FROM _unisync_parked WHERE ? IS NULL OR kind = ? ORDER BY id")
+    .all(kind ?? null, kind ?? null) as { id: number; origin: string; record: Buffer }[];
   let done = 0;
   for (const r of rows) {
     const rec = decode(r.record).records[0];
     turn(() =>
       silenced(db, () => {
-        const reason = rec ? applier.applyRecord(r.origin, rec) : null;
-        if (reason === null) {
+        const why = rec ? applier.applyRecord(r.origin, rec) : null;
+        if (why === null) {
           db.prepare("DELETE FROM _unisync_parked WHERE id = ?").run(r.id);
           applier.checkReferences();
           done++;
-        } else db.prepare("UPDATE _unisync_parked SET reason = ? WHERE id = ?").run(reason, r.id);
+        } else db.prepare("UPDATE _unisync_parked SET kind = ?, reason = ? WHERE id = ?").run(why.kind, why.reason, r.id);
       }),
     );
   }

@@ -11,7 +11,7 @@ import type { Database, Statement } from "better-sqlite3";
 import { getMeta } from "../db/meta.js";
 import { hlcFromMs, hlcToIso } from "../log/hlc.js";
 import { encodeValues, sameValue, type SqlValue } from "../log/value.js";
-import { clockOf, isEnrolmentStamp, type RowState, type Stamp } from "./merge.js";
+import { clockOf, isEnrolmentStamp, type RowState, type Stamp } from "../merge/merge.js";
 
 export type EnrolmentOutcome = "added" | "same" | "differed" | "older";
 

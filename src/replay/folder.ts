@@ -33,6 +33,13 @@ const SQLITE_HEADER = Buffer.from("SQLite format 3\0", "latin1");
 /** A path that must not be written (it would leave the folder, or is not ours to write). */
 export class UnsafePathError extends Error {
   override name = "UnsafePathError";
+  constructor(
+    message: string,
+    /** Why: a parent folder is missing, is a symlink, is not a folder, or the path resolves outside the instance folder. */
+    readonly code: "PARENT_MISSING" | "PARENT_SYMLINK" | "PARENT_NOT_FOLDER" | "OUTSIDE_FOLDER",
+  ) {
+    super(message);
+  }
 }
 
 /** A symlink target is acceptable when it is relative and stays inside the folder (not in .unisync/). */
@@ -82,7 +89,7 @@ export async function safeParent(root: string, rel: string, create: boolean): Pr
     try {
       st = await lstat(dir);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "ENOENT" || !create) throw new UnsafePathError(`${rel}: parent ${dir} is missing`);
+      if ((err as NodeJS.ErrnoException).code !== "ENOENT" || !create) throw new UnsafePathError(`${rel}: parent ${dir} is missing`, "PARENT_MISSING");
       try {
         await mkdir(dir, { mode: 0o755 });
         await fsyncDir(dirname(dir));
@@ -92,12 +99,12 @@ export async function safeParent(root: string, rel: string, create: boolean): Pr
       }
       st = await lstat(dir);
     }
-    if (st.isSymbolicLink()) throw new UnsafePathError(`${rel}: parent ${dir} is a symlink (never followed)`);
-    if (!st.isDirectory()) throw new UnsafePathError(`${rel}: parent ${dir} is not a folder`);
+    if (st.isSymbolicLink()) throw new UnsafePathError(`${rel}: parent ${dir} is a symlink (never followed)`, "PARENT_SYMLINK");
+    if (!st.isDirectory()) throw new UnsafePathError(`${rel}: parent ${dir} is not a folder`, "PARENT_NOT_FOLDER");
   }
   const realRoot = await realpath(root);
   const realDir = await realpath(dir);
-  if (!isInside(realRoot, realDir)) throw new UnsafePathError(`${rel}: resolves outside the instance folder`);
+  if (!isInside(realRoot, realDir)) throw new UnsafePathError(`${rel}: resolves outside the instance folder`, "OUTSIDE_FOLDER");
   return dir;
 }
 
@@ -284,7 +291,7 @@ export class Materializer {
       parent = await this.parentOf(rel, s.kind !== KIND_DELETE, parents);
     } catch (err) {
       if (err instanceof UnsafePathError) {
-        if (s.kind === KIND_DELETE && /is missing/.test(err.message)) {
+        if (s.kind === KIND_DELETE && err.code === "PARENT_MISSING") {
           this.o.tx(() => {
             this.o.state.dropIndex(rel);
             this.o.state.setPending(rel, false);

@@ -26,14 +26,14 @@
  * revive a parent nobody meant to keep.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { recordAgentChange, silenced } from "../capture/internal.js";
-import type { ForeignKey } from "../capture/schema.js";
+import { recordAgentChange, silenced } from "../db/internal.js";
+import type { ForeignKey } from "../db/schema.js";
 import { CHANGE_DELETE, CHANGE_REVIVE, CHANGE_UPDATE, maskFor } from "../capture/triggers.js";
 import { encodeValues, rowIdentity, sameValue, showValue, type SqlValue } from "../log/value.js";
-import type { RowState } from "./merge.js";
-import type { RowStateStore } from "./state.js";
-import type { TableAccess } from "./table.js";
-import type { AsideRows } from "./unique.js";
+import type { RowState } from "../merge/merge.js";
+import type { RowStateStore } from "../merge/state.js";
+import type { TableAccess } from "../merge/table.js";
+import type { AsideRows } from "../merge/unique.js";
 
 export type RepairAction = "kept parent" | "deleted child" | "cleared reference" | "set reference to default" | "moved to kept row";
 

@@ -14,14 +14,14 @@
 import { existsSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import { findDatabases } from "../agent/databases.js";
-import { discoverTables, quoteIdent } from "../capture/schema.js";
+import { findDatabases } from "../db/databases.js";
+import { discoverTables, quoteIdent } from "../db/schema.js";
 import { builtinExclusion } from "../capture/ignore.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { listOrigins } from "../log/keys.js";
 import { catchUp, writeFiles, type Materializing, type Pullable } from "./catchup.js";
-import { Progress } from "./progress.js";
-import type { StreamSettings } from "./streams.js";
+import { Progress } from "../stream/progress.js";
+import type { StreamSettings } from "../stream/streams.js";
 import { stageNewest, type StagedSnapshot } from "./stage.js";
 
 export type BootstrapSettings = Pick<StreamSettings, "instanceDir" | "node" | "store" | "log" | "databases" | "excludeTables" | "syncFiles">;

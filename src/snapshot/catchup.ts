@@ -6,7 +6,7 @@
  */
 import { countAfter } from "./count.js";
 import type { ObjectStore } from "../store/store.js";
-import type { Progress } from "./progress.js";
+import type { Progress } from "../stream/progress.js";
 
 /** What DbSync and FolderSync offer for replay. */
 export interface Pullable {

@@ -66,6 +66,7 @@ export interface SnapshotRef {
 /** A snapshot object that is missing, does not match its hash, or does not parse. */
 export class CorruptSnapshotError extends Error {
   override name = "CorruptSnapshotError";
+  readonly code = "CORRUPT_SNAPSHOT";
 }
 
 const KEY = /^snapshots\/([^/]+)\/(\d{16})-([0-9a-f]{64})\.json$/;

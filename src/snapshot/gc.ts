@@ -21,8 +21,7 @@
 import { mkdirSync, rmSync } from "node:fs";
 import { join } from "node:path";
 import Database from "better-sqlite3";
-import type { Heartbeat } from "../agent/agent.js";
-import { FILES_STREAM } from "../agent/foldersync.js";
+import { FILES_STREAM } from "../stream/foldersync.js";
 import { BlobIntegrityError, blobKey, fetchBlob, fetchBlobToFile } from "../log/blobs.js";
 import { hlcFromMs, LOGICAL_BITS } from "../log/hlc.js";
 import { gcMarkerKey, readGcMarker, type GcMarker } from "../log/collected.js";
@@ -133,9 +132,20 @@ async function inBatches<T>(items: T[], size: number, fn: (t: T) => Promise<void
   for (let i = 0; i < items.length; i += size) await Promise.all(items.slice(i, i + size).map(fn));
 }
 
+/**
+ * What gc reads of a node's heartbeat (nodes/<node>.json, which the agent writes as its
+ * status): who, when, and each stream's cursor per origin.
+ */
+export interface HeartbeatCursors {
+  node: string;
+  atMs: number;
+  databases: { stream: string; cursors: Record<string, number> }[];
+  files?: { stream: string; cursors: Record<string, number> };
+}
+
 /** Every node's last heartbeat (nodes/<node>.json); unreadable ones are problems (gc, the console). */
-export async function readHeartbeats(store: ObjectStore, problems: string[]): Promise<Partial<Heartbeat>[]> {
-  const out: Partial<Heartbeat>[] = [];
+export async function readHeartbeats(store: ObjectStore, problems: string[]): Promise<Partial<HeartbeatCursors>[]> {
+  const out: Partial<HeartbeatCursors>[] = [];
   for await (const o of listAll(store, "nodes/")) {
     if (!o.key.endsWith(".json")) continue;
     // A secured store refuses a heartbeat that is forged or from a removed node: ignored, like a missing one.
@@ -146,7 +156,7 @@ export async function readHeartbeats(store: ObjectStore, problems: string[]): Pr
     });
     if (!body) continue;
     try {
-      const h = JSON.parse(body.toString("utf8")) as Partial<Heartbeat>;
+      const h = JSON.parse(body.toString("utf8")) as Partial<HeartbeatCursors>;
       if (typeof h.node === "string") out.push(h);
       else problems.push(`${o.key} names no node; ignored`);
     } catch {
@@ -157,7 +167,7 @@ export async function readHeartbeats(store: ObjectStore, problems: string[]): Pr
 }
 
 /** Every stream the node replays, with its cursor per origin. */
-function streamCursors(h: Partial<Heartbeat>): Map<string, Record<string, number>> {
+function streamCursors(h: Partial<HeartbeatCursors>): Map<string, Record<string, number>> {
   const out = new Map<string, Record<string, number>>();
   for (const d of h.databases ?? []) out.set(d.stream, d.cursors ?? {});
   if (h.files) out.set(h.files.stream, h.files.cursors ?? {});

@@ -9,9 +9,9 @@
 import { existsSync, mkdirSync, readdirSync, renameSync, rmSync } from "node:fs";
 import { dirname, join } from "node:path";
 import Database from "better-sqlite3";
-import type { DbSync } from "../agent/dbsync.js";
-import type { FolderSync } from "../agent/foldersync.js";
-import { Metrics } from "../agent/metrics.js";
+import type { DbSync } from "../stream/dbsync.js";
+import type { FolderSync } from "../stream/foldersync.js";
+import { Metrics } from "../stream/metrics.js";
 import { FileStateStore, KIND_WRITE } from "../capture/filestate.js";
 import { hashFile } from "../log/blobs.js";
 import { HybridClock } from "../log/hlc.js";
@@ -19,15 +19,22 @@ import { listOrigins } from "../log/keys.js";
 import { catchUp, writeFiles, type Pullable } from "./catchup.js";
 import { NODE_LOCAL_META } from "./copy.js";
 import type { SnapshotRef } from "./format.js";
-import { Progress, type ProgressLine } from "./progress.js";
+import { Progress, type ProgressLine } from "../stream/progress.js";
 import { noSnapshotReason, stageNewest } from "./stage.js";
-import { openDbSync, openFolderSync, type StreamSettings } from "./streams.js";
+import { openDbSync, openFolderSync, type StreamSettings } from "../stream/streams.js";
 
 /** The name the replay runs under: not a valid node name, so never an origin's. */
 export const REPLAY_NODE = ".replay";
 
 export class NoSnapshotError extends Error {
   override name = "NoSnapshotError";
+  readonly code = "NO_SNAPSHOT";
+}
+
+/** The folder to rebuild into holds something already (it must be missing or empty). */
+export class NotEmptyError extends Error {
+  override name = "NotEmptyError";
+  readonly code = "NOT_EMPTY";
 }
 
 export interface RebuildSettings extends Omit<StreamSettings, "instanceDir" | "node" | "databases"> {
@@ -88,7 +95,7 @@ async function verifyFiles(dir: string, problems: string[]): Promise<number> {
 
 /** Rebuilds the state at `untilHlc` into `dir`, which must be missing or empty. */
 export async function rebuildAt(s: RebuildSettings, untilHlc: number, dir: string): Promise<RebuildResult> {
-  if (existsSync(dir) && readdirSync(dir).length > 0) throw new Error(`${dir} is not empty`);
+  if (existsSync(dir) && readdirSync(dir).length > 0) throw new NotEmptyError(`${dir} is not empty`);
   const existed = existsSync(dir);
   const stageDir = join(dir, ".unisync", "stage");
   const staged = await stageNewest(s.store, stageDir, { untilHlc, onCorrupt: s.onCorrupt }).catch((err: Error) => {

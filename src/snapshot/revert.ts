@@ -12,11 +12,11 @@
 import { chmodSync, copyFileSync, existsSync, lstatSync, mkdirSync, readlinkSync, renameSync, symlinkSync, unlinkSync, utimesSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import Database from "better-sqlite3";
-import { isSqliteFile } from "../agent/databases.js";
+import { isSqliteFile } from "../db/databases.js";
 import { FileStateStore } from "../capture/filestate.js";
 import { FolderScanner, type DiskEntry } from "../capture/folder.js";
 import { TEMP_PREFIX } from "../capture/ignore.js";
-import { discoverTables, quoteIdent } from "../capture/schema.js";
+import { discoverTables, quoteIdent } from "../db/schema.js";
 import { hashFile } from "../log/blobs.js";
 import { encodeValues, type SqlValue } from "../log/value.js";
 

@@ -96,6 +96,7 @@ export interface ObjectStore {
 
 /** Raised for failures a caller may retry (network, 5xx, timeouts). */
 export class StoreUnavailableError extends Error {
+  readonly code = "STORE_UNAVAILABLE";
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = "StoreUnavailableError";
@@ -104,6 +105,7 @@ export class StoreUnavailableError extends Error {
 
 /** Raised for store configuration that can never work (bad URL, missing bucket, denied). */
 export class StoreConfigError extends Error {
+  readonly code = "STORE_CONFIG";
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
     this.name = "StoreConfigError";

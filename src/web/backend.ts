@@ -6,9 +6,9 @@
  */
 import type { Agent, AgentStatus, Heartbeat } from "../agent/agent.js";
 import type { ActivityEvent } from "../agent/activity.js";
-import { readConflicts, type ConflictReport } from "../cli/conflicts.js";
+import { readConflicts, type ConflictReport } from "../report/conflicts.js";
 import { listParked } from "../replay/apply.js";
-import { audit, withOldValues, type AuditEntry, type LogFilter } from "../cli/log.js";
+import { audit, withOldValues, type AuditEntry, type LogFilter } from "../report/audit.js";
 import { readHeartbeats } from "../snapshot/gc.js";
 
 /** One stream of one node, as the cluster view shows it. */

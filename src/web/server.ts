@@ -8,8 +8,8 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
-import type { Metrics } from "../agent/metrics.js";
-import type { LogFilter } from "../cli/log.js";
+import type { Metrics } from "../stream/metrics.js";
+import type { LogFilter } from "../report/audit.js";
 import type { ConsoleBackend } from "./backend.js";
 import { consolePage } from "./page.js";
 

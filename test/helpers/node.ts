@@ -1,8 +1,8 @@
 /** In-process nodes for tests: a DbSync per database on a shared store, driven step by step. */
 import Database from "better-sqlite3";
 import pino from "pino";
-import { DbSync, type DbSyncOptions } from "../../src/agent/dbsync.js";
-import { Metrics } from "../../src/agent/metrics.js";
+import { DbSync, type DbSyncOptions } from "../../src/stream/dbsync.js";
+import { Metrics } from "../../src/stream/metrics.js";
 import { HybridClock } from "../../src/log/hlc.js";
 import type { ObjectStore } from "../../src/store/store.js";
 

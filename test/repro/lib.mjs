@@ -3,8 +3,8 @@ import { mkdtempSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import pino from "pino";
-import { DbSync } from "../../dist/src/agent/dbsync.js";
-import { Metrics } from "../../dist/src/agent/metrics.js";
+import { DbSync } from "../../dist/src/stream/dbsync.js";
+import { Metrics } from "../../dist/src/stream/metrics.js";
 import { HybridClock } from "../../dist/src/log/hlc.js";
 import { FileStore } from "../../dist/src/store/file.js";
 

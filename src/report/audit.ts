@@ -9,7 +9,7 @@ import { vaultOf } from "../keys/securestore.js";
 import { CorruptSegmentError, openSegment, OP_DELETE, OP_INSERT, type LogRecord, type Segment } from "../log/segment.js";
 import { showValue } from "../log/value.js";
 import { listAll, type ObjectStore } from "../store/store.js";
-import { FILES_STREAM } from "../agent/foldersync.js";
+import { FILES_STREAM } from "../stream/foldersync.js";
 
 
 export interface LogFilter {

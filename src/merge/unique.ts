@@ -13,7 +13,7 @@
  * merged row. Setting aside gives the same tables whatever the order.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { silenced } from "../capture/internal.js";
+import { silenced } from "../db/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import { ENROLMENT_INCARNATION, sameStamp, type RowState } from "./merge.js";

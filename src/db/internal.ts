@@ -4,7 +4,7 @@
  * data. All are named _unisync_* and are never synced.
  */
 import type { Database, Statement } from "better-sqlite3";
-import { getMeta, setMeta } from "../db/meta.js";
+import { getMeta, setMeta } from "./meta.js";
 
 export const INTERNAL_DDL = `
 CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS _unisync_rows(
   alive INTEGER NOT NULL, base_hlc INTEGER NOT NULL, base_origin TEXT NOT NULL,
   cols TEXT, dead BLOB, lin_hlc INTEGER, lin_origin TEXT, lin_epoch INTEGER, refs TEXT,
   inc_hlc INTEGER, inc_origin TEXT, PRIMARY KEY(tbl, pk)) WITHOUT ROWID;
--- Rows moved by an id collision (src/replay/relocate.ts): where each losing
+-- Rows moved by an id collision (src/merge/relocate.ts): where each losing
 -- lineage lives now, the key it was created at, and the lineage that kept it.
 CREATE TABLE IF NOT EXISTS _unisync_moves(
   tbl TEXT NOT NULL, lin_hlc INTEGER NOT NULL, lin_origin TEXT NOT NULL, born_key NOT NULL, key NOT NULL,
@@ -88,10 +88,12 @@ CREATE TABLE IF NOT EXISTS _unisync_cursors(
   origin TEXT PRIMARY KEY, seq INTEGER NOT NULL, key TEXT NOT NULL, applied_ms INTEGER, last_hlc INTEGER,
   open INTEGER NOT NULL DEFAULT 0, idx INTEGER NOT NULL DEFAULT 0);
 -- Records that could not be applied yet (unknown table or column, constraint
--- failure); retried after every schema change.
+-- failure); retried after every schema change. kind is why, as code reads it
+-- (replay/apply.ts ParkKind: schema, row, clock, malformed, write); reason is for people.
 CREATE TABLE IF NOT EXISTS _unisync_parked(
   id INTEGER PRIMARY KEY, origin TEXT NOT NULL, seq INTEGER NOT NULL, idx INTEGER NOT NULL,
   tbl TEXT, reason TEXT NOT NULL, hlc INTEGER NOT NULL, record BLOB NOT NULL, parked_ms INTEGER,
+  kind TEXT NOT NULL DEFAULT 'write',
   UNIQUE(origin, seq, idx));
 `;
 
@@ -105,6 +107,20 @@ export function ensureInternalTables(db: Database): void {
   const cursorCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_cursors)").all() as { name: string }[]).map((c) => c.name));
   if (!cursorCols.has("open")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN open INTEGER NOT NULL DEFAULT 0");
   if (!cursorCols.has("idx")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN idx INTEGER NOT NULL DEFAULT 0");
+  const parkedCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_parked)").all() as { name: string }[]).map((c) => c.name));
+  if (!parkedCols.has("kind")) {
+    // Records parked before kinds existed: the kind is read once from the reason they were parked with.
+    db.transaction(() => {
+      db.exec("ALTER TABLE _unisync_parked ADD COLUMN kind TEXT NOT NULL DEFAULT 'write'");
+      db.exec(`UPDATE _unisync_parked SET kind = CASE
+        WHEN reason LIKE 'waiting for the row%' THEN 'row'
+        WHEN reason LIKE 'clock of origin % ahead of ours%' THEN 'clock'
+        WHEN reason LIKE 'table % does not exist here (yet)' OR reason LIKE 'column(s) % do not exist here (yet)' THEN 'schema'
+        WHEN reason LIKE 'unknown operation %' OR reason IN ('column and value counts differ', 'row key is not among the columns')
+          OR reason LIKE 'key % of % is not an integer' THEN 'malformed'
+        ELSE 'write' END`);
+    })();
+  }
 }
 
 /**
@@ -177,7 +193,9 @@ export function forgetUnisync(db: Database): number {
 }
 
 /** A state file enrolled under another node name than this agent's. */
-export class NodeIdentityError extends Error {}
+export class NodeIdentityError extends Error {
+  readonly code = "NODE_IDENTITY";
+}
 
 /**
  * Enrols `db` (whose file is `path`) under `node` the first time, and refuses it

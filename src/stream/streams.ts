@@ -4,10 +4,10 @@
  * fresh folder. Each database gets exactly one connection (its DbSync's).
  */
 import type { Logger } from "pino";
-import { findDatabases } from "../agent/databases.js";
-import { DbSync } from "../agent/dbsync.js";
-import { FolderSync } from "../agent/foldersync.js";
-import { Metrics } from "../agent/metrics.js";
+import { findDatabases } from "../db/databases.js";
+import { DbSync } from "./dbsync.js";
+import { FolderSync } from "./foldersync.js";
+import { Metrics } from "./metrics.js";
 import { HybridClock } from "../log/hlc.js";
 import type { ObjectStore } from "../store/store.js";
 

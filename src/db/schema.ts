@@ -21,7 +21,7 @@ export interface TableShape {
   /**
    * The key is an INTEGER PRIMARY KEY of a rowid table: an id the app usually
    * lets SQLite pick (max + 1), which two offline nodes pick alike. Such rows
-   * carry lineages and move on an id collision (src/replay/relocate.ts).
+   * carry lineages and move on an id collision (src/merge/relocate.ts).
    */
   autoId: boolean;
   /** Single-column foreign keys: column → referenced table and column (null: its primary key). */

@@ -22,7 +22,7 @@ import { FileStateStore, KIND_DELETE, KIND_WRITE, type FileKind } from "../captu
 import { IGNORE_FILE, STATE_DIR, TEMP_PREFIX } from "../capture/ignore.js";
 import { FolderWatcher, type PathWatcher } from "../capture/watch.js";
 import { ChokidarWatcher } from "../capture/watch-chokidar.js";
-import { claimForNode } from "../capture/internal.js";
+import { claimForNode } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { blobKey, putBlobFromFile } from "../log/blobs.js";
 import { hlcToMs, type HybridClock } from "../log/hlc.js";
@@ -31,8 +31,9 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js";
 import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
+import type { SyncStream } from "./stream.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
-import type { ObjectStore } from "../store/store.js";
+import { StoreUnavailableError, type ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
 
 export const FILES_STREAM = ".files";
@@ -93,7 +94,7 @@ function caseSafeBatches(paths: readonly string[], size: number): string[][] {
   return batches.map((b) => b.paths);
 }
 
-export class FolderSync {
+export class FolderSync implements SyncStream {
   readonly db: Database.Database;
   readonly state: FileStateStore;
   private readonly cursorStore: Cursors;
@@ -234,7 +235,7 @@ export class FolderSync {
         backoff = 0;
       } catch (err) {
         backoff = Math.min(Math.max(backoff * 2, 250), 10_000);
-        if ((err as Error).name === "StoreUnavailableError") this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
+        if (err instanceof StoreUnavailableError) this.log.warn({ err: (err as Error).message }, "store unreachable; folder changes wait on disk");
         else this.log.error({ err: (err as Error).message, stack: (err as Error).stack }, "folder scan failed; retrying");
       }
       // Until the next dirty path is due, or a watcher event, but at least every captureIntervalMs.
@@ -522,7 +523,7 @@ export class FolderSync {
    * Applies what the store holds from `origin` after our cursor, then writes the disk; returns records applied.
    * `untilHlc` (point-in-time replay): only records stamped at or before it (see DbSync.pull).
    */
-  pull(origin: string, maxSegments = 16, untilHlc = Infinity, known?: KnownSegments): Promise<number> {
+  pull(origin: string, maxSegments = 16, untilHlc = Infinity, _stop?: () => boolean, known?: KnownSegments): Promise<number> {
     return this.exclusive(async () => {
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments, 4, known);
@@ -574,7 +575,7 @@ export class FolderSync {
         const reason = `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`;
         const bytes = encodeSegment({ origin, stream: FILES_STREAM, seq, createdMs: 0, records: [r] });
         this.state
-          .sql("INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+          .sql("INSERT OR IGNORE INTO _unisync_parked(origin, seq, idx, tbl, kind, reason, hlc, record, parked_ms) VALUES (?, ?, ?, ?, 'clock', ?, ?, ?, ?)")
           .run(origin, seq, idx, FILES_STREAM, reason, r.hlc, bytes, Date.now());
         this.log.warn({ origin, seq, idx, path: f.path, reason }, "file record parked");
         this.o.metrics.inc("unisync_clock_drift_records_total");
@@ -636,6 +637,21 @@ export class FolderSync {
       const n = await this.materializer.materialize(batch);
       if (n) this.o.metrics.inc("unisync_files_written_total", n);
     }
+  }
+
+  /** The folder's log always knows where it goes on (SyncStream: a database new to this node may not). */
+  readonly logUnknown = false;
+  /** The folder has no rows to enrol (SyncStream). */
+  readonly enrolling = false;
+
+  /** The folder replays its own earlier segments only in a bootstrap or rejoin (SyncStream). */
+  replaysOwnLog(): boolean {
+    return false;
+  }
+
+  /** Files changed here and waiting to be stable before they are sealed (SyncStream). */
+  unsentChanges(): number {
+    return this.unstable;
   }
 
   /** Paths whose disk does not match the winner yet, plus files waiting to be stable. */

@@ -4,29 +4,30 @@
  * segments. Each database has its own stream and its own cursors.
  */
 import { vaultOf } from "../keys/securestore.js";
-import { Progress, type ProgressLine } from "../snapshot/progress.js";
+import { Progress, type ProgressLine } from "./progress.js";
 import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
-import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../capture/internal.js";
+import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
-import { discoverTables, quoteIdent, schemaVersion } from "../capture/schema.js";
+import { discoverTables, quoteIdent, schemaVersion } from "../db/schema.js";
 import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
 import type { KnownSegments } from "../log/index.js";
+import type { SyncStream } from "./stream.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
-import { Applier, retryParked, WAITING_FOR_ROW } from "../replay/apply.js";
-import { BagStore } from "../replay/bag.js";
-import { lineageName, Relocator } from "../replay/relocate.js";
-import { AsideRows } from "../replay/unique.js";
+import { Applier, retryParked, type ParkKind } from "../replay/apply.js";
+import { BagStore } from "../merge/bag.js";
+import { lineageName, Relocator } from "../merge/relocate.js";
+import { AsideRows } from "../merge/unique.js";
 import { declaredRule, ReferenceKeeper } from "../replay/references.js";
-import { RowStateStore } from "../replay/state.js";
-import { TableAccess } from "../replay/table.js";
+import { RowStateStore } from "../merge/state.js";
+import { TableAccess } from "../merge/table.js";
 import type { ObjectStore } from "../store/store.js";
 import { deadline, WriteTimer } from "../db/writes.js";
 import type { Metrics } from "./metrics.js";
@@ -66,7 +67,7 @@ const PARKED_RETRY_MS = 10_000;
 
 export { NodeIdentityError };
 
-export class DbSync {
+export class DbSync implements SyncStream {
   readonly db: Database.Database;
   private readonly states: RowStateStore;
   private readonly bag: BagStore;
@@ -170,7 +171,7 @@ export class DbSync {
       aside,
       (p) => {
         o.metrics.inc("unisync_records_parked_total");
-        if (p.reason.includes("ahead of ours")) o.metrics.inc("unisync_clock_drift_records_total");
+        if (p.kind === "clock") o.metrics.inc("unisync_clock_drift_records_total");
         this.log.warn(p, "record parked: cannot apply it yet");
       },
       this.references,
@@ -367,13 +368,13 @@ export class DbSync {
 
   /**
    * Applies parked records that can apply now (schema caught up, clash cleared,
-   * clock reached, referenced row arrived); `reasonPrefix` limits it to one kind.
+   * clock reached, referenced row arrived); `kind` limits it to one kind.
    */
-  retryParked(reasonPrefix = ""): number {
+  retryParked(kind?: ParkKind): number {
     if (this.logUnknown) return 0;
-    if (!reasonPrefix) this.lastParkedRetry = Date.now();
-    if (!this.db.prepare("SELECT 1 FROM _unisync_parked WHERE substr(reason, 1, ?) = ? LIMIT 1").get(reasonPrefix.length, reasonPrefix)) return 0;
-    const n = retryParked(this.db, this.applier, decodeSegment, (fn) => this.write("retrying parked records", () => (this.sealEverything(), fn())), reasonPrefix);
+    if (!kind) this.lastParkedRetry = Date.now();
+    if (!this.db.prepare("SELECT 1 FROM _unisync_parked WHERE ? IS NULL OR kind = ? LIMIT 1").get(kind ?? null, kind ?? null)) return 0;
+    const n = retryParked(this.db, this.applier, decodeSegment, (fn) => this.write("retrying parked records", () => (this.sealEverything(), fn())), kind);
     if (n > 0) this.log.info({ records: n }, "applied parked records");
     return n;
   }
@@ -503,7 +504,7 @@ export class DbSync {
       if (segment.records.length < s.segment.records.length) break;
     }
     // Children that arrived before their parent wait for it: the parent may be in what just applied.
-    if (applied > 0) this.retryParked(WAITING_FOR_ROW);
+    if (applied > 0) this.retryParked("row");
     this.tailProblems.update(origin, problem());
     // Only a listing knows where the log ends: what the index named may not be all of it.
     this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
@@ -528,6 +529,11 @@ export class DbSync {
 
   pendingChanges(): number {
     return this.drain.pendingCount();
+  }
+
+  /** Captured changes not sealed yet (SyncStream). */
+  unsentChanges(): number {
+    return this.pendingChanges();
   }
 
   parkedCount(): number {

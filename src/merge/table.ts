@@ -1,6 +1,6 @@
 /** Row-level access to one user table, by column name, with cached statements. */
 import type { Database, Statement } from "better-sqlite3";
-import { quoteIdent, type TableShape } from "../capture/schema.js";
+import { quoteIdent, type TableShape } from "../db/schema.js";
 import type { SqlValue } from "../log/value.js";
 
 export class TableAccess {

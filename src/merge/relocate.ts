@@ -26,7 +26,7 @@
  */
 import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
-import { silenced } from "../capture/internal.js";
+import { silenced } from "../db/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
 import { sameStamp, type Lineage, type Stamp } from "./merge.js";
