@@ -121,24 +121,26 @@ export class TableAccess {
   has(column: string): boolean {
     return this.known.has(column);
   }
-  /** INSERT statements by column list (joined names), built once each. */
+  /** INSERT statements by column list (joined names) and conflict clause, built once each. */
   private readonly inserts = new Map<string, { cols: string[]; stmt: Statement }>();
 
-  insert(values: Map<string, SqlValue>): void {
+  /** Runs an INSERT of `values` (`tail`: a conflict clause); returns the rows it wrote. */
+  private runInsert(values: Map<string, SqlValue>, tail: string): number {
     const names = [...values.keys()];
-    const id = names.join("\u0000");
+    const id = `${names.join("\u0000")}\u0000${tail}`;
     let ins = this.inserts.get(id);
     if (!ins) {
       const cols = names.filter((c) => this.known.has(c));
-      const stmt = this.db.prepare(`INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})`);
+      const stmt = this.db.prepare(`INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")})${tail}`);
       ins = { cols, stmt };
       this.inserts.set(id, ins);
     }
-    ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue));
+    return ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue)).changes;
   }
 
-  /** INSERT ... ON CONFLICT DO NOTHING statements by column list (see insertNew). */
-  private readonly newInserts = new Map<string, { cols: string[]; stmt: Statement }>();
+  insert(values: Map<string, SqlValue>): void {
+    this.runInsert(values, "");
+  }
 
   /**
    * Inserts a row unless it clashes with one there on its key or a UNIQUE
@@ -146,16 +148,7 @@ export class TableAccess {
    * (NOT NULL, CHECK, foreign keys) throw as insert's do.
    */
   insertNew(values: Map<string, SqlValue>): boolean {
-    const names = [...values.keys()];
-    const id = names.join("\u0000");
-    let ins = this.newInserts.get(id);
-    if (!ins) {
-      const cols = names.filter((c) => this.known.has(c));
-      const sql = `INSERT INTO ${this.t}(${cols.map(quoteIdent).join(", ")}) VALUES (${cols.map(() => "?").join(", ")}) ON CONFLICT DO NOTHING`;
-      ins = { cols, stmt: this.db.prepare(sql) };
-      this.newInserts.set(id, ins);
-    }
-    return ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue)).changes === 1;
+    return this.runInsert(values, " ON CONFLICT DO NOTHING") === 1;
   }
 
   /** Only for tables with a declared key (rows of the others never change in place). */
