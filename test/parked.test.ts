@@ -89,4 +89,32 @@ describe("parked records", () => {
     expect(kinds()[0]).toBe("row");
     db.close();
   });
+
+  it("a fresh insert the table refuses (NOT NULL, CHECK) is parked as a write, and the rest of the segment applies", async () => {
+    const dir = join(root, "refused");
+    mkdirSync(dir);
+    const store = new FileStore(join(dir, "store"));
+    const path = join(dir, "app.db");
+    const app = appConnection(path);
+    app.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, v TEXT NOT NULL CHECK (length(v) < 10))");
+    const node = openSync(path, "local", store);
+    const now = Date.now() * 1024;
+    const records: Rec[] = [
+      { hlc: now, row: { table: "t", op: 1, columns: ["id", "v"], values: [1n, null], key: ["id"], changed: [] } },
+      row(now + 1, "t", 2, "far too long for the check"),
+      row(now + 2, "t", 3, "fits"),
+    ];
+    const { bytes, sha256 } = sealSegment({ origin: "remote", stream: "app.db", seq: 1, createdMs: 0, records });
+    await store.put(segmentKey("remote", "app.db", 1, sha256), bytes);
+    expect(await node.pull("remote")).toBe(1);
+    expect(node.db.prepare("SELECT kind, reason FROM _unisync_parked ORDER BY id").all()).toEqual([
+      { kind: "write", reason: expect.stringMatching(/NOT NULL/) },
+      { kind: "write", reason: expect.stringMatching(/CHECK/) },
+    ]);
+    expect(app.prepare("SELECT id FROM t").pluck().all().map(Number)).toEqual([3]);
+    // Neither left a merge state behind: a later valid insert of the same rows is fresh.
+    expect(node.db.prepare("SELECT count(*) FROM _unisync_rows WHERE tbl = 't'").pluck().get()).toBe(1);
+    app.close();
+    node.close();
+  });
 });

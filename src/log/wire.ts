@@ -135,6 +135,46 @@ class Reader {
     return [start, this.pos];
   }
 
+  /** Names seen in this segment (tables, columns, origins) by a hash of their bytes. */
+  private readonly names = new Map<number, string>();
+  /** The previous row's column and key lists: a row with the same ones shares them. */
+  lastColumns: string[] = [];
+  lastKey: string[] = [];
+
+  /**
+   * A short ASCII name, the same string object each time it recurs in the
+   * segment (a column name is in every record): no new string per record.
+   */
+  name(): string {
+    const start = this.pos;
+    const len = this.varint();
+    const a = this.pos;
+    if (len > 64 || len > this.end - a) {
+      this.pos = start;
+      return this.string();
+    }
+    const buf = this.buf;
+    let h = len;
+    for (let i = a; i < a + len; i++) {
+      const c = buf[i];
+      if (c >= 0x80) {
+        this.pos = start;
+        return this.string();
+      }
+      h = (Math.imul(h, 31) + c) | 0;
+    }
+    this.pos = a + len;
+    const known = this.names.get(h);
+    if (known !== undefined && known.length === len) {
+      let same = true;
+      for (let i = 0; i < len && same; i++) same = known.charCodeAt(i) === buf[a + i];
+      if (same) return known;
+    }
+    const s = buf.toString("latin1", a, a + len);
+    this.names.set(h, s);
+    return s;
+  }
+
   string(): string {
     const [a, b] = this.span();
     const buf = this.buf;
@@ -173,6 +213,13 @@ class Reader {
     } else if (wireType === VARINT) into.push(this.uint32());
     else throw new Error(`wire type ${wireType} for a repeated uint32`);
   }
+}
+
+/** `list`, or `last` when it holds the same names (so callers can cache by list). */
+function same(list: string[], last: string[]): string[] {
+  if (list.length !== last.length) return list;
+  for (let i = 0; i < list.length; i++) if (list[i] !== last[i]) return list;
+  return last;
 }
 
 function expect(wireType: number, want: number, field: string): void {
@@ -218,9 +265,9 @@ function readRef(r: Reader): RowRef {
     const tag = r.uint32();
     const wt = tag & 7;
     switch (tag >>> 3) {
-      case 1: expect(wt, BYTES, "Ref.column"); column = r.string(); break;
+      case 1: expect(wt, BYTES, "Ref.column"); column = r.name(); break;
       case 2: expect(wt, VARINT, "Ref.lineage_hlc"); hlc = r.varint(); break;
-      case 3: expect(wt, BYTES, "Ref.lineage_origin"); origin = r.string(); break;
+      case 3: expect(wt, BYTES, "Ref.lineage_origin"); origin = r.name(); break;
       case 4: expect(wt, BYTES, "Ref.born_key"); bornKey = readValue(r); break;
       default: r.skip(wt);
     }
@@ -250,18 +297,18 @@ function readRow(r: Reader): RowChange {
     const tag = r.uint32();
     const wt = tag & 7;
     switch (tag >>> 3) {
-      case 1: expect(wt, BYTES, "RowChange.table"); table = r.string(); break;
+      case 1: expect(wt, BYTES, "RowChange.table"); table = r.name(); break;
       case 2: expect(wt, VARINT, "RowChange.op"); op = r.uint32() | 0; break;
-      case 3: expect(wt, BYTES, "RowChange.columns"); columns.push(r.string()); break;
+      case 3: expect(wt, BYTES, "RowChange.columns"); columns.push(r.name()); break;
       case 4: expect(wt, BYTES, "RowChange.values"); values.push(readValue(r)); break;
-      case 5: expect(wt, BYTES, "RowChange.key"); key.push(r.string()); break;
+      case 5: expect(wt, BYTES, "RowChange.key"); key.push(r.name()); break;
       case 6: r.uint32s(wt, changed); break;
       case 7: expect(wt, VARINT, "RowChange.instance_hlc"); instanceHlc = r.varint(); break;
-      case 8: expect(wt, BYTES, "RowChange.instance_origin"); instanceOrigin = r.string(); break;
+      case 8: expect(wt, BYTES, "RowChange.instance_origin"); instanceOrigin = r.name(); break;
       case 9: expect(wt, BYTES, "RowChange.born_key"); bornKey = readValue(r); break;
       case 10: expect(wt, BYTES, "RowChange.refs"); refs.push(readRef(r)); break;
       case 11: expect(wt, VARINT, "RowChange.incarnation_hlc"); incarnationHlc = r.varint(); break;
-      case 12: expect(wt, BYTES, "RowChange.incarnation_origin"); incarnationOrigin = r.string(); break;
+      case 12: expect(wt, BYTES, "RowChange.incarnation_origin"); incarnationOrigin = r.name(); break;
       case 13: expect(wt, VARINT, "RowChange.epoch"); epoch = r.uint32(); break;
       case 14: expect(wt, VARINT, "RowChange.enrolment"); enrolment = r.uint32() !== 0; break;
       case 15: expect(wt, BYTES, "RowChange.note"); note = r.string(); break;
@@ -269,12 +316,14 @@ function readRow(r: Reader): RowChange {
     }
   }
   r.leave(outer);
+  r.lastColumns = same(columns, r.lastColumns);
+  r.lastKey = same(key, r.lastKey);
   return {
     table,
     op: op as RowOp,
-    columns,
+    columns: r.lastColumns,
     values,
-    key,
+    key: r.lastKey,
     changed,
     instance: instanceOrigin ? { hlc: instanceHlc, origin: instanceOrigin } : undefined,
     bornKey,

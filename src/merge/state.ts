@@ -84,16 +84,29 @@ export class RowStateStore {
     this.putStmt.run(...this.columns(table, pk, s));
   }
 
-  /** Writes the state of a row that has none yet; false (nothing written) when it has one. */
-  insertNew(table: string, pk: Buffer, s: RowState): boolean {
-    return this.insertNewStmt.run(...this.columns(table, pk, s)).changes === 1;
+  /**
+   * Writes the state of a row that has none yet; false (nothing written) when it
+   * has one. `allBase`: the caller knows s.cols holds these columns, all at the
+   * base clock (a fresh insert), which spares reading them back out of s.cols.
+   */
+  insertNew(table: string, pk: Buffer, s: RowState, allBase?: readonly string[]): boolean {
+    return this.insertNewStmt.run(...this.columns(table, pk, s, allBase)).changes === 1;
   }
 
+  /** Serialised clocks of rows whose columns all share the base clock, by the record's column list. */
+  private readonly allBaseByList = new WeakMap<readonly string[], string>();
+
   /** The _unisync_rows columns of a state, in the order put and insertNew bind them. */
-  private columns(table: string, pk: Buffer, s: RowState): unknown[] {
-    const entries = Object.entries(s.cols);
+  private columns(table: string, pk: Buffer, s: RowState, allBase?: readonly string[]): unknown[] {
+    const entries = allBase ? [] : Object.entries(s.cols);
     let cols: string | null = null;
-    if (entries.length > 0 && entries.every(([, st]) => st === null)) {
+    if (allBase?.length) {
+      cols = this.allBaseByList.get(allBase) ?? null;
+      if (cols === null) {
+        cols = JSON.stringify(Object.fromEntries(allBase.map((c) => [c, 0])));
+        this.allBaseByList.set(allBase, cols);
+      }
+    } else if (entries.length > 0 && entries.every(([, st]) => st === null)) {
       const names = entries.map(([c]) => c).join("\u0000");
       cols = this.allBase.get(names) ?? null;
       if (cols === null) {

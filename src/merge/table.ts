@@ -124,9 +124,8 @@ export class TableAccess {
   /** INSERT statements by column list (joined names) and conflict clause, built once each. */
   private readonly inserts = new Map<string, { cols: string[]; stmt: Statement }>();
 
-  /** Runs an INSERT of `values` (`tail`: a conflict clause); returns the rows it wrote. */
-  private runInsert(values: Map<string, SqlValue>, tail: string): number {
-    const names = [...values.keys()];
+  /** The INSERT of these columns (those the table has) with a conflict clause `tail`. */
+  private insertStatement(names: readonly string[], tail: string): { cols: string[]; stmt: Statement } {
     const id = `${names.join("\u0000")}\u0000${tail}`;
     let ins = this.inserts.get(id);
     if (!ins) {
@@ -135,7 +134,31 @@ export class TableAccess {
       ins = { cols, stmt };
       this.inserts.set(id, ins);
     }
+    return ins;
+  }
+
+  /** Runs an INSERT of `values` (`tail`: a conflict clause); returns the rows it wrote. */
+  private runInsert(values: Map<string, SqlValue>, tail: string): number {
+    const ins = this.insertStatement([...values.keys()], tail);
     return ins.stmt.run(...ins.cols.map((c) => values.get(c) as SqlValue)).changes;
+  }
+
+  /** insertNew's statements by a record's column list (segments share one list among their rows). */
+  private readonly newInsertsByList = new WeakMap<readonly string[], Statement | null>();
+
+  /**
+   * insertNew for values in the order of `columns`, every one a column of the
+   * table, bound as they are (no Map per row): replay's fresh inserts.
+   */
+  insertNewRow(columns: readonly string[], values: readonly SqlValue[]): boolean {
+    let stmt = this.newInsertsByList.get(columns);
+    if (stmt === undefined) {
+      const ins = this.insertStatement(columns, " ON CONFLICT DO NOTHING");
+      stmt = ins.cols.length === columns.length ? ins.stmt : null;
+      this.newInsertsByList.set(columns, stmt);
+    }
+    if (stmt === null) return this.insertNew(new Map(columns.map((c, i) => [c, values[i]])));
+    return stmt.run(...values).changes === 1;
   }
 
   insert(values: Map<string, SqlValue>): void {

@@ -290,14 +290,17 @@ export class Applier {
     if (write.kind !== "insert") return undefined;
     keepRefs(state, row, stamp);
     const pk = rowIdentity(keyValues, false);
-    if (!this.states.insertNew(row.table, pk, state)) return undefined;
+    if (!this.states.insertNew(row.table, pk, state, row.columns)) return undefined;
     let inserted = false;
     try {
-      inserted = access.insertNew(write.values);
-    } finally {
-      if (!inserted) this.states.delete(row.table, pk);
+      inserted = access.insertNewRow(row.columns, values);
+    } catch {
+      inserted = false; // NOT NULL, CHECK, ...: the general path meets it again and says why
     }
-    if (!inserted) return undefined;
+    if (!inserted) {
+      this.states.delete(row.table, pk);
+      return undefined;
+    }
     this.references.childWritten(access, write.values);
     return null;
   }
