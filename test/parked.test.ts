@@ -9,6 +9,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { ensureInternalTables } from "../src/db/internal.js";
+import { listParked } from "../src/replay/apply.js";
 import { segmentKey } from "../src/log/keys.js";
 import { sealSegment, type Segment } from "../src/log/segment.js";
 import { FileStore } from "../src/store/file.js";
@@ -112,6 +113,7 @@ describe("parked records", () => {
       { kind: "write", reason: expect.stringMatching(/CHECK/) },
     ]);
     expect(app.prepare("SELECT id FROM t").pluck().all().map(Number)).toEqual([3]);
+    expect(listParked(node.db, 10).map((p) => [p.table, p.kind])).toEqual([["t", "write"], ["t", "write"]]); // as status and the console show them
     // Neither left a merge state behind: a later valid insert of the same rows is fresh.
     expect(node.db.prepare("SELECT count(*) FROM _unisync_rows WHERE tbl = 't'").pluck().get()).toBe(1);
     app.close();

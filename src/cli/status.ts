@@ -148,7 +148,7 @@ export async function statusCommand(args: string[], parse: Parse, help: string):
     }
     if (r.parked?.length) {
       console.log(`  parked records (${r.parked.length}${r.parked.length === 50 ? "+" : ""}): kept and retried after each schema change`);
-      for (const p of r.parked.slice(0, 10)) console.log(`    ${p.origin}#${p.seq} ${p.table ?? ""}: ${p.reason}`);
+      for (const p of r.parked.slice(0, 10)) console.log(`    ${p.origin}#${p.seq} ${p.table ?? ""} [${p.kind}]: ${p.reason}`);
     }
   }
   if (excludedFiles) {

@@ -57,11 +57,13 @@ export interface ParkedRecord {
 }
 
 /** Parked records as people read them (status, the console): oldest first, at most `limit`. */
-export function listParked(db: Database, limit: number): { origin: string; seq: number; table: string | null; reason: string; parkedAt: string | null }[] {
-  const rows = db.prepare("SELECT origin, seq, tbl, reason, parked_ms FROM _unisync_parked ORDER BY id LIMIT ?").all(limit) as {
-    origin: string; seq: number | bigint; tbl: string | null; reason: string; parked_ms: number | bigint | null;
+export function listParked(db: Database, limit: number): { origin: string; seq: number; table: string | null; kind: ParkKind; reason: string; parkedAt: string | null }[] {
+  const rows = db.prepare("SELECT origin, seq, tbl, kind, reason, parked_ms FROM _unisync_parked ORDER BY id LIMIT ?").all(limit) as {
+    origin: string; seq: number | bigint; tbl: string | null; kind: ParkKind; reason: string; parked_ms: number | bigint | null;
   }[];
-  return rows.map((p) => ({ origin: p.origin, seq: Number(p.seq), table: p.tbl, reason: p.reason, parkedAt: p.parked_ms === null ? null : new Date(Number(p.parked_ms)).toISOString() }));
+  return rows.map((p) => ({
+    origin: p.origin, seq: Number(p.seq), table: p.tbl, kind: p.kind, reason: p.reason, parkedAt: p.parked_ms === null ? null : new Date(Number(p.parked_ms)).toISOString(),
+  }));
 }
 
 /** A reference is this record's when the column's value is: the state keeps whose row it points at. */

@@ -97,7 +97,7 @@ async function conflicts() {
   }
   $("#conflicts").innerHTML = parts.join("") || "none";
   const parked = await api("/api/parked");
-  $("#parked").innerHTML = parked.length ? '<div class="scroll"><table><tr><th>db</th><th>from</th><th>table</th><th>reason</th><th>since</th></tr>' + parked.map((p) => "<tr><td>" + esc(p.stream) + "</td><td>" + esc(p.origin) + " #" + p.seq + "</td><td>" + esc(p.table) + '</td><td class="wrap">' + esc(p.reason) + "</td><td>" + esc(p.parkedAt) + "</td></tr>").join("") + "</table></div>" : "none";
+  $("#parked").innerHTML = parked.length ? '<div class="scroll"><table><tr><th>db</th><th>from</th><th>table</th><th>kind</th><th>reason</th><th>since</th></tr>' + parked.map((p) => "<tr><td>" + esc(p.stream) + "</td><td>" + esc(p.origin) + " #" + p.seq + "</td><td>" + esc(p.table) + "</td><td>" + esc(p.kind) + '</td><td class="wrap">' + esc(p.reason) + "</td><td>" + esc(p.parkedAt) + "</td></tr>").join("") + "</table></div>" : "none";
 }
 $("#hist").addEventListener("submit", async (ev) => {
   ev.preventDefault();
