@@ -54,6 +54,8 @@ function cluster(names: string[], extra: Parameters<typeof openSync>[4] = {}) {
 }
 
 const all = (db: ReturnType<typeof appConnection>, sql: string) => db.prepare(sql).all() as Record<string, unknown>[];
+/** Clocks are stamped when a node seals: a pause between two nodes' seals orders them. */
+const pause = () => new Promise<void>((r) => setTimeout(r, 5));
 
 describe("id collisions", () => {
   it("two nodes insert id 1 offline: both rows survive at the same ids everywhere, children follow", async () => {
@@ -127,6 +129,34 @@ describe("id collisions", () => {
     for (const x of c.nodes) {
       const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
       expect(all(x.app, "SELECT team_id FROM player WHERE name = 'cid'")).toEqual([{ team_id: blues }]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
+    c.close();
+  });
+
+  it("a deleted child follows its parent's move: an update that revives it points at the moved parent everywhere", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')"); // the first insert at id 1: it keeps the id
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO player(team_id, name) VALUES (1, 'bob')");
+    await c.ship(b);
+    await c.pullAll(cc, ["b"]);
+    // c deletes bob before it hears of a's team: its tombstone says team 1. Then blues moves away from 1.
+    cc.app.exec("DELETE FROM player WHERE name = 'bob'");
+    await c.ship(cc);
+    await c.pullAll(cc, ["a"]);
+    await pause();
+    // b has not seen the delete: its later update revives bob, on the team b gave him.
+    b.app.exec("UPDATE player SET name = 'bobby' WHERE name = 'bob'");
+    await c.ship(b);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(blues).not.toBe(1n);
+      expect(all(x.app, "SELECT team_id, name FROM player")).toEqual([{ team_id: blues, name: "bobby" }]);
       expect(x.sync.parkedCount()).toBe(0);
     }
     c.close();
