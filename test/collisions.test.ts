@@ -22,6 +22,7 @@ CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id) 
 CREATE TABLE membership(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY KEY(team_id, tag)) WITHOUT ROWID;
 CREATE TABLE account(id INTEGER PRIMARY KEY, name TEXT UNIQUE, email TEXT);
 CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
+CREATE TABLE badge(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), label TEXT UNIQUE);
 `;
 
 let n = 0;
@@ -158,6 +159,35 @@ describe("id collisions", () => {
       expect(blues).not.toBe(1n);
       expect(all(x.app, "SELECT team_id, name FROM player")).toEqual([{ team_id: blues, name: "bobby" }]);
       expect(x.sync.parkedCount()).toBe(0);
+    }
+    c.close();
+  });
+
+  it("a row set aside by a unique clash follows its parent's move, and comes back pointing at it", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    cc.app.exec("INSERT INTO badge(id, label) VALUES (20, 'star')"); // created first: keeps the label
+    await c.ship(cc);
+    await pause();
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')"); // keeps id 1
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO badge(id, team_id, label) VALUES (10, 1, 'star')");
+    await c.ship(b);
+    // c hears b before a: b's badge is set aside pointing at team 1, then blues moves away from 1.
+    await c.pullAll(cc, ["b"]);
+    expect(all(cc.sync.db, "SELECT tbl FROM _unisync_conflicts")).toEqual([{ tbl: "badge" }]);
+    await c.pullAll(cc, ["a"]);
+    await c.settle();
+    // The clash ends: the set-aside badge comes back on every node.
+    cc.app.exec("DELETE FROM badge WHERE id = 20");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(blues).not.toBe(1n);
+      expect(all(x.app, "SELECT id, team_id, label FROM badge")).toEqual([{ id: 10n, team_id: blues, label: "star" }]);
+      expect(all(x.sync.db, "SELECT tbl FROM _unisync_conflicts")).toEqual([]);
     }
     c.close();
   });

@@ -298,10 +298,12 @@ export class Relocator {
           child.insert(row);
           this.states.put(child.shape.name, newPk, state);
         }
-        // Deleted children follow too (a newer update, or a kept reference, brings
-        // their values back). A node that saw the move while they were in the
-        // table holds them at the new key already.
+        // Rows out of the table follow too: a deleted child (whose values a newer
+        // update or a kept reference would bring back) and a child set aside by a
+        // unique clash (which comes back once the clash ends). A node that saw the
+        // move while they were in the table holds them at the new key already.
         this.followTombstones(child, fk.column, m);
+        this.aside.followMove(child, fk.column, m.lineage, m.from, m.to);
       }
     }
   }
