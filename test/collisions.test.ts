@@ -22,6 +22,7 @@ CREATE TABLE player(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id) 
 CREATE TABLE membership(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY KEY(team_id, tag)) WITHOUT ROWID;
 CREATE TABLE account(id INTEGER PRIMARY KEY, name TEXT UNIQUE, email TEXT);
 CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
+CREATE TABLE badge(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), label TEXT UNIQUE);
 `;
 
 let n = 0;
@@ -54,6 +55,8 @@ function cluster(names: string[], extra: Parameters<typeof openSync>[4] = {}) {
 }
 
 const all = (db: ReturnType<typeof appConnection>, sql: string) => db.prepare(sql).all() as Record<string, unknown>[];
+/** Clocks are stamped when a node seals: a pause between two nodes' seals orders them. */
+const pause = () => new Promise<void>((r) => setTimeout(r, 5));
 
 describe("id collisions", () => {
   it("two nodes insert id 1 offline: both rows survive at the same ids everywhere, children follow", async () => {
@@ -128,6 +131,63 @@ describe("id collisions", () => {
       const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
       expect(all(x.app, "SELECT team_id FROM player WHERE name = 'cid'")).toEqual([{ team_id: blues }]);
       expect(x.sync.parkedCount()).toBe(0);
+    }
+    c.close();
+  });
+
+  it("a deleted child follows its parent's move: an update that revives it points at the moved parent everywhere", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')"); // the first insert at id 1: it keeps the id
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO player(team_id, name) VALUES (1, 'bob')");
+    await c.ship(b);
+    await c.pullAll(cc, ["b"]);
+    // c deletes bob before it hears of a's team: its tombstone says team 1. Then blues moves away from 1.
+    cc.app.exec("DELETE FROM player WHERE name = 'bob'");
+    await c.ship(cc);
+    await c.pullAll(cc, ["a"]);
+    await pause();
+    // b has not seen the delete: its later update revives bob, on the team b gave him.
+    b.app.exec("UPDATE player SET name = 'bobby' WHERE name = 'bob'");
+    await c.ship(b);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(blues).not.toBe(1n);
+      expect(all(x.app, "SELECT team_id, name FROM player")).toEqual([{ team_id: blues, name: "bobby" }]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
+    c.close();
+  });
+
+  it("a row set aside by a unique clash follows its parent's move, and comes back pointing at it", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    cc.app.exec("INSERT INTO badge(id, label) VALUES (20, 'star')"); // created first: keeps the label
+    await c.ship(cc);
+    await pause();
+    a.app.exec("INSERT INTO team(name) VALUES ('reds')"); // keeps id 1
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO badge(id, team_id, label) VALUES (10, 1, 'star')");
+    await c.ship(b);
+    // c hears b before a: b's badge is set aside pointing at team 1, then blues moves away from 1.
+    await c.pullAll(cc, ["b"]);
+    expect(all(cc.sync.db, "SELECT tbl FROM _unisync_conflicts")).toEqual([{ tbl: "badge" }]);
+    await c.pullAll(cc, ["a"]);
+    await c.settle();
+    // The clash ends: the set-aside badge comes back on every node.
+    cc.app.exec("DELETE FROM badge WHERE id = 20");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0].id;
+      expect(blues).not.toBe(1n);
+      expect(all(x.app, "SELECT id, team_id, label FROM badge")).toEqual([{ id: 10n, team_id: blues, label: "star" }]);
+      expect(all(x.sync.db, "SELECT tbl FROM _unisync_conflicts")).toEqual([]);
     }
     c.close();
   });

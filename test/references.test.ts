@@ -146,6 +146,33 @@ describe("references after replay", () => {
     c.close();
   });
 
+  it("a deleted parent kept for a late child points at where its own parent moved meanwhile", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+    a.app.exec("INSERT INTO event(name) VALUES ('regional')"); // the first insert at id 1: it keeps the id
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO event(name) VALUES ('district'); INSERT INTO match(id, event_id, name) VALUES (7, 1, 'q7')");
+    await c.ship(b);
+    await c.pull(cc, "b");
+    // c deletes match 7 before it hears of a's event: its tombstone says event 1. Then district moves away from 1.
+    cc.app.exec("DELETE FROM match WHERE id = 7");
+    await c.ship(cc);
+    await c.pull(cc, "a");
+    // b has not seen the delete and adds a scouting row to match 7: every node keeps the match.
+    b.app.exec("INSERT INTO scouting(id, match_id, team, score) VALUES (100, 7, 'green', 3)");
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      const district = c.all(x.app, "SELECT id FROM event WHERE name = 'district'")[0].id;
+      expect(district).not.toBe(1n);
+      expect(c.all(x.app, "SELECT id, event_id, name FROM match")).toEqual([{ id: 7n, event_id: district, name: "q7" }]);
+      expect(c.all(x.app, "SELECT id, match_id FROM scouting")).toEqual([{ id: 100n, match_id: 7n }]);
+    }
+    c.close();
+  });
+
   it("a cascade split over several segments is not taken for a late child", async () => {
     const c = cluster(["a", "b"], { maxRecords: 3 });
     const [a, b] = c.nodes;

@@ -298,7 +298,41 @@ export class Relocator {
           child.insert(row);
           this.states.put(child.shape.name, newPk, state);
         }
+        // Rows out of the table follow too: a deleted child (whose values a newer
+        // update or a kept reference would bring back) and a child set aside by a
+        // unique clash (which comes back once the clash ends). A node that saw the
+        // move while they were in the table holds them at the new key already.
+        this.followTombstones(child, fk.column, m);
+        this.aside.followMove(child, fk.column, m.lineage, m.from, m.to);
       }
+    }
+  }
+
+  /**
+   * Deleted children (merge state only) whose kept reference in `column` names
+   * the moved lineage and whose kept value is its old key now hold its new key;
+   * where the column is part of the child's key, the tombstone moves to its new
+   * key, unless a row lives there (written by a node that saw the move: a newer
+   * incarnation, which a delete of the old one does not remove) or a newer
+   * tombstone holds it.
+   */
+  private followTombstones(child: TableAccess, column: string, m: { lineage: Stamp; from: bigint; to: bigint }): void {
+    const table = child.shape.name;
+    for (const { pk, state } of this.states.deadReferring(table, m.lineage)) {
+      const ref = state.refs?.[column];
+      const dead = state.dead;
+      if (!ref || !sameLineage(ref, m.lineage) || !dead || intKey(dead.get(column) ?? null) !== m.from) continue;
+      dead.set(column, m.to);
+      if (!child.shape.key.includes(column)) {
+        this.states.put(table, pk, state);
+        continue;
+      }
+      const newKey = child.shape.key.map((k) => dead.get(k) ?? null);
+      const newPk = rowIdentity(newKey, false);
+      this.states.delete(table, pk);
+      const there = this.states.get(table, newPk);
+      if (there && (there.alive || compareStamp(there.exists.hlc, there.exists.origin, state.exists.hlc, state.exists.origin) >= 0)) continue;
+      this.states.put(table, newPk, state);
     }
   }
 }

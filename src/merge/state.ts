@@ -32,11 +32,30 @@ function decodeDead(bytes: Buffer): Map<string, SqlValue> {
   return out;
 }
 
+function decodeState(r: StateRow): RowState {
+  // Stored as {column: 0} for "the base clock" or {column: [hlc, origin]}.
+  const cols: Record<string, Stamp | null> = {};
+  if (r.cols) {
+    for (const [c, v] of Object.entries(JSON.parse(r.cols) as Record<string, [number, string] | 0>)) cols[c] = v === 0 ? null : { hlc: v[0], origin: v[1] };
+  }
+  return {
+    exists: { hlc: Number(r.hlc), origin: r.origin },
+    alive: Number(r.alive) === 1,
+    base: { hlc: Number(r.base_hlc), origin: r.base_origin },
+    cols,
+    dead: r.dead ? decodeDead(r.dead) : null,
+    lineage: r.lin_origin === null ? null : { hlc: Number(r.lin_hlc), origin: r.lin_origin, epoch: Number(r.lin_epoch ?? 1) },
+    refs: r.refs ? (JSON.parse(r.refs) as Record<string, Stamp>) : null,
+    incarnation: r.inc_origin === null ? null : { hlc: Number(r.inc_hlc), origin: r.inc_origin },
+  };
+}
+
 export class RowStateStore {
   private readonly getStmt: Statement;
   private readonly putStmt: Statement;
   private readonly deleteStmt: Statement;
   private readonly insertNewStmt: Statement;
+  private readonly deadReferringStmt: Statement;
 
   constructor(db: Database) {
     this.getStmt = db.prepare(
@@ -51,6 +70,10 @@ export class RowStateStore {
       "INSERT INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin) " +
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
     );
+    this.deadReferringStmt = db.prepare(
+      "SELECT pk, hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin FROM _unisync_rows " +
+        "WHERE tbl = ? AND alive = 0 AND dead IS NOT NULL AND refs IS NOT NULL AND instr(refs, ?) > 0 AND instr(refs, ?) > 0",
+    );
   }
 
   delete(table: string, pk: Buffer): void {
@@ -59,22 +82,23 @@ export class RowStateStore {
 
   get(table: string, pk: Buffer): RowState | null {
     const r = this.getStmt.get(table, pk) as StateRow | undefined;
-    if (!r) return null;
-    // Stored as {column: 0} for "the base clock" or {column: [hlc, origin]}.
-    const cols: Record<string, Stamp | null> = {};
-    if (r.cols) {
-      for (const [c, v] of Object.entries(JSON.parse(r.cols) as Record<string, [number, string] | 0>)) cols[c] = v === 0 ? null : { hlc: v[0], origin: v[1] };
+    return r ? decodeState(r) : null;
+  }
+
+  /**
+   * Deleted rows of `table` whose kept references name `lineage` in some
+   * column (the caller checks which, and the value kept). A lineage's move
+   * (relocate.ts) asks, so that tombstones follow it as table rows do: a scan of
+   * the table's states, prefiltered on the lineage's clock and origin in the stored text.
+   */
+  deadReferring(table: string, lineage: Stamp): { pk: Buffer; state: RowState }[] {
+    const rows = this.deadReferringStmt.all(table, String(lineage.hlc), JSON.stringify(lineage.origin)) as (StateRow & { pk: Buffer })[];
+    const out: { pk: Buffer; state: RowState }[] = [];
+    for (const r of rows) {
+      const state = decodeState(r);
+      if (Object.values(state.refs ?? {}).some((ref) => ref.hlc === lineage.hlc && ref.origin === lineage.origin)) out.push({ pk: r.pk, state });
     }
-    return {
-      exists: { hlc: Number(r.hlc), origin: r.origin },
-      alive: Number(r.alive) === 1,
-      base: { hlc: Number(r.base_hlc), origin: r.base_origin },
-      cols,
-      dead: r.dead ? decodeDead(r.dead) : null,
-      lineage: r.lin_origin === null ? null : { hlc: Number(r.lin_hlc), origin: r.lin_origin, epoch: Number(r.lin_epoch ?? 1) },
-      refs: r.refs ? (JSON.parse(r.refs) as Record<string, Stamp>) : null,
-      incarnation: r.inc_origin === null ? null : { hlc: Number(r.inc_hlc), origin: r.inc_origin },
-    };
+    return out;
   }
 
   /** Serialised clocks of rows whose columns all share the base clock, by column list (the common case). */

@@ -16,8 +16,8 @@ import type { Database, Statement } from "better-sqlite3";
 import { silenced } from "../db/internal.js";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
-import { ENROLMENT_INCARNATION, sameStamp, type RowState } from "./merge.js";
-import { outranks } from "./relocate.js";
+import { ENROLMENT_INCARNATION, sameStamp, type RowState, type Stamp } from "./merge.js";
+import { intKey, outranks } from "./relocate.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 
@@ -83,6 +83,45 @@ export class AsideRows {
       this.db.prepare("UPDATE _unisync_conflicts SET row_key = ?, vals = ? WHERE tbl = ? AND row_key = ?").run(toKey, encodeValues(flat), table, fromKey);
     }
     this.db.prepare("UPDATE _unisync_conflicts SET kept_key = ? WHERE tbl = ? AND kept_key = ?").run(toKey, table, fromKey);
+  }
+
+  /**
+   * A row that `column` of the set-aside rows of `access` may point at moved
+   * (an id collision, relocate.ts): the rows whose merge state says the column
+   * points at that lineage, and whose kept value is its old key, now hold its
+   * new key, so they come back pointing at it, as a row in the table would
+   * (the children in the table follow the move). Where the column is part of the
+   * row's key, the entry and the merge state move to the new key (unless a state
+   * is there already: the same row, written by a node that saw the move).
+   */
+  followMove(access: TableAccess, column: string, lineage: Stamp, from: bigint, to: bigint): void {
+    if (!this.any) return;
+    const table = access.shape.name;
+    const rows = this.db.prepare("SELECT row_key, kept_key, vals FROM _unisync_conflicts WHERE tbl = ?").all(table) as { row_key: Buffer; kept_key: Buffer; vals: Buffer }[];
+    for (const r of rows) {
+      const keyValues = decodeValues(r.row_key);
+      const pk = rowIdentity(keyValues, false);
+      const state = this.states.get(table, pk);
+      const ref = state?.refs?.[column];
+      if (!state || !ref || !sameStamp(ref, lineage)) continue;
+      const flat = decodeValues(r.vals);
+      const at = flat.findIndex((v, i) => i % 2 === 0 && v === column);
+      if (at < 0 || intKey(flat[at + 1]) !== from) continue;
+      flat[at + 1] = to;
+      const k = access.shape.key.indexOf(column);
+      if (k < 0) {
+        this.db.prepare("UPDATE _unisync_conflicts SET vals = ? WHERE tbl = ? AND row_key = ?").run(encodeValues(flat), table, r.row_key);
+        continue;
+      }
+      const newKey = keyValues.slice();
+      newKey[k] = to;
+      const newPk = rowIdentity(newKey, false);
+      this.deleteStmt.run(table, r.row_key);
+      this.states.delete(table, pk);
+      if (this.states.get(table, newPk)) continue;
+      this.states.put(table, newPk, state);
+      this.putStmt.run(table, encodeValues(newKey), r.kept_key, encodeValues(flat), Date.now());
+    }
   }
 
   /** The row is back in the table, or deleted: no longer aside. */
