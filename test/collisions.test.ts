@@ -23,6 +23,7 @@ CREATE TABLE membership(team_id INTEGER REFERENCES team(id), tag TEXT, PRIMARY K
 CREATE TABLE account(id INTEGER PRIMARY KEY, name TEXT UNIQUE, email TEXT);
 CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
 CREATE TABLE badge(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), label TEXT UNIQUE);
+CREATE TABLE person(id INTEGER PRIMARY KEY, mentor_id INTEGER REFERENCES person(id), name TEXT);
 `;
 
 let n = 0;
@@ -271,5 +272,28 @@ describe("id collisions", () => {
     a.sync.close();
     cc.sync.close();
     for (const x of c.nodes) x.app.close();
+  });
+  it("a record whose own placement moves the row its reference names points at where that row moved, not at the key it took", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    b.app.exec("INSERT INTO person(name) VALUES ('rob')");
+    await c.ship(b);
+    await pause();
+    cc.app.exec("INSERT INTO person(name) VALUES ('mia')"); // id 1 too, later: mia moves
+    await c.ship(cc);
+    await c.pullAll(a);
+    a.app.exec("UPDATE person SET mentor_id = (SELECT id FROM person WHERE name = 'mia') WHERE name = 'rob'");
+    await c.ship(a);
+    // c hears a's update of rob (mentor: mia's lineage, born at 1) before b's insert of rob:
+    // placing rob at 1 moves mia away, so the reference, read at 1 before that, must be read again.
+    await c.pullAll(cc, ["a"]);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const mia = all(x.app, "SELECT id FROM person WHERE name = 'mia'")[0].id;
+      expect(mia).not.toBe(1n);
+      expect(all(x.app, "SELECT id, mentor_id FROM person WHERE name = 'rob'")).toEqual([{ id: 1n, mentor_id: mia }]);
+    }
+    c.close();
   });
 });

@@ -109,6 +109,8 @@ export class Relocator {
   private readonly putMove: Statement;
   /** Tables that have moves: most never do, and then a lookup costs nothing. */
   private readonly tablesWithMoves = new Set<string>();
+  /** Moves made by this Relocator so far: a caller can tell whether a placement moved another lineage. */
+  moveCount = 0;
 
   constructor(
     private readonly db: Database,
@@ -240,6 +242,7 @@ export class Relocator {
   private recordMove(m: Move, followed = true): void {
     this.putMove.run(m.table, m.lineage.hlc, m.lineage.origin, m.bornKey, m.to, m.from, m.winner.hlc, m.winner.origin, Date.now(), m.live ? 1 : 0, followed ? 1 : 0);
     this.tablesWithMoves.add(m.table);
+    this.moveCount++;
     this.onMove(m);
   }
 

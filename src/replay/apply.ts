@@ -351,7 +351,16 @@ export class Applier {
       const key = intKey(values[i]);
       const born = row.bornKey === undefined ? key : intKey(row.bornKey);
       if (key === null || born === null) return wait("malformed", `key "${row.key[0]}" of "${row.table}" is not an integer`);
+      const moves = this.relocator.moveCount;
       const at = this.relocator.place(access, { ...row.instance, epoch: row.epoch ?? 1 }, born);
+      // Placing the row can move the lineage that held its key, and a reference may name that
+      // lineage (read above at its old key, now this row's): read the references again, or the
+      // row would point at itself here and at the moved row on nodes that saw the move first.
+      if (this.relocator.moveCount !== moves && row.refs?.length) {
+        const again = this.placeRefs(row);
+        if (!Array.isArray(again)) return again;
+        values = again;
+      }
       if (at !== key) {
         if (values === row.values) values = row.values.slice();
         values[i] = at;
