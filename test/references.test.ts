@@ -195,4 +195,18 @@ describe("references after replay", () => {
     expect(c.all(b.app, "SELECT count(*) AS n FROM match")).toEqual([{ n: 0n }]);
     c.close();
   });
+  it("a batch that ends just before a no-op update does not leave its origin's transaction open on the other nodes", async () => {
+    const c = cluster(["a", "b"], { maxRecords: 1 });
+    const [a, b] = c.nodes;
+    a.app.exec("INSERT INTO team(id, name) VALUES (1, 'reds'), (2, 'blues')");
+    await c.settle();
+    // Apart, each in one transaction whose last captured change writes nothing (a no-op
+    // update): the batch limit ends the segment before it, marked as continuing.
+    a.app.exec("BEGIN; INSERT INTO team_tag VALUES (1, 'x'); UPDATE team SET name = name WHERE id = 2; COMMIT");
+    b.app.exec("BEGIN; DELETE FROM team WHERE id = 1; UPDATE team SET name = name WHERE id = 2; COMMIT");
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) expect(c.all(x.app, "SELECT id FROM team ORDER BY id")).toEqual([{ id: 1n }, { id: 2n }]);
+    c.close();
+  });
 });

@@ -156,8 +156,26 @@ export class ChangeDrain {
         if (full) break;
       }
     }
-    const continues = full && this.readBatch.all(lastId, 1).length > 0;
+    const continues = full && this.changesAfter(lastId);
     return { records, lastId, bytes, continues };
+  }
+
+  /**
+   * Whether a captured row after `id` gives a record. Rows that write nothing (no-op
+   * updates) give none: a batch followed only by them must not say the transaction goes
+   * on, as no later segment would end it and every other node would put off its
+   * reference checks (Applier.checkReferences) until this node next writes.
+   */
+  private changesAfter(id: number): boolean {
+    for (let after = id; ; ) {
+      const rows = this.readBatch.all(after, 1000) as ChangeRow[];
+      if (rows.length === 0) return false;
+      for (const row of rows) {
+        const [rid, cap, op, , mask] = row as [bigint, bigint, bigint, bigint | null, unknown];
+        after = Number(rid);
+        if (this.toRowChanges(this.generation(Number(cap)), Number(op), mask, row.slice(5) as SqlValue[]).length > 0) return true;
+      }
+    }
   }
 
   /**
