@@ -33,7 +33,7 @@ import { appConnection, openSync } from "./helpers/node.js";
 import { mulberry32 } from "./helpers/random.js";
 
 const root = mkdtempSync(join(tmpdir(), "unisync-league-"));
-afterAll(() => rmSync(root, { recursive: true, force: true }));
+afterAll(() => (process.env.KEEP ? console.log(`kept ${root}`) : rmSync(root, { recursive: true, force: true })));
 
 const SCHEMA = `
 CREATE TABLE team(id INTEGER PRIMARY KEY, uid TEXT NOT NULL, name TEXT NOT NULL UNIQUE);
@@ -48,7 +48,7 @@ const one = (db: Db, sql: string, ...p: unknown[]) => db.prepare(sql).get(...p) 
 async function run(seed: number, steps: number): Promise<string[]> {
   const rand = mulberry32(seed);
   chaosRand = mulberry32(seed + 7777);
-  chaos = seed % 3 === 0 ? 0.05 : 0;
+  chaos = process.env.CHAOS ? Number(process.env.CHAOS) : seed % 3 === 0 ? 0.05 : 0;
   const pick = <T>(a: T[]) => a[Math.floor(rand() * a.length)];
   const dir = join(root, `s${seed}`);
   mkdirSync(dir, { recursive: true });
