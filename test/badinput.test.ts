@@ -103,6 +103,15 @@ describe("log order", () => {
     node.close();
   });
 
+  it("steps over a segment with no records (it moves the cursor; the log goes on after it)", async () => {
+    const node = freshNode();
+    for (const s of [segment(1), segment(2, []), segment(3)]) await store.put(s.key, s.bytes);
+    await node.pull("remote");
+    expect(rows(node)).toEqual([1, 3]);
+    expect(node.cursors().get("remote")?.seq).toBe(3);
+    node.close();
+  });
+
   it("applies a segment once however often it is fetched", async () => {
     const node = freshNode();
     const s = segment(1);

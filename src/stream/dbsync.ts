@@ -486,7 +486,9 @@ export class DbSync implements SyncStream {
       }
       seen++;
       const segment = untilHlc === Infinity ? s.segment : { ...s.segment, records: s.segment.records.filter((r) => r.hlc <= untilHlc) };
-      if (segment.records.length === 0) break;
+      // Stop where a point-in-time replay's records end. A segment that holds no
+      // records at all still moves the cursor: stopping there would stall the log.
+      if (segment.records.length === 0 && s.segment.records.length > 0) break;
       this.refreshSchema();
       // One transaction per turn: a long segment takes several, the app writes in between.
       for (;;) {

@@ -530,7 +530,7 @@ export class FolderSync implements SyncStream {
       let applied = 0;
       for await (const s of segments) {
         const records = s.segment.records.filter((r) => r.hlc <= untilHlc);
-        if (records.length === 0) break;
+        if (records.length === 0 && s.segment.records.length > 0) break; // as DbSync.pull: an empty segment moves the cursor
         this.db
           .transaction(() => {
             if (this.cursor(origin).seq !== s.seq - 1) return;
