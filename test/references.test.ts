@@ -146,6 +146,74 @@ describe("references after replay", () => {
     c.close();
   });
 
+  it("a child arriving for a row set aside for a row that was set aside in turn moves to the row in the table", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+    // Apart, three "red" teams, created in the order c, b, a (c's keeps the name everywhere).
+    cc.app.exec("INSERT INTO team(id, name) VALUES (30, 'red')");
+    await c.ship(cc);
+    await pause();
+    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red')");
+    await c.ship(b);
+    await pause();
+    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
+    await c.ship(a);
+    // b sets a's team aside for its own, then its own aside for c's: 10 -> 20 -> 30.
+    await c.pull(b, "a");
+    await c.pull(b, "c");
+    expect(c.all(b.app, "SELECT id FROM team")).toEqual([{ id: 30n }]);
+    expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_conflicts WHERE tbl = 'team'")).toEqual([{ n: 2 }]);
+    // a, not knowing, adds a player to its team: on b it goes to the row in the table.
+    a.app.exec("INSERT INTO player(id, team_id, name) VALUES (1, 10, 'ann')");
+    await c.ship(a);
+    await c.pull(b, "a");
+    expect(c.all(b.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+    expect(c.all(b.app, "PRAGMA foreign_key_check")).toEqual([]);
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      expect(c.all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 30n, name: "red" }]);
+      expect(c.all(x.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+    }
+    c.close();
+  });
+
+  it("a child arriving for a row set aside for a row deleted since moves to the row that holds the values", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+    cc.app.exec("INSERT INTO team(id, name) VALUES (30, 'red')");
+    await c.ship(cc);
+    await pause();
+    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red')");
+    await c.ship(b);
+    await pause();
+    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
+    await c.ship(a);
+    await c.pull(b, "a");
+    await c.pull(b, "c");
+    // a sets its team aside for b's, deletes b's (its own comes back) and adds a player to its own.
+    await c.pull(a, "b");
+    a.app.exec("DELETE FROM team WHERE id = 20");
+    await c.ship(a);
+    expect(c.all(a.app, "SELECT id FROM team")).toEqual([{ id: 10n }]);
+    a.app.exec("INSERT INTO player(id, team_id, name) VALUES (1, 10, 'ann')");
+    await c.ship(a);
+    // On b, 10 stays aside (c's 30 holds "red") still naming 20, which is gone.
+    await c.pull(b, "a");
+    expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_conflicts WHERE tbl = 'team'")).toEqual([{ n: 1 }]);
+    expect(c.all(b.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+    expect(c.all(b.app, "PRAGMA foreign_key_check")).toEqual([]);
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) {
+      expect(c.all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 30n, name: "red" }]);
+      expect(c.all(x.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+    }
+    c.close();
+  });
+
   it("a deleted parent kept for a late child points at where its own parent moved meanwhile", async () => {
     const c = cluster(["a", "b", "c"]);
     const [a, b, cc] = c.nodes;

@@ -251,8 +251,17 @@ export class ReferenceKeeper {
    * favour of an older row with the same unique values. Its children move to that row.
    */
   private followKeptRow(parent: TableAccess, key: SqlValue, children: Children, next: Pending[]): number {
-    const keptKey = this.aside.keptKey(parent.shape.name, [key]);
-    const kept = keptKey ? parent.find(parent.shape.key, keptKey) : null;
+    let keptKey = this.aside.keptKey(parent.shape.name, [key]);
+    let kept = keptKey ? parent.find(parent.shape.key, keptKey) : null;
+    if (keptKey && !kept) {
+      // The row it was set aside for left the table since: set aside in turn for an
+      // older row (A aside for B, B aside for C), or deleted while another row holds
+      // the values. Its kept key still names it, so a child arriving now would be left
+      // pointing at nothing on every node: it goes to the row that holds the values now.
+      const values = this.aside.values(parent, [key]);
+      keptKey = values ? parent.uniqueClash(values, parent.shape.key, [key]) : null;
+      kept = keptKey ? parent.find(parent.shape.key, keptKey) : null;
+    }
     if (!keptKey || !kept) return 0;
     let n = 0;
     for (const { edge, rows } of children) {
