@@ -88,6 +88,10 @@ describe("gc", () => {
     }
     await write(SEED, 40, ["n1", "n2", "n3"]);
     await quiet(["n1", "n2", "n3"]);
+    // n3 writes again after everything is sealed, so it has at least two segments:
+    // gc collects all but its newest, and the claim of its seq 1 (below) with it.
+    await write(SEED + 100, 5, ["n3"]);
+    await quiet(["n1", "n2", "n3"]);
     const sA = await record("A");
     const s1 = await snapshot("n1");
     await c.stop("n3");
