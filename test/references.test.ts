@@ -65,6 +65,28 @@ function cluster(names: string[], extra: Partial<DbSyncOptions> = {}) {
   return { nodes, ship, pull, settle, all, check, close };
 }
 
+/**
+ * Apart, three "red" teams, created in the order c (30), b (20), a (10): c's keeps
+ * the name everywhere. b has pulled a's and c's: it set a's aside for its own, then
+ * its own aside for c's (10 -> 20 -> 30).
+ */
+async function threeRedTeams() {
+  const c = cluster(["a", "b", "c"]);
+  const [a, b, cc] = c.nodes;
+  const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+  cc.app.exec("INSERT INTO team(id, name) VALUES (30, 'red')");
+  await c.ship(cc);
+  await pause();
+  b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red')");
+  await c.ship(b);
+  await pause();
+  a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
+  await c.ship(a);
+  await c.pull(b, "a");
+  await c.pull(b, "c");
+  return { c, a, b };
+}
+
 describe("references after replay", () => {
   it("a child written while its parent was deleted keeps the parent, with its last values, on every node", async () => {
     const c = cluster(["a", "b", "c"]);
@@ -147,21 +169,8 @@ describe("references after replay", () => {
   });
 
   it("a child arriving for a row set aside for a row that was set aside in turn moves to the row in the table", async () => {
-    const c = cluster(["a", "b", "c"]);
-    const [a, b, cc] = c.nodes;
-    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
-    // Apart, three "red" teams, created in the order c, b, a (c's keeps the name everywhere).
-    cc.app.exec("INSERT INTO team(id, name) VALUES (30, 'red')");
-    await c.ship(cc);
-    await pause();
-    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red')");
-    await c.ship(b);
-    await pause();
-    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
-    await c.ship(a);
     // b sets a's team aside for its own, then its own aside for c's: 10 -> 20 -> 30.
-    await c.pull(b, "a");
-    await c.pull(b, "c");
+    const { c, a, b } = await threeRedTeams();
     expect(c.all(b.app, "SELECT id FROM team")).toEqual([{ id: 30n }]);
     expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_conflicts WHERE tbl = 'team'")).toEqual([{ n: 2 }]);
     // a, not knowing, adds a player to its team: on b it goes to the row in the table.
@@ -180,19 +189,7 @@ describe("references after replay", () => {
   });
 
   it("a child arriving for a row set aside for a row deleted since moves to the row that holds the values", async () => {
-    const c = cluster(["a", "b", "c"]);
-    const [a, b, cc] = c.nodes;
-    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
-    cc.app.exec("INSERT INTO team(id, name) VALUES (30, 'red')");
-    await c.ship(cc);
-    await pause();
-    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red')");
-    await c.ship(b);
-    await pause();
-    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
-    await c.ship(a);
-    await c.pull(b, "a");
-    await c.pull(b, "c");
+    const { c, a, b } = await threeRedTeams();
     // a sets its team aside for b's, deletes b's (its own comes back) and adds a player to its own.
     await c.pull(a, "b");
     a.app.exec("DELETE FROM team WHERE id = 20");
