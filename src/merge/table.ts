@@ -170,7 +170,7 @@ export class TableAccess {
    * constraint: then nothing is written and it returns false. Other errors
    * (NOT NULL, CHECK, foreign keys) throw as insert's do.
    */
-  insertNew(values: Map<string, SqlValue>): boolean {
+  private insertNew(values: Map<string, SqlValue>): boolean {
     return this.runInsert(values, " ON CONFLICT DO NOTHING") === 1;
   }
 

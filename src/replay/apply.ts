@@ -275,7 +275,7 @@ export class Applier {
    */
   private insertFresh(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): ParkReason | null | undefined {
     if (this.aside.anyAside) return undefined;
-    const values = this.placeRefs(row);
+    const values = this.placeRefs(row, access);
     if (!Array.isArray(values)) return values;
     let lineage: Lineage | undefined;
     if (access.shape.autoId && row.instance) {
@@ -297,7 +297,7 @@ export class Applier {
     try {
       inserted = access.insertNewRow(row.columns, values);
     } catch {
-      inserted = false; // NOT NULL, CHECK, ...: the general path meets it again and says why
+      // NOT NULL, CHECK, ...: the general path meets it again and says why
     }
     if (!inserted) {
       this.states.delete(row.table, pk);
@@ -343,7 +343,7 @@ export class Applier {
    * Returns a reason to wait when a referenced row has not arrived yet.
    */
   private placeRow(row: RowChange, access: TableAccess): SqlValue[] | ParkReason {
-    const placed = this.placeRefs(row);
+    const placed = this.placeRefs(row, access);
     if (!Array.isArray(placed)) return placed;
     let values = placed;
     if (access.shape.autoId && row.instance) {
@@ -357,7 +357,7 @@ export class Applier {
       // lineage (read above at its old key, now this row's): read the references again, or the
       // row would point at itself here and at the moved row on nodes that saw the move first.
       if (this.relocator.moveCount !== moves && row.refs?.length) {
-        const again = this.placeRefs(row);
+        const again = this.placeRefs(row, access);
         if (!Array.isArray(again)) return again;
         values = again;
       }
@@ -370,9 +370,8 @@ export class Applier {
   }
 
   /** The record's values with its references pointed at where their rows live here (see placeRow). */
-  private placeRefs(row: RowChange): SqlValue[] | ParkReason {
+  private placeRefs(row: RowChange, access: TableAccess): SqlValue[] | ParkReason {
     let values = row.values;
-    const access = this.tables().get(row.table) as TableAccess;
     const tables = this.tables();
     for (const ref of row.refs ?? []) {
       const i = row.columns.indexOf(ref.column);
