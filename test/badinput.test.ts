@@ -15,6 +15,7 @@ import { FileStore } from "../src/store/file.js";
 import { S3Store } from "../src/store/s3.js";
 import { compress } from "zstd-napi";
 import { appConnection, openSync } from "./helpers/node.js";
+import { CorruptSnapshotError, encodeManifest, readManifest, snapshotKey, SNAPSHOT_FORMAT, type SnapshotRef } from "../src/snapshot/format.js";
 
 const root = mkdtempSync(join(tmpdir(), "unisync-bad-"));
 afterAll(() => rmSync(root, { recursive: true, force: true }));
@@ -73,6 +74,20 @@ describe("corrupt objects are reported and never applied", () => {
       expect(rows(node)).toEqual([1, 2]);
       expect(node.problems.size).toBe(0);
       node.close();
+    });
+  }
+});
+
+describe("snapshot manifests", () => {
+  // A copy is placed at join(instanceDir, stream): a manifest written into the bucket must not aim it elsewhere.
+  for (const stream of ["../outside.db", "/etc/passwd", "a/../../x.db", ".unisync/files.db", "data.db-wal", ""]) {
+    it(`refuses a database named ${JSON.stringify(stream)}`, async () => {
+      const m = { format: SNAPSHOT_FORMAT, node: "evil", hlc: 5, createdMs: 0, databases: [{ stream, sha256: "0".repeat(64), size: 1, vector: {} }], files: null };
+      const { bytes, sha256 } = encodeManifest(m);
+      const ref: SnapshotRef = { key: snapshotKey("evil", 5, sha256), node: "evil", hlc: 5, sha256 };
+      await store.put(ref.key, bytes);
+      await expect(readManifest(store, ref)).rejects.toThrow(CorruptSnapshotError);
+      await expect(readManifest(store, ref)).rejects.toThrow(/names a database at/);
     });
   }
 });

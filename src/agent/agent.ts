@@ -38,6 +38,7 @@ import { join } from "node:path";
 import { renameSync, rmSync } from "node:fs";
 import { placeDatabase } from "../snapshot/bootstrap.js";
 import { stageNewest } from "../snapshot/stage.js";
+import { DatabaseAdopter } from "../snapshot/adopt.js";
 import {
   collectedGaps,
   copyAside,
@@ -166,6 +167,10 @@ export class Agent {
   /** Loops end while the node starts again from a snapshot (rejoin), then run again. */
   private pausing = false;
   private rejoining: Promise<void> | null = null;
+  /** Brings in databases of the cluster that this node lacks (snapshot/adopt.ts); what it last said of each. */
+  private readonly adopter: DatabaseAdopter;
+  private adopting: Promise<void> | null = null;
+  private readonly adoptSaid = new Map<string, string>();
   private rejoinStatus: RejoinStatus | undefined;
   /** Last time a snapshot was staged for a rejoin that did not happen (not covering): not every tick. */
   private lastRejoinTry = 0;
@@ -200,6 +205,7 @@ export class Agent {
     this.index = new SegmentIndex(store, config.node, config.indexOverlapMs);
     this.planner = new TailPlanner(this.index, { repairEveryMs: config.repairEveryMs, gapGraceMs: Math.max(1000, 2 * config.pollMinMs) });
     this.pollIntervalMs = config.pollMinMs;
+    this.adopter = new DatabaseAdopter({ instanceDir: config.instanceDir, node: config.node, store, log });
     this.snapshots = new SnapshotScheduler({
       instanceDir: config.instanceDir,
       workDir: join(stateDir(config.instanceDir), "snapshot-work"),
@@ -300,7 +306,7 @@ export class Agent {
    * snapshot is fetched at most once a minute. Once per process at most.
    */
   private rejoinWanted(): boolean {
-    if (!this.config.bootstrap || this.rejoining) return false;
+    if (!this.config.bootstrap || this.rejoining || this.adopting) return false;
     const gaps = collectedGaps(this.streams());
     if (gaps.length === 0) {
       this.gapsSeenInRound = undefined;
@@ -565,6 +571,49 @@ export class Agent {
     }
   }
 
+  /** Whether this node would sync a database of the cluster and does not have it (see snapshot/adopt.ts). */
+  private lacks(stream: string): boolean {
+    if (stream === FILES_STREAM || stream.startsWith(".") || this.dbs.has(stream) || this.failed.has(stream)) return false;
+    // A file that went away under this agent (retire) is the operator's doing: not brought back.
+    if (this.replacements.some((r) => r.stream === stream)) return false;
+    // Found in the folder: top-level files, and deeper ones named in the config.
+    if (stream.includes("/") && !this.config.databases.includes(stream)) return false;
+    return !existsSync(join(this.config.instanceDir, stream)) && !this.spooledStreams().has(stream);
+  }
+
+  /**
+   * A node that started before any snapshot existed, or with files of its own,
+   * did not bootstrap: the databases other nodes sync are brought in from a
+   * snapshot once one holds them. Runs beside the housekeeping loop.
+   */
+  private lookForMissingDatabases(): void {
+    if (!this.config.bootstrap || this.adopting || this.halted()) return;
+    const hinted = [...this.index.streams].filter((s) => this.lacks(s));
+    if (!this.adopter.due(hinted.length > 0)) return;
+    this.adopting = (async () => {
+      const r = await this.adopter.adopt((s) => this.lacks(s));
+      const say = (stream: string, why: string, level: "info" | "warn", msg: string) => {
+        if (this.adoptSaid.get(stream) === why) return;
+        this.adoptSaid.set(stream, why);
+        this.log[level]({ db: stream, why }, msg);
+      };
+      for (const p of r.placed) {
+        this.adoptSaid.delete(p.stream);
+        this.log.info({ db: p.stream, snapshot: p.snapshot }, "a database of the cluster was missing here: placed its copy from the newest snapshot that holds it; the log after it is replayed before this node writes to it");
+        this.activity.add({ kind: "control", stream: p.stream, text: `database brought in from snapshot ${p.snapshot}` });
+      }
+      for (const d of r.declined) say(d.stream, d.why, "warn", "a database of the cluster is missing here and was not brought in");
+      const handled = new Set([...r.placed, ...r.declined].map((x) => x.stream));
+      for (const stream of hinted) if (!handled.has(stream)) say(stream, "no snapshot holds it yet", "info", "other nodes sync a database this node lacks: it is brought in from the first snapshot that holds it");
+      if (r.placed.length > 0) this.rescanDatabases();
+    })()
+      .catch((err: Error) => {
+        if (err instanceof StoreUnavailableError) this.storeFailed(err, "looking for databases this node lacks");
+        else this.log.error({ err: err.message }, "could not bring in a database this node lacks; trying again later");
+      })
+      .finally(() => (this.adopting = null));
+  }
+
   private storeFailed(err: unknown, doing: string): void {
     const message = (err as Error).message;
     if (this.storeError !== message) this.log.warn({ err: message, doing }, "store unreachable; local changes wait in the outbox and will be sent when it is back");
@@ -802,6 +851,7 @@ export class Agent {
         if (why) await this.retire(db, why);
       }
       this.rescanDatabases();
+      this.lookForMissingDatabases();
       this.updateGauges();
       this.noteProblems();
       if (this.rejoinWanted()) {
@@ -1016,6 +1066,7 @@ export class Agent {
     this.wakePull?.(true);
     this.hints?.close();
     await this.rejoining;
+    await this.adopting;
     await Promise.allSettled(this.loops);
     // Cursors no longer move once the loops are done; read them before the streams close.
     let last: Heartbeat | undefined;

@@ -95,6 +95,8 @@ export class SegmentIndex {
   private readonly applied = new Map<string, number>();
   private readonly warnedSkew = new Set<string>();
   readonly origins = new Set<string>();
+  /** Every stream a pointer named, held here or not (a database this node lacks shows up here first). */
+  readonly streams = new Set<string>();
 
   constructor(
     private readonly store: ObjectStore,
@@ -158,6 +160,7 @@ export class SegmentIndex {
 
   /** Records a segment key (from a pointer or a listing); false if it was known. */
   add(origin: string, stream: string, seq: number, key: string): boolean {
+    this.streams.add(stream);
     const id = `${origin}\n${stream}`;
     // Applied and forgotten: a window scan that sees its pointer again brings nothing new.
     if (seq <= (this.applied.get(id) ?? 0)) return false;

@@ -9,6 +9,8 @@ import { createHash } from "node:crypto";
 import { encodeName, decodeName } from "../log/keys.js";
 import { listAll, type ObjectStore } from "../store/store.js";
 import { SealError } from "../keys/envelope.js";
+import { STATE_DIR, unsafePathReason } from "../capture/ignore.js";
+import { isSqliteCompanion } from "../db/databases.js";
 
 export const SNAPSHOT_FORMAT = 1;
 export const SNAPSHOT_PREFIX = "snapshots/";
@@ -102,6 +104,11 @@ export async function readManifest(store: ObjectStore, ref: SnapshotRef): Promis
   }
   if (m.format !== SNAPSHOT_FORMAT) throw new CorruptSnapshotError(`snapshot ${ref.key} has format ${m.format}; this unisync reads ${SNAPSHOT_FORMAT}`);
   if (m.hlc !== ref.hlc || m.node !== ref.node || !Array.isArray(m.databases)) throw new CorruptSnapshotError(`snapshot ${ref.key} does not match its key`);
+  // A stream names where a database copy is placed: never outside the instance folder or on unisync's own state.
+  for (const d of m.databases) {
+    const why = typeof d?.stream !== "string" ? "no stream name" : unsafePathReason(d.stream) ?? (d.stream.split("/")[0] === STATE_DIR ? "unisync's own state" : isSqliteCompanion(d.stream) ? "an SQLite companion file" : null);
+    if (why) throw new CorruptSnapshotError(`snapshot ${ref.key} names a database at ${JSON.stringify(d?.stream)}: ${why}`);
+  }
   return m;
 }
 

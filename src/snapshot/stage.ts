@@ -53,20 +53,24 @@ async function fetchPart(store: ObjectStore, sha256: string, size: number, dest:
   }
 }
 
-/** Fetches and verifies every part of one snapshot into `dir` (emptied first). */
-export async function stageSnapshot(store: ObjectStore, ref: SnapshotRef, dir: string): Promise<StagedSnapshot> {
+/**
+ * Fetches and verifies every part of one snapshot into `dir` (emptied first);
+ * with `only`, just those databases and no folder state.
+ */
+export async function stageSnapshot(store: ObjectStore, ref: SnapshotRef, dir: string, only?: ReadonlySet<string>): Promise<StagedSnapshot> {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const manifest = await readManifest(store, ref);
   const dbs: StagedSnapshot["dbs"] = [];
   for (const [i, part] of manifest.databases.entries()) {
+    if (only && !only.has(part.stream)) continue;
     const path = join(dir, `db-${i}.sqlite`);
     await fetchPart(store, part.sha256, part.size, path, `database ${part.stream} of snapshot ${ref.key}`);
     checkAndPrepare(path, `database ${part.stream} of snapshot ${ref.key}`, (db) => setCursors(db, part.vector));
     dbs.push({ stream: part.stream, path });
   }
   let filesState: string | null = null;
-  if (manifest.files) {
+  if (manifest.files && !only) {
     const files = manifest.files;
     filesState = join(dir, "files.db");
     await fetchPart(store, files.state.sha256, files.state.size, filesState, `folder state of snapshot ${ref.key}`);
