@@ -28,8 +28,8 @@ type Timing = Record<Mode, Record<`${Op}_${"mean" | "median"}_us`, number>>;
 
 const BLOCK = 100;
 
-function runBetterSqlite(paths: Record<Mode, string>, n: number, sync: Sync): Timing {
-  const modes: Mode[] = ["without", "with"];
+function runBetterSqlite<M extends string>(paths: Record<M, string>, n: number, sync: Sync): Record<M, Timing[Mode]> {
+  const modes = Object.keys(paths) as M[];
   const conns = Object.fromEntries(
     modes.map((m) => {
       const db = new Database(paths[m], { timeout: 30_000 });
@@ -43,12 +43,12 @@ function runBetterSqlite(paths: Record<Mode, string>, n: number, sync: Sync): Ti
         },
       ];
     }),
-  ) as Record<Mode, { db: Database.Database; insert: Database.Statement; update: Database.Statement }>;
+  ) as Record<M, { db: Database.Database; insert: Database.Statement; update: Database.Statement }>;
   const params: Record<Op, unknown[][]> = {
     insert: Array.from({ length: n }, (_, k) => itemRow(k + 1).slice(1)),
     update: Array.from({ length: n }, (_, k) => [`renamed-${String(k + 1).padStart(7, "0")}`, ((k + 1) * 1.13) % 1000, k + 1]),
   };
-  const times: Record<Mode, Record<Op, number[]>> = { without: { insert: [], update: [] }, with: { insert: [], update: [] } };
+  const times = Object.fromEntries(modes.map((m) => [m, { insert: [] as number[], update: [] as number[] }])) as Record<M, Record<Op, number[]>>;
   for (const op of ["insert", "update"] as Op[]) {
     for (let b = 0, start = 0; start < n; b++, start += BLOCK) {
       for (const m of b % 2 === 0 ? modes : [...modes].reverse()) {
@@ -64,13 +64,31 @@ function runBetterSqlite(paths: Record<Mode, string>, n: number, sync: Sync): Ti
   }
   for (const m of modes) conns[m].db.close();
   const mean = (xs: number[]) => xs.reduce((a, b) => a + b, 0) / xs.length;
-  const summary = (m: Mode) => ({
+  const summary = (m: M) => ({
     insert_mean_us: mean(times[m].insert) * 1000,
     insert_median_us: median(times[m].insert) * 1000,
     update_mean_us: mean(times[m].update) * 1000,
     update_median_us: median(times[m].update) * 1000,
   });
-  return { without: summary("without"), with: summary("with") };
+  return Object.fromEntries(modes.map((m) => [m, summary(m)])) as Record<M, Timing[Mode]>;
+}
+
+/**
+ * The floor of any trigger-based capture: a trigger that writes one narrow row
+ * into a side table, nothing else. What it costs over no trigger is the second
+ * B-tree page each commit writes to the WAL, which unisync's triggers pay too.
+ */
+function prepareBare(dir: string, name: string): string {
+  const path = join(dir, `${name}.db`);
+  createDb(path, ITEMS_SCHEMA);
+  const db = new Database(path);
+  db.exec(
+    "CREATE TABLE side(id INTEGER PRIMARY KEY, v); " +
+      "CREATE TRIGGER side_ins AFTER INSERT ON items BEGIN INSERT INTO side(v) VALUES (NEW.id); END; " +
+      "CREATE TRIGGER side_upd AFTER UPDATE ON items BEGIN INSERT INTO side(v) VALUES (NEW.id); END",
+  );
+  db.close();
+  return path;
 }
 
 function runPython(paths: Record<Mode, string>, n: number, sync: Sync): Timing {
@@ -149,6 +167,25 @@ export const capture: Bench = {
           );
         }
       }
+    }
+    // The floor: no-trigger, unisync's triggers and a bare one-row trigger, side by side.
+    const floors: Record<"without" | "with" | "bare", Timing[Mode]>[] = [];
+    for (let r = 0; r < rounds; r++, k++) {
+      floors.push(runBetterSqlite({ without: prepare(dir, `${k}-fw`, false), with: prepare(dir, `${k}-fu`, true), bare: prepareBare(dir, `${k}-fb`) }, n, "NORMAL"));
+    }
+    for (const op of ["insert", "update"] as Op[]) {
+      const mean = (m: "without" | "with" | "bare") => floors.reduce((a, f) => a + f[m][`${op}_mean_us`], 0) / floors.length;
+      ctx.log(`capture floor bsqlite sync=NORMAL ${op}: none ${mean("without").toFixed(1)}, bare trigger ${mean("bare").toFixed(1)}, unisync ${mean("with").toFixed(1)} us`);
+      results.push(
+        result({
+          name: `capture.floor.normal.${op}`,
+          value: mean("bare"),
+          unit: "us/op",
+          baseline: mean("without"),
+          baselineLabel: "no triggers",
+          detail: { n, rounds, unisyncUs: mean("with"), unisyncOverBare: mean("with") / mean("bare"), floors },
+        }),
+      );
     }
     return results;
   },

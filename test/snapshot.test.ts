@@ -116,7 +116,10 @@ describe("snapshots, bootstrap, replay and restore", () => {
       expect(syncedFileHashes(into)).toEqual(s.files);
     }
 
-    // A corrupt snapshot is reported, and the next older one gives the same state.
+    // A corrupt snapshot is reported, and the next older one gives the same state. The agents
+    // stop first: once quiet they still take snapshots whose clock (their newest record's) is
+    // at or before T2, and one sorting before the corrupted one would be used instead.
+    await c.stopAll();
     Object.assign(process.env, S3RVER_ENV);
     const s3store = openStore(store);
     const t2ms = Date.parse(s2.at);
@@ -138,6 +141,8 @@ describe("snapshots, bootstrap, replay and restore", () => {
     const early = await runCli(["replay", "--at", "2001-01-01T00:00:00Z", "--into", join(c.root, "x"), "--store", store]);
     expect(early.code).toBe(2);
     expect(early.stderr).toContain("no usable snapshot");
+
+    for (const n of c.nodes.keys()) await c.restart(n);
 
     // Restore n2 to T1: refused while its agent runs, then done with --stop-agent.
     const refused = await runCli(["restore", c.instance("n2"), "--at", s1.at, "--store", store]);
