@@ -24,6 +24,7 @@ CREATE TABLE account(id INTEGER PRIMARY KEY, name TEXT UNIQUE, email TEXT);
 CREATE TABLE code(code TEXT PRIMARY KEY, label TEXT UNIQUE);
 CREATE TABLE badge(id INTEGER PRIMARY KEY, team_id INTEGER REFERENCES team(id), label TEXT UNIQUE);
 CREATE TABLE person(id INTEGER PRIMARY KEY, mentor_id INTEGER REFERENCES person(id), name TEXT);
+CREATE TABLE team_tag(team_id INTEGER REFERENCES team(id) ON DELETE CASCADE, tag TEXT);
 `;
 
 let n = 0;
@@ -89,6 +90,42 @@ describe("id collisions", () => {
     // The earlier insert kept id 1; the moves are recorded.
     const moves = all(a.app, "SELECT tbl, from_key, key FROM _unisync_moves ORDER BY tbl");
     expect(moves.map((m) => m.tbl)).toEqual(["player", "team"]);
+    c.close();
+  });
+
+  it("rows of a table without a key follow their parent's move (an association table with no primary key)", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    a.app.exec("INSERT INTO team(name) VALUES ('reds'); INSERT INTO team_tag VALUES (1, 'warm'), (1, 'warm')");
+    await pause();
+    b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO team_tag VALUES (1, 'cold'), (1, 'warm')");
+    await c.ship(a);
+    await c.ship(b);
+    await c.pullAll(cc, ["b"]);
+    await c.pullAll(cc, ["a"]);
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const byName = new Map(all(x.app, "SELECT id, name FROM team").map((t) => [t.name, t.id]));
+      expect(all(x.app, "SELECT team_id, tag FROM team_tag ORDER BY team_id, tag")).toEqual(
+        [
+          { team_id: byName.get("reds"), tag: "warm" },
+          { team_id: byName.get("reds"), tag: "warm" },
+          { team_id: byName.get("blues"), tag: "cold" },
+          { team_id: byName.get("blues"), tag: "warm" },
+        ].sort((p, q) => Number(p.team_id) - Number(q.team_id) || String(p.tag).localeCompare(String(q.tag))),
+      );
+    }
+    // Later changes name the copies where they are now: b drops its warm tag, a deletes the reds.
+    b.app.exec("DELETE FROM team_tag WHERE tag = 'warm' AND team_id = (SELECT id FROM team WHERE name = 'blues')");
+    a.app.exec("PRAGMA foreign_keys = ON; DELETE FROM team WHERE name = 'reds'");
+    await c.settle();
+    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    for (const x of c.nodes) {
+      const blues = all(x.app, "SELECT id FROM team WHERE name = 'blues'")[0]?.id;
+      expect(all(x.app, "SELECT team_id, tag FROM team_tag")).toEqual([{ team_id: blues, tag: "cold" }]);
+      expect(x.sync.parkedCount()).toBe(0);
+    }
     c.close();
   });
 

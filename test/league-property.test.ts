@@ -7,7 +7,9 @@
  * nothing parked, and every foreign key must hold. What it exercises: id
  * collisions (lineages moved with their children, tombstones and set-aside
  * rows), unique clashes, reference repair, and a record whose own placement
- * moves the row its reference names (seed 19 of the scratch fuzzer).
+ * moves the row its reference names (seed 19 of the scratch fuzzer). Beyond
+ * agreement, every player and team note (a table without a key) must point at
+ * the team it was written for: nodes that agree on a wrong parent fail it.
  * Rerun a failure with SEED=<printed seed> (STEPS= to change the length,
  * SEEDS=<first>:<count> for a range, REAL=1 for real clocks).
  */
@@ -37,9 +39,11 @@ afterAll(() => (process.env.KEEP ? console.log(`kept ${root}`) : rmSync(root, { 
 
 const SCHEMA = `
 CREATE TABLE team(id INTEGER PRIMARY KEY, uid TEXT NOT NULL, name TEXT NOT NULL UNIQUE);
-CREATE TABLE player(id INTEGER PRIMARY KEY, uid TEXT NOT NULL, team_id INTEGER NOT NULL REFERENCES team(id) ON DELETE CASCADE, mentor_id INTEGER REFERENCES player(id), name TEXT NOT NULL, score REAL);
+CREATE TABLE player(id INTEGER PRIMARY KEY, uid TEXT NOT NULL, team_id INTEGER NOT NULL REFERENCES team(id) ON DELETE CASCADE, mentor_id INTEGER REFERENCES player(id), name TEXT NOT NULL, score REAL, team_name TEXT);
 CREATE TABLE tag(id INTEGER PRIMARY KEY, label TEXT NOT NULL UNIQUE);
 CREATE TABLE team_tag(team_id INTEGER REFERENCES team(id) ON DELETE CASCADE, tag_id INTEGER REFERENCES tag(id) ON DELETE CASCADE, PRIMARY KEY(team_id, tag_id));
+-- No key: a bag of rows, whose references must follow their team's moves too.
+CREATE TABLE team_note(team_id INTEGER REFERENCES team(id) ON DELETE CASCADE, team_name TEXT, body TEXT);
 `;
 
 type Db = ReturnType<typeof appConnection>;
@@ -82,7 +86,11 @@ async function run(seed: number, steps: number): Promise<string[]> {
       } else if (op < 0.45) {
         const t = randRow(db, "team");
         const m = rand() < 0.5 ? movedOrAny(db) : undefined;
-        if (t) db.prepare("INSERT INTO player(uid, team_id, mentor_id, name, score) VALUES (?, ?, ?, ?, 0.0)").run(`${x.name}-${++x.counter}`, t.id, m ? m.id : null, `p${x.counter}`);
+        if (t) {
+          db.prepare("INSERT INTO player(uid, team_id, mentor_id, name, score, team_name) VALUES (?, ?, ?, ?, 0.0, ?)").run(`${x.name}-${++x.counter}`, t.id, m ? m.id : null, `p${x.counter}`, t.name);
+          // No random draw here: seeds keep the runs they had before this table existed.
+          db.prepare("INSERT INTO team_note VALUES (?, ?, ?)").run(t.id, t.name, `joined by p${x.counter}`);
+        }
       } else if (op < 0.55) {
         const t = randRow(db, "team");
         const label = `tag-${Math.floor(rand() * 6)}`;
@@ -156,6 +164,12 @@ async function run(seed: number, steps: number): Promise<string[]> {
     // (that would put off reference repairs for good).
     for (const o of x.sync.db.prepare("SELECT origin FROM _unisync_cursors WHERE open = 1").pluck().all()) problems.push(`${x.name}: the log of ${o} ends part way through a transaction`);
     for (const f of x.app.prepare("PRAGMA foreign_key_check").all()) problems.push(`${x.name}: foreign key broken ${JSON.stringify(f, (_, v) => (typeof v === "bigint" ? String(v) : v))}`);
+    // Every node may agree and still be wrong: a row must point at the team it was written for
+    // (by name: a team set aside by a unique clash hands its rows to the team that kept the name).
+    for (const t of ["player", "team_note"]) {
+      const wrong = x.app.prepare(`SELECT count(*) FROM ${t} c JOIN team ON team.id = c.team_id WHERE c.team_name IS NOT team.name`).pluck().get();
+      if (Number(wrong) > 0) problems.push(`${x.name}: ${wrong} ${t} row(s) point at another team than the one they were written for`);
+    }
   }
   nodes.forEach((x) => (x.sync.close(), x.app.close()));
   return problems;

@@ -195,17 +195,23 @@ export class ChangeDrain {
         return i >= 0 ? values[i] : (access?.defaultValue(c) ?? null);
       });
       const values = local(change.values);
+      // The record names the lineage each reference points at, and the copy keeps it (to follow a move).
+      let refs: Record<string, Stamp> | undefined;
+      if (change.op !== OP_DELETE) {
+        this.addRefs(shape, change, { refs: null });
+        refs = Object.fromEntries((change.refs ?? []).map((r) => [r.column, r.lineage]));
+      }
       if (change.op === OP_INSERT) {
         const instance = change.enrolment ? enrolmentInstance(change.values, copy) : stamp;
         if (change.enrolment) change.instance = instance;
-        const affected = this.bag.record(change.table, instance, "insert", values, stamp);
+        const affected = this.bag.record(change.table, instance, "insert", values, stamp, refs);
         // An enrolled copy the log deleted (or has): the table holds one copy too many.
         if (change.enrolment && !affected) this.matchBag(change.table, values);
       } else {
         // The app changed one of the equal copies: name the oldest live one.
         const instance = this.bag.pickInstance(change.table, local(oldValues ?? change.values));
         if (instance) {
-          this.bag.record(change.table, instance, change.op === OP_DELETE ? "delete" : "update", values, stamp);
+          this.bag.record(change.table, instance, change.op === OP_DELETE ? "delete" : "update", values, stamp, refs);
           change.instance = instance;
         }
       }

@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS _unisync_moves(
 -- by its insert's clock and origin) with its current values and their clock.
 CREATE TABLE IF NOT EXISTS _unisync_bag(
   tbl TEXT NOT NULL, inst BLOB NOT NULL, vid BLOB NOT NULL, vals BLOB NOT NULL,
-  hlc INTEGER NOT NULL, origin TEXT NOT NULL, alive INTEGER NOT NULL, PRIMARY KEY(tbl, inst)) WITHOUT ROWID;
+  hlc INTEGER NOT NULL, origin TEXT NOT NULL, alive INTEGER NOT NULL, refs TEXT, PRIMARY KEY(tbl, inst)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS _unisync_bag_vid ON _unisync_bag(tbl, vid, alive);
 -- Rows set aside because they clash on a UNIQUE constraint with a row created
 -- earlier (src/replay/apply.ts): every node keeps the same one; these wait here,
@@ -104,6 +104,9 @@ export function ensureInternalTables(db: Database): void {
   for (const [c, type] of [["lin_hlc", "INTEGER"], ["lin_origin", "TEXT"], ["lin_epoch", "INTEGER"], ["refs", "TEXT"], ["inc_hlc", "INTEGER"], ["inc_origin", "TEXT"]]) {
     if (!rowCols.has(c)) db.exec(`ALTER TABLE _unisync_rows ADD COLUMN ${c} ${type}`);
   }
+  const bagCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_bag)").all() as { name: string }[]).map((c) => c.name));
+  // Copies recorded before they kept references: NULL (they do not follow a move).
+  if (!bagCols.has("refs")) db.exec("ALTER TABLE _unisync_bag ADD COLUMN refs TEXT");
   const cursorCols = new Set((db.prepare("PRAGMA main.table_info(_unisync_cursors)").all() as { name: string }[]).map((c) => c.name));
   if (!cursorCols.has("open")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN open INTEGER NOT NULL DEFAULT 0");
   if (!cursorCols.has("idx")) db.exec("ALTER TABLE _unisync_cursors ADD COLUMN idx INTEGER NOT NULL DEFAULT 0");

@@ -12,6 +12,8 @@ import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import type { Stamp } from "./merge.js";
+import { intKey } from "./relocate.js";
 import type { TableAccess } from "./table.js";
 
 export interface Instance {
@@ -24,7 +26,26 @@ interface InstanceState {
   hlc: number;
   origin: string;
   alive: boolean;
+  /** The lineage each reference column's value points at (relocate.ts): the copy follows its parent's move. */
+  refs: Record<string, Stamp> | null;
 }
+
+interface InstanceRow {
+  inst: Buffer;
+  vals: Buffer;
+  hlc: number | bigint;
+  origin: string;
+  alive: number | bigint;
+  refs: string | null;
+}
+
+const fromRow = (r: InstanceRow): InstanceState => ({
+  values: decodeValues(r.vals),
+  hlc: Number(r.hlc),
+  origin: r.origin,
+  alive: Number(r.alive) === 1,
+  refs: r.refs ? (JSON.parse(r.refs) as Record<string, Stamp>) : null,
+});
 
 export const instanceKey = (i: Instance) => encodeValues([BigInt(i.hlc), i.origin]);
 
@@ -42,21 +63,26 @@ export class BagStore {
   private readonly putStmt: Statement;
   private readonly liveStmt: Statement;
   private readonly countStmt: Statement;
+  private readonly referringStmt: Statement;
 
   constructor(private readonly db: Database) {
-    this.getStmt = db.prepare("SELECT vals, hlc, origin, alive FROM _unisync_bag WHERE tbl = ? AND inst = ?");
-    this.putStmt = db.prepare("INSERT OR REPLACE INTO _unisync_bag(tbl, inst, vid, vals, hlc, origin, alive) VALUES (?, ?, ?, ?, ?, ?, ?)");
+    this.getStmt = db.prepare("SELECT inst, vals, hlc, origin, alive, refs FROM _unisync_bag WHERE tbl = ? AND inst = ?");
+    this.putStmt = db.prepare("INSERT OR REPLACE INTO _unisync_bag(tbl, inst, vid, vals, hlc, origin, alive, refs) VALUES (?, ?, ?, ?, ?, ?, ?, ?)");
+    this.referringStmt = db.prepare(
+      "SELECT inst, vals, hlc, origin, alive, refs FROM _unisync_bag WHERE tbl = ? AND refs IS NOT NULL AND instr(refs, ?) > 0 AND instr(refs, ?) > 0",
+    );
     this.liveStmt = db.prepare("SELECT inst FROM _unisync_bag WHERE tbl = ? AND vid = ? AND alive = 1 ORDER BY inst LIMIT 1").pluck(true);
     this.countStmt = db.prepare("SELECT count(*) FROM _unisync_bag WHERE tbl = ? AND vid = ? AND alive = 1").pluck(true);
   }
 
   private get(table: string, inst: Buffer): InstanceState | null {
-    const r = this.getStmt.get(table, inst) as { vals: Buffer; hlc: number | bigint; origin: string; alive: number | bigint } | undefined;
-    return r ? { values: decodeValues(r.vals), hlc: Number(r.hlc), origin: r.origin, alive: Number(r.alive) === 1 } : null;
+    const r = this.getStmt.get(table, inst) as InstanceRow | undefined;
+    return r ? fromRow(r) : null;
   }
 
   private put(table: string, inst: Buffer, s: InstanceState): void {
-    this.putStmt.run(table, inst, rowIdentity(s.values, true), encodeValues(s.values), s.hlc, s.origin, s.alive ? 1 : 0);
+    const refs = s.refs && Object.keys(s.refs).length > 0 ? JSON.stringify(s.refs) : null;
+    this.putStmt.run(table, inst, rowIdentity(s.values, true), encodeValues(s.values), s.hlc, s.origin, s.alive ? 1 : 0, refs);
   }
 
   /** Live copies the state holds of this row value. */
@@ -74,10 +100,11 @@ export class BagStore {
 
   /**
    * Records an operation on an instance if it is newer than what the state has.
-   * Returns the row values whose copy counts may have changed, or null when
-   * the operation lost (or was seen before).
+   * `refs`: the lineages the values' references point at (undefined: a record
+   * from before copies kept them). Returns the row values whose copy counts may
+   * have changed, or null when the operation lost (or was seen before).
    */
-  record(table: string, inst: Instance, op: "insert" | "update" | "delete", values: SqlValue[], stamp: Instance): SqlValue[][] | null {
+  record(table: string, inst: Instance, op: "insert" | "update" | "delete", values: SqlValue[], stamp: Instance, refs?: Record<string, Stamp>): SqlValue[][] | null {
     const key = instanceKey(inst);
     const prior = this.get(table, key);
     if (prior && compareStamp(stamp.hlc, stamp.origin, prior.hlc, prior.origin) <= 0) return null;
@@ -86,6 +113,7 @@ export class BagStore {
       hlc: stamp.hlc,
       origin: stamp.origin,
       alive: op !== "delete",
+      refs: op === "delete" && prior ? prior.refs : (refs ?? null),
     };
     this.put(table, key, next);
     return prior ? [prior.values, next.values] : [next.values];
@@ -97,15 +125,36 @@ export class BagStore {
    * rows already there, so copies still match the table's rows.
    */
   remap(table: string, before: readonly string[], after: readonly string[], defaultOf: (column: string) => SqlValue): void {
-    const rows = this.db.prepare("SELECT inst, vals, hlc, origin, alive FROM _unisync_bag WHERE tbl = ?").all(table) as {
-      inst: Buffer; vals: Buffer; hlc: number | bigint; origin: string; alive: number | bigint;
-    }[];
+    const rows = this.db.prepare("SELECT inst, vals, hlc, origin, alive, refs FROM _unisync_bag WHERE tbl = ?").all(table) as InstanceRow[];
     const from = after.map((c) => before.indexOf(c));
     for (const r of rows) {
-      const old = decodeValues(r.vals);
-      const values = after.map((c, i) => (from[i] < 0 ? defaultOf(c) : old[from[i]]));
-      this.put(table, r.inst, { values, hlc: Number(r.hlc), origin: r.origin, alive: Number(r.alive) === 1 });
+      const s = fromRow(r);
+      const values = after.map((c, i) => (from[i] < 0 ? defaultOf(c) : s.values[from[i]]));
+      this.put(table, r.inst, { ...s, values });
     }
+  }
+
+  /**
+   * A parent lineage moved from key `from` to `to` (relocate.ts): every copy
+   * whose `column` holds `from` as a reference to that lineage now holds `to`,
+   * deleted copies included (an update may bring them back). Returns the row
+   * values whose copy counts changed, for reconcile.
+   */
+  followMove(access: TableAccess, column: string, lineage: Stamp, from: bigint, to: bigint): SqlValue[][] {
+    const table = access.shape.name;
+    const i = access.shape.columns.indexOf(column);
+    if (i < 0) return [];
+    const affected: SqlValue[][] = [];
+    for (const r of this.referringStmt.all(table, String(lineage.hlc), JSON.stringify(lineage.origin)) as InstanceRow[]) {
+      const s = fromRow(r);
+      const ref = s.refs?.[column];
+      if (!ref || ref.hlc !== lineage.hlc || ref.origin !== lineage.origin || intKey(s.values[i]) !== from) continue;
+      const values = s.values.slice();
+      values[i] = to;
+      this.put(table, r.inst, { ...s, values });
+      if (s.alive) affected.push(s.values, values);
+    }
+    return affected;
   }
 
   /** Makes the table hold exactly as many copies of each row value as there are live instances. */

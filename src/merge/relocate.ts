@@ -33,6 +33,7 @@ import { sameStamp, type Lineage, type Stamp } from "./merge.js";
 import type { RowStateStore } from "./state.js";
 import type { TableAccess } from "./table.js";
 import type { AsideRows } from "./unique.js";
+import type { BagStore } from "./bag.js";
 
 export type { Lineage };
 
@@ -118,6 +119,8 @@ export class Relocator {
     private readonly tables: () => Map<string, TableAccess>,
     /** Rows set aside by unique clashes move with their lineage. */
     private readonly aside: AsideRows,
+    /** Copies in tables without a key follow their parent's move too. */
+    private readonly bag: BagStore,
     private readonly onMove: (m: Move) => void,
   ) {
     this.getMove = db.prepare("SELECT born_key, key FROM _unisync_moves WHERE tbl = ? AND lin_hlc = ? AND lin_origin = ?").safeIntegers(true);
@@ -275,9 +278,13 @@ export class Relocator {
     const m = { table: parent.shape.name, lineage, from, to };
     const parentKey = parent.shape.key[0];
     for (const child of this.tables().values()) {
-      if (!child.shape.hasDeclaredKey) continue;
       for (const fk of child.shape.foreignKeys) {
         if (fk.table.toLowerCase() !== m.table.toLowerCase() || (fk.to !== null && fk.to !== parentKey)) continue;
+        if (!child.shape.hasDeclaredKey) {
+          const affected = this.bag.followMove(child, fk.column, m.lineage, m.from, m.to);
+          if (affected.length > 0) this.bag.reconcile(child, affected);
+          continue;
+        }
         for (const row of child.rowsWhere(fk.column, m.from)) {
           const keyValues = child.shape.key.map((k) => row.get(k) as SqlValue);
           const pk = rowIdentity(keyValues, false);

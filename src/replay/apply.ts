@@ -394,19 +394,25 @@ export class Applier {
   /** Tables without a key: merge into the named copy, then match the table's copies to the bag. */
   private applyToBag(origin: string, rec: LogRecord, access: TableAccess): ParkReason | null {
     const row = rec.row as RowChange;
+    const op = row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : "update";
+    // References point at where their rows live here (a parent that moved); a delete names
+    // its copy, whose values this node holds already, so it never waits for a parent.
+    const placed = this.placeRefs(row, access);
+    if (!Array.isArray(placed) && op !== "delete") return placed;
+    const rowValues = Array.isArray(placed) ? placed : row.values;
     // Values in local column order; a local column the origin lacks (it was added
     // here first, or the origin's record predates it) takes its declared default.
     const values = access.shape.columns.map((c) => {
       const i = row.columns.indexOf(c);
-      return i < 0 ? access.defaultValue(c) : row.values[i];
+      return i < 0 ? access.defaultValue(c) : rowValues[i];
     });
+    const refs = row.refs && op !== "delete" ? Object.fromEntries(row.refs.map((r) => [r.column, r.lineage])) : undefined;
     const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
-    const op = row.op === OP_INSERT ? "insert" : row.op === OP_DELETE ? "delete" : "update";
     // An insert makes a copy named by its stamp (an enrolled copy: by its values,
     // bag.ts); an update or delete that names no copy changed a row its origin never recorded.
     const instance = op === "insert" ? (row.enrolment && row.instance ? row.instance : stamp) : row.instance;
     if (!instance) return null;
-    const affected = this.bag.record(access.shape.name, instance, op, values, stamp);
+    const affected = this.bag.record(access.shape.name, instance, op, values, stamp, refs);
     if (!affected) return null;
     try {
       this.bag.reconcile(access, affected);

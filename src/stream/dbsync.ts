@@ -130,7 +130,7 @@ export class DbSync implements SyncStream {
         "unique clash: two nodes created rows with the same unique values; the later one is set aside (see `unisync conflicts`)",
       );
     });
-    const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, aside, (m) => {
+    const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, aside, bag, (m) => {
       // A tombstone moving (an id reused after a delete) is routine, not a collision.
       if (!m.live) return;
       o.metrics.inc("unisync_rows_moved_total");
