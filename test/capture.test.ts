@@ -11,7 +11,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, describe, expect, it } from "vitest";
 import { triggerSql } from "../src/capture/triggers.js";
-import { discoverTables } from "../src/db/schema.js";
+import { discoverTables, undeclaredReferences } from "../src/db/schema.js";
 import { decodeSegment, openSegment, type LogRecord } from "../src/log/segment.js";
 import { parseSegmentKey } from "../src/log/keys.js";
 import { FileStore } from "../src/store/file.js";
@@ -154,6 +154,26 @@ describe("wide tables", () => {
     expect(compareDatabases(paths)).toEqual([]);
     const db = new Database(paths[0], { readonly: true });
     expect(db.prepare("SELECT c0, c5, c70, c79 FROM wide").get()).toEqual({ c0: "first", c5: "from b", c70: "x", c79: "last" });
+    db.close();
+  });
+});
+
+describe("schema discovery", () => {
+  it("names columns that look like references but are not declared foreign keys", () => {
+    const db = new Database(":memory:");
+    db.exec(`
+      CREATE TABLE users(id INTEGER PRIMARY KEY, name TEXT);
+      CREATE TABLE category(id INTEGER PRIMARY KEY, label TEXT);
+      CREATE TABLE code(id TEXT PRIMARY KEY);
+      CREATE TABLE post(id INTEGER PRIMARY KEY, user_id INTEGER, category_id INTEGER REFERENCES category(id), code_id TEXT, other_id INTEGER);
+      CREATE TABLE tagging(post_id INTEGER, user_id INTEGER REFERENCES users(id));
+    `);
+    const found = undeclaredReferences(discoverTables(db, []));
+    // Declared ones, a parent whose ids cannot collide (TEXT key) and names without a table are left out.
+    expect(found).toEqual([
+      { table: "post", column: "user_id", parent: "users" },
+      { table: "tagging", column: "post_id", parent: "post" },
+    ]);
     db.close();
   });
 });

@@ -123,3 +123,25 @@ export function discoverTables(db: Database, excluded: readonly string[]): Table
 export function schemaVersion(db: Database): number {
   return db.pragma("schema_version", { simple: true }) as number;
 }
+
+/**
+ * Columns that look like references to a table whose ids can collide (`user_id`
+ * beside a table `user` or `users` with an INTEGER PRIMARY KEY) but are not
+ * declared foreign keys: they keep the old id when that row moves (relocate.ts),
+ * so the operator is told. A guess by name only; it never changes what is synced.
+ */
+export function undeclaredReferences(shapes: readonly TableShape[]): { table: string; column: string; parent: string }[] {
+  const autoIds = new Map(shapes.filter((s) => s.autoId).map((s) => [s.name.toLowerCase(), s.name]));
+  const out: { table: string; column: string; parent: string }[] = [];
+  for (const s of shapes) {
+    const declared = new Set(s.foreignKeys.map((f) => f.column.toLowerCase()));
+    for (const c of s.columns) {
+      const m = /^(.+)_id$/i.exec(c);
+      if (!m || declared.has(c.toLowerCase()) || (s.key.length === 1 && s.key[0] === c)) continue;
+      const stem = m[1].toLowerCase();
+      const parent = autoIds.get(stem) ?? autoIds.get(`${stem}s`) ?? autoIds.get(`${stem}es`);
+      if (parent) out.push({ table: s.name, column: c, parent });
+    }
+  }
+  return out;
+}

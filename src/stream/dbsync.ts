@@ -12,7 +12,7 @@ import { baselineTable } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
-import { discoverTables, quoteIdent, schemaVersion } from "../db/schema.js";
+import { discoverTables, quoteIdent, schemaVersion, undeclaredReferences } from "../db/schema.js";
 import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
@@ -308,6 +308,9 @@ export class DbSync implements SyncStream {
   enrolProgress: ProgressLine | undefined;
 
   /** Installs or refreshes triggers when the schema changed; returns true if it did. */
+  /** Columns already reported as undeclared references (once per process). */
+  private readonly warnedReferences = new Set<string>();
+
   refreshSchema(): boolean {
     const version = schemaVersion(this.db);
     if (version === this.lastSchemaVersion) return false;
@@ -326,6 +329,15 @@ export class DbSync implements SyncStream {
       });
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
+    for (const u of undeclaredReferences(defs.map((d) => d.shape))) {
+      const id = `${u.table}.${u.column}`;
+      if (this.warnedReferences.has(id)) continue;
+      this.warnedReferences.add(id);
+      this.log.warn(
+        { table: u.table, column: u.column, parent: u.parent },
+        "this column looks like a reference but is not a declared foreign key: if two nodes create rows with the same id in the parent table, one moves and this column keeps the old id. Declare it (SQLAlchemy: ForeignKey), or list the parent in naturalKeyTables if its ids mean the same row on every node",
+      );
+    }
     // Rows are enrolled once the log is replayed in (enrolling) and its own place is known.
     for (const def of this.enrolling || this.logUnknown ? [] : defs.filter((d) => d.needsBaseline)) {
       // Counts and ETA in the log (every 5 s) and in status (the console shows it).
