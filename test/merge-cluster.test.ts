@@ -127,6 +127,14 @@ describe("merge semantics with a Flask-SQLAlchemy app", () => {
             problems.push(`${n}: player ${e.uid} is on team ${String(p.team_uid)}, not ${e.team}`);
           }
         }
+        // A table without a key: each fan row points at the team its player joined.
+        const teamOf = new Map(insertedPlayers.map((e) => [e.uid as string, e.team as string]));
+        for (const f of rows(path, "SELECT f.fan, t.uid AS team_uid FROM team_fan f LEFT JOIN team t ON t.id = f.team_id")) {
+          const want = teamOf.get(String(f.fan));
+          if (want !== undefined && f.team_uid !== want && !deletedTeams.has(want) && !asideTeamUids.has(want)) {
+            problems.push(`${n}: fan row of ${String(f.fan)} is on team ${String(f.team_uid)}, not ${want}`);
+          }
+        }
         expect(problems).toEqual([]);
       }
       expect(c.unexpectedExits).toEqual([]);

@@ -2,9 +2,10 @@
 """A Flask-SQLAlchemy app the way such apps are usually written, for the merge tests
 (issue 4): plain integer ids that SQLite picks (max + 1, no AUTOINCREMENT), UNIQUE
 constraints, an association table with a composite key and no id, a nullable
-foreign key, and ON DELETE CASCADE plus the ORM's delete-orphan cascade.
+foreign key, ON DELETE CASCADE plus the ORM's delete-orphan cascade, and a table
+without any key (team_fan: a row per player that joined a team, named by its uid).
 
-  INSTANCE_DIR/league.db   team, player, tag, team_tag
+  INSTANCE_DIR/league.db   team, player, tag, team_tag, team_fan
 
 Usage:
   flask_league.py INSTANCE_DIR --node N --seed S --ops K [--journal-file PATH]
@@ -33,6 +34,13 @@ team_tag = db.Table(
     "team_tag",
     db.Column("team_id", db.Integer, db.ForeignKey("team.id", ondelete="CASCADE"), primary_key=True),
     db.Column("tag_id", db.Integer, db.ForeignKey("tag.id", ondelete="CASCADE"), primary_key=True),
+)
+
+# No key at all, as db.Table allows: one row per player that joined the team (a bag of rows).
+team_fan = db.Table(
+    "team_fan",
+    db.Column("team_id", db.Integer, db.ForeignKey("team.id", ondelete="CASCADE")),
+    db.Column("fan", db.String(40)),
 )
 
 
@@ -102,6 +110,7 @@ class Actions:
         mentor = self.pick(Player) if self.rng.random() < 0.4 else None
         p = Player(uid=self.uid(), team=t, name=f"p{self.counter}", mentor_id=mentor.id if mentor else None)
         db.session.add(p)
+        db.session.execute(team_fan.insert().values(team_id=t.id, fan=p.uid))
         return [{"op": "insert", "table": "player", "uid": p.uid, "team": t.uid, "mentor": mentor.uid if mentor else None}]
 
     def tag_team(self):
