@@ -308,6 +308,29 @@ export class DbSync implements SyncStream {
   enrolProgress: ProgressLine | undefined;
 
   /** Installs or refreshes triggers when the schema changed; returns true if it did. */
+  /** Rows per table whose copies differed at enrolment, as last reported. */
+  private readonly differencesSaid = new Map<string, number>();
+
+  /**
+   * Two nodes held different values under one key before unisync met their
+   * databases: merged as copies of one row (the earlier enrolment's values
+   * kept, the others listed by `unisync conflicts`). If the databases never
+   * shared a copy, these are different rows and the setting is wrong: say so.
+   */
+  private reportEnrolmentDifferences(): void {
+    const rows = this.db.prepare("SELECT tbl, count(DISTINCT row_key) AS n FROM _unisync_enrol_diffs GROUP BY tbl").all() as { tbl: string; n: number | bigint }[];
+    for (const r of rows) {
+      const n = Number(r.n);
+      if (n <= (this.differencesSaid.get(r.tbl) ?? 0)) continue;
+      this.differencesSaid.set(r.tbl, n);
+      this.log.warn(
+        { table: r.tbl, rows: n },
+        "rows that two nodes held under the same key before unisync met their databases hold different values: they were merged as copies of one row, one node's values kept and the others listed by `unisync conflicts`. " +
+          "If these databases never shared a copy (each server's rows are its own), they are different rows: stop every agent before more is merged and see \"independentDatabases\" in the README",
+      );
+    }
+  }
+
   /** Columns already reported as undeclared references (once per process). */
   private readonly warnedReferences = new Set<string>();
 
@@ -518,7 +541,10 @@ export class DbSync implements SyncStream {
       if (segment.records.length < s.segment.records.length) break;
     }
     // Children that arrived before their parent wait for it: the parent may be in what just applied.
-    if (applied > 0) this.retryParked("row");
+    if (applied > 0) {
+      this.retryParked("row");
+      this.reportEnrolmentDifferences();
+    }
     this.tailProblems.update(origin, problem());
     // Only a listing knows where the log ends: what the index named may not be all of it.
     this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
