@@ -156,6 +156,37 @@ describe("enrolment", () => {
     c.close();
   });
 
+  it("a database the app created while the agent ran holds new rows: rows written before the triggers were in are this node's inserts", async () => {
+    // Both apps create their database and write before their agent installs triggers (the
+    // agent meets the file at its next rescan): the rows are new, not copies of one database.
+    const c = setup(() => undefined);
+    const fresh = (name: string, rows: string) => {
+      const path = join(root, `fresh-${n}-${name}.db`);
+      const app = new Database(path);
+      app.exec(SCHEMA);
+      app.exec(rows);
+      app.close();
+      return c.join(name, undefined, { rowsAreNew: true }, path);
+    };
+    const a = fresh("a", "INSERT INTO item(name, qty) VALUES ('from a', 1), ('also a', 2); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1)");
+    const b = fresh("b", "INSERT INTO item(name, qty) VALUES ('from b', 3); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1)");
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b]) {
+      // Id 1 on both: two rows, one moved; nothing merged into another node's row.
+      expect(c.rows(x, "SELECT name, qty FROM item ORDER BY qty")).toEqual([
+        { name: "from a", qty: 1n },
+        { name: "also a", qty: 2n },
+        { name: "from b", qty: 3n },
+      ]);
+      expect(c.rows(x, "SELECT k, v FROM kv")).toEqual([{ k: "theme", v: "dark" }]);
+      // Two inserts of an equal row into a table without a key are two rows, as with triggers in place.
+      expect(c.rows(x, "SELECT count(*) AS n FROM tag")).toEqual([{ n: 2n }]);
+      expect(readEnrolments(x.sync.db).filter((e) => e.table === "item")).toEqual([]);
+    }
+    c.close();
+  });
+
   it("a row there before unisync under an id the cluster logged is that row: the logged values win", async () => {
     const c = setup(fill);
     const a = c.join("a");

@@ -544,16 +544,26 @@ export class Agent {
     this.dbs.delete(s.stream);
   }
 
+  /** Database streams found in the folder by the start-up scan (plus a marker, so the set is never empty after it). */
+  private readonly startScanned = new Set<string>();
+
   /** Opens DbSyncs for databases that appeared (new bind, new file). */
   rescanDatabases(): void {
     const open = new Set([...this.dbs.values()].map((d) => d.db.name));
     const found = findDatabases(this.config.instanceDir, this.config.databases, false, open);
+    if (this.startScanned.size === 0) {
+      this.startScanned.add("\u0000start");
+      for (const f of found.synced) this.startScanned.add(f.stream);
+    }
     const spooled = this.spooledStreams();
     for (const { path, stream } of found.synced) {
       if (this.dbs.has(stream) || this.failed.has(stream) || spooled.has(stream)) continue;
       let db: DbSync | undefined;
       try {
-        db = openDbSync({ ...this.config, store: this.store, log: this.log, enrolAfterCatchUp: true }, path, stream, this.clock, this.metrics);
+        // A file that was not there when the agent started (nor replaced one it had open) is
+        // the app's new database: rows in it were written a moment ago, before the triggers.
+        const rowsAreNew = this.startScanned.size > 0 && !this.startScanned.has(stream) && !this.replacements.some((r) => r.stream === stream);
+        db = openDbSync({ ...this.config, store: this.store, log: this.log, enrolAfterCatchUp: true, rowsAreNew }, path, stream, this.clock, this.metrics);
         if (db.enrolling) this.log.info({ db: stream }, "new database: replaying the cluster's log into it before enrolling its existing rows");
         this.dbs.set(stream, db);
         this.log.info({ db: stream, path }, "syncing database");

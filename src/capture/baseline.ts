@@ -36,6 +36,8 @@ export function baselineTable(
    * values are this database's own (a node's first enrolment, after the log was replayed in).
    */
   fillUnwritten = false,
+  /** Rows the app wrote a moment ago into a database it just created: recorded as plain inserts (new rows), not as a copy. */
+  asNewRows = false,
 ): number {
   const { shape, capId } = def;
   const slots = shape.columns.map((_, i) => `v${i}`).join(", ");
@@ -64,7 +66,7 @@ export function baselineTable(
   scanInTurns(db, shape, null, write, sealPending, (values) => {
     const copy = unrecorded(values);
     if (!copy) return;
-    record.run(capId, CHANGE_INSERT, Date.now(), enrolmentMask(copy), ...values);
+    record.run(capId, CHANGE_INSERT, Date.now(), asNewRows ? null : enrolmentMask(copy), ...values);
     recorded++;
   }, () => progress?.(recorded));
   if (def.backfill.length) recorded += backfillColumns(db, def, write);

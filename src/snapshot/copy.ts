@@ -16,7 +16,7 @@ import type { FileEntry } from "./format.js";
 
 /** Tables and meta keys that describe one node, not the data: emptied in every copy. */
 export const NODE_LOCAL_TABLES = ["_unisync_outbox", "_unisync_changes", "_unisync_notes", "_unisync_cursors", "_unisync_applying", "_unisync_enrol_touched", "_unisync_refcheck"];
-export const NODE_LOCAL_META = ["node", "next_seq", "enrol_pending", "log_unknown", "own_through"];
+export const NODE_LOCAL_META = ["node", "next_seq", "enrol_pending", "log_unknown", "own_through", "rows_are_new"];
 /** The folder state's node-local tables: what this disk holds, blobs waiting for upload, refusals. */
 export const FILES_NODE_LOCAL_TABLES = ["_unisync_outbox", "_unisync_cursors", "file_index", "file_blobs", "file_refused"];
 

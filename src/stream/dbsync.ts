@@ -54,6 +54,13 @@ export interface DbSyncOptions {
    * a database on their own enrol it at once.
    */
   enrolAfterCatchUp?: boolean;
+  /**
+   * The file appeared while the agent ran (the app created it): the rows it
+   * holds when first met were written by the app a moment ago, before the
+   * triggers were in, so they are recorded as this node's inserts, not as a
+   * copy of the cluster's rows (see rowsAreNew in the agent).
+   */
+  rowsAreNew?: boolean;
   maxRecords: number;
   maxBytes: number;
   busyTimeoutMs: number;
@@ -178,6 +185,7 @@ export class DbSync implements SyncStream {
       o.maxClockDriftMs,
     );
     this.applier.enrolling = Number(getMeta(this.db, "enrol_pending") ?? 0) === 1;
+    this.rowsAreNew = Number(getMeta(this.db, "rows_are_new") ?? 0) === 1;
     this.logUnknown = Number(getMeta(this.db, "log_unknown") ?? 0) === 1;
     this.ownThrough = Number(getMeta(this.db, "own_through") ?? 0);
   }
@@ -204,7 +212,8 @@ export class DbSync implements SyncStream {
       // is replayed into it first; independent databases keep their rows apart instead.
       // A file that comes with merge state (a snapshot's copy) has its rows recorded already.
       const hasState = this.db.prepare("SELECT 1 FROM _unisync_rows UNION ALL SELECT 1 FROM _unisync_bag LIMIT 1").get();
-      if (!o.independentDatabases && !hasState) setMeta(this.db, "enrol_pending", 1);
+      if (o.rowsAreNew && !hasState) setMeta(this.db, "rows_are_new", 1);
+      else if (!o.independentDatabases && !hasState) setMeta(this.db, "enrol_pending", 1);
       // This node may have a log for this stream already (the file was restored or
       // replaced): nothing is sealed until we know where it goes on (continueLog).
       setMeta(this.db, "log_unknown", 1);
@@ -299,6 +308,8 @@ export class DbSync implements SyncStream {
 
   /** While finishEnrolment records the rows: columns the log never wrote hold this copy's own values. */
   private firstEnrolment = false;
+  /** Meta rows_are_new: the first baseline records the rows as this node's inserts (DbSyncOptions.rowsAreNew). */
+  private rowsAreNew = false;
 
   get stream(): string {
     return this.o.stream;
@@ -380,13 +391,21 @@ export class DbSync implements SyncStream {
           this.enrolProgress = progress.snapshot();
         },
         this.firstEnrolment,
+        this.rowsAreNew,
       );
       this.enrolProgress = undefined;
-      if (n > 0) {
+      if (n > 0 && this.rowsAreNew) {
+        this.log.info({ table: def.shape.name, rows: n }, "recorded the rows the app wrote into its new database before the triggers were in, as this node's inserts");
+      } else if (n > 0) {
         // A fresh node's clock may not have ticked yet: the enrolment time is at least now.
         this.applier.enrolments.count(this.o.node, def.shape.name, Math.max(this.o.clock.current, hlcFromMs(Date.now())), "added", n);
         this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");
       }
+    }
+    // Only the rows there when the new file was first met are the app's new rows.
+    if (this.rowsAreNew && !this.enrolling && !this.logUnknown) {
+      this.write("enrolment", () => setMeta(this.db, "rows_are_new", 0));
+      this.rowsAreNew = false;
     }
     this.lastSchemaVersion = installedAt;
     this.log.info({ tables: defs.length, schemaVersion: installedAt }, "capture triggers in place");

@@ -29,6 +29,8 @@ export interface StreamSettings {
   walMode?: boolean;
   /** The agent: a database met for the first time replays the log before it enrols its rows. */
   enrolAfterCatchUp?: boolean;
+  /** The agent: the file appeared while it ran; its rows are the app's new rows (DbSyncOptions.rowsAreNew). */
+  rowsAreNew?: boolean;
 }
 
 export interface OpenStreams {
@@ -52,6 +54,7 @@ export function openDbSync(s: StreamSettings, path: string, stream: string, cloc
     independentDatabases: s.independentDatabases,
     declaredOnDelete: s.declaredOnDelete,
     enrolAfterCatchUp: s.enrolAfterCatchUp,
+    rowsAreNew: s.rowsAreNew,
     maxRecords: s.batchMaxRecords,
     maxBytes: s.batchMaxBytes,
     busyTimeoutMs: s.busyTimeoutMs,
