@@ -36,8 +36,6 @@ export function baselineTable(
    * values are this database's own (a node's first enrolment, after the log was replayed in).
    */
   fillUnwritten = false,
-  /** Rows the app wrote a moment ago into a database it just created: recorded as plain inserts (new rows), not as a copy. */
-  asNewRows = false,
 ): number {
   const { shape, capId } = def;
   const slots = shape.columns.map((_, i) => `v${i}`).join(", ");
@@ -66,12 +64,30 @@ export function baselineTable(
   scanInTurns(db, shape, null, write, sealPending, (values) => {
     const copy = unrecorded(values);
     if (!copy) return;
-    record.run(capId, CHANGE_INSERT, Date.now(), asNewRows ? null : enrolmentMask(copy), ...values);
+    record.run(capId, CHANGE_INSERT, Date.now(), enrolmentMask(copy), ...values);
     recorded++;
   }, () => progress?.(recorded));
   if (def.backfill.length) recorded += backfillColumns(db, def, write);
   db.prepare("UPDATE _unisync_capture SET baseline_done = 1 WHERE id = ?").run(capId);
   return recorded;
+}
+
+/**
+ * Records every row of a table as a plain insert of this node, in the caller's
+ * transaction: the one that installs the triggers of a database the app has
+ * just created (DbSync rowsAreNew). Ahead of anything the triggers capture
+ * from then on, so a row the app adds later finds its parent's lineage. The
+ * table is young and small; one statement reads it.
+ */
+export function recordRowsAsNew(db: Database, def: CaptureDef): number {
+  const { shape, capId } = def;
+  const slots = shape.columns.map((_, i) => `v${i}`).join(", ");
+  const order = shape.withoutRowid ? shape.key.map(quoteIdent).join(", ") : "rowid";
+  const n = db
+    .prepare(`INSERT INTO _unisync_changes(cap, op, ms, mask, ${slots}) SELECT ?, ?, ?, NULL, ${shape.columns.map(quoteIdent).join(", ")} FROM ${quoteIdent(shape.name)} ORDER BY ${order}`)
+    .run(capId, CHANGE_INSERT, Date.now()).changes;
+  db.prepare("UPDATE _unisync_capture SET baseline_done = 1 WHERE id = ?").run(capId);
+  return n;
 }
 
 /** Runs `fn` in one write transaction of the agent, timed (src/db/writes.ts). */

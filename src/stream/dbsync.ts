@@ -8,7 +8,7 @@ import { Progress, type ProgressLine } from "./progress.js";
 import { statSync } from "node:fs";
 import Database from "better-sqlite3";
 import type { Logger } from "pino";
-import { baselineTable } from "../capture/baseline.js";
+import { baselineTable, recordRowsAsNew } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
@@ -308,7 +308,7 @@ export class DbSync implements SyncStream {
 
   /** While finishEnrolment records the rows: columns the log never wrote hold this copy's own values. */
   private firstEnrolment = false;
-  /** Meta rows_are_new: the first baseline records the rows as this node's inserts (DbSyncOptions.rowsAreNew). */
+  /** Meta rows_are_new: the first trigger installation records the rows as this node's inserts (DbSyncOptions.rowsAreNew). */
   private rowsAreNew = false;
 
   get stream(): string {
@@ -354,6 +354,16 @@ export class DbSync implements SyncStream {
         const natural = new Set((this.o.naturalKeyTables ?? []).map((t) => t.toLowerCase()));
         const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
         const defs = installTriggers(this.db, shapes, Date.now());
+        if (this.rowsAreNew) {
+          // The app's new database: the rows it wrote before these triggers are its inserts,
+          // recorded in this transaction, ahead of whatever the triggers capture next.
+          for (const d of defs.filter((x) => x.needsBaseline)) {
+            const n = recordRowsAsNew(this.db, d);
+            d.needsBaseline = false;
+            if (n > 0) this.log.info({ table: d.shape.name, rows: n }, "recorded the rows the app wrote into its new database before the triggers were in, as this node's inserts");
+          }
+          setMeta(this.db, "rows_are_new", 0);
+        }
         for (const d of defs.filter((x) => x.previousColumns && !x.shape.hasDeclaredKey)) {
           // Copies of a table without a key are known by all their values: they follow the new columns.
           const access = new TableAccess(this.db, d.shape);
@@ -361,6 +371,7 @@ export class DbSync implements SyncStream {
         }
         return { defs, installedAt: schemaVersion(this.db) };
       });
+    this.rowsAreNew = false;
     this.tables = new Map(defs.map((d) => [d.shape.name, new TableAccess(this.db, d.shape)]));
     this.capIds = new Map(defs.map((d) => [d.shape.name, d.capId]));
     for (const u of undeclaredReferences(defs.map((d) => d.shape))) {
@@ -391,22 +402,15 @@ export class DbSync implements SyncStream {
           this.enrolProgress = progress.snapshot();
         },
         this.firstEnrolment,
-        this.rowsAreNew,
       );
       this.enrolProgress = undefined;
-      if (n > 0 && this.rowsAreNew) {
-        this.log.info({ table: def.shape.name, rows: n }, "recorded the rows the app wrote into its new database before the triggers were in, as this node's inserts");
-      } else if (n > 0) {
+      if (n > 0) {
         // A fresh node's clock may not have ticked yet: the enrolment time is at least now.
         this.applier.enrolments.count(this.o.node, def.shape.name, Math.max(this.o.clock.current, hlcFromMs(Date.now())), "added", n);
         this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");
       }
     }
-    // Only the rows there when the new file was first met are the app's new rows.
-    if (this.rowsAreNew && !this.enrolling && !this.logUnknown) {
-      this.write("enrolment", () => setMeta(this.db, "rows_are_new", 0));
-      this.rowsAreNew = false;
-    }
+
     this.lastSchemaVersion = installedAt;
     this.log.info({ tables: defs.length, schemaVersion: installedAt }, "capture triggers in place");
     this.retryParked();
