@@ -318,7 +318,6 @@ export class DbSync implements SyncStream {
   /** The table being enrolled now: rows done of total, and the ETA (status, console). */
   enrolProgress: ProgressLine | undefined;
 
-  /** Installs or refreshes triggers when the schema changed; returns true if it did. */
   /** Rows per table whose copies differed at enrolment, as last reported. */
   private readonly differencesSaid = new Map<string, number>();
 
@@ -345,6 +344,7 @@ export class DbSync implements SyncStream {
   /** Columns already reported as undeclared references (once per process). */
   private readonly warnedReferences = new Set<string>();
 
+  /** Installs or refreshes triggers when the schema changed; returns true if it did. */
   refreshSchema(): boolean {
     const version = schemaVersion(this.db);
     if (version === this.lastSchemaVersion) return false;
@@ -410,7 +410,6 @@ export class DbSync implements SyncStream {
         this.log.info({ table: def.shape.name, rows: n }, "enrolled rows that no trigger had seen: they count as older than every logged change (baseline)");
       }
     }
-
     this.lastSchemaVersion = installedAt;
     this.log.info({ tables: defs.length, schemaVersion: installedAt }, "capture triggers in place");
     this.retryParked();
