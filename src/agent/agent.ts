@@ -612,7 +612,7 @@ export class Agent {
         this.log.info({ db: p.stream, snapshot: p.snapshot }, "a database of the cluster was missing here: placed its copy from the newest snapshot that holds it; the log after it is replayed before this node writes to it");
         this.activity.add({ kind: "control", stream: p.stream, text: `database brought in from snapshot ${p.snapshot}` });
       }
-      for (const d of r.declined) say(d.stream, d.why, "warn", "a database of the cluster is missing here and was not brought in");
+      for (const d of r.declined) say(d.stream, d.why, d.routine ? "info" : "warn", "a database of the cluster is missing here and was not brought in");
       const handled = new Set([...r.placed, ...r.declined].map((x) => x.stream));
       for (const stream of hinted) if (!handled.has(stream)) say(stream, "no snapshot holds it yet", "info", "other nodes sync a database this node lacks: it is brought in from the first snapshot that holds it");
       if (r.placed.length > 0) this.rescanDatabases();

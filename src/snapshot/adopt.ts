@@ -32,8 +32,8 @@ export interface AdoptSettings {
 
 export interface AdoptResult {
   placed: { stream: string; snapshot: string }[];
-  /** Databases not placed, and why. */
-  declined: { stream: string; why: string }[];
+  /** Databases not placed, and why; `routine` when nothing needs doing (the app created the file meanwhile). */
+  declined: { stream: string; why: string; routine?: boolean }[];
 }
 
 /** How many snapshots, newest first, are read looking for a database this node lacks. */
@@ -86,7 +86,7 @@ export class DatabaseAdopter {
         const staged = await stageSnapshot(this.s.store, ref, dir, streams);
         for (const d of staged.dbs) {
           const why = placeIfMissing(d.path, join(this.s.instanceDir, d.stream));
-          if (why) result.declined.push({ stream: d.stream, why });
+          if (why) result.declined.push({ stream: d.stream, why, routine: why === APP_CREATED });
           else result.placed.push({ stream: d.stream, snapshot: ref.key });
         }
       } catch (err) {
@@ -114,6 +114,8 @@ export class DatabaseAdopter {
   }
 }
 
+const APP_CREATED = "the app created it meanwhile (it syncs as a database the app made)";
+
 /**
  * Links a staged copy in at `target` unless a file is there (the app created it
  * meanwhile: it is enrolled as a new database instead). Returns why it was not
@@ -121,7 +123,7 @@ export class DatabaseAdopter {
  */
 function placeIfMissing(staged: string, target: string): string | null {
   mkdirSync(dirname(target), { recursive: true });
-  if (existsSync(target)) return "the app created it meanwhile";
+  if (existsSync(target)) return APP_CREATED;
   // A companion file without its database would be read as part of the copy; it may
   // also be the app's, an instant after it created the file: never deleted here.
   const left = ["-wal", "-journal"].find((c) => existsSync(target + c));
@@ -130,7 +132,7 @@ function placeIfMissing(staged: string, target: string): string | null {
     linkSync(staged, target);
     return null;
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "EEXIST") return "the app created it meanwhile";
+    if ((err as NodeJS.ErrnoException).code === "EEXIST") return APP_CREATED;
     throw err;
   }
 }
