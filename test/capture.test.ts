@@ -177,3 +177,29 @@ describe("schema discovery", () => {
     db.close();
   });
 });
+
+describe("a table dropped and created again", () => {
+  it("says loudly that rows went without a delete being recorded (they stay on other nodes)", async () => {
+    const { default: pino } = await import("pino");
+    const { mkdtempSync } = await import("node:fs");
+    const lines: string[] = [];
+    const log = pino({ level: "info" }, { write: (s: string) => lines.push(s) });
+    const dir = mkdtempSync(join(tmpdir(), "unisync-wipe-"));
+    const path = join(dir, "app.db");
+    const app = new Database(path);
+    app.exec("CREATE TABLE post(id INTEGER PRIMARY KEY, title TEXT); INSERT INTO post(title) VALUES ('one'), ('two'), ('three')");
+    const sync = openSync(path, "n1", new FileStore(join(dir, "store")), undefined, { log });
+    sync.sealPending();
+    // A migration that rebuilds the table keeps its rows: nothing to say.
+    app.exec("CREATE TABLE post_new(id INTEGER PRIMARY KEY, title TEXT); INSERT INTO post_new SELECT * FROM post; DROP TABLE post; ALTER TABLE post_new RENAME TO post");
+    sync.sealPending();
+    expect(lines.filter((l) => l.includes("lost rows"))).toEqual([]);
+    // An "init-db" drops it and starts empty.
+    app.exec("DROP TABLE post; CREATE TABLE post(id INTEGER PRIMARY KEY, title TEXT)");
+    sync.sealPending();
+    const said = lines.map((l) => JSON.parse(l) as { msg: string; table?: string; rowsHere?: number; rowsTheClusterHas?: number }).filter((l) => l.msg.includes("lost rows"));
+    expect(said.map((l) => [l.table, l.rowsHere, l.rowsTheClusterHas])).toEqual([["post", 0, 3]]);
+    sync.close();
+    app.close();
+  });
+});

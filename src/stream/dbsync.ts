@@ -341,6 +341,26 @@ export class DbSync implements SyncStream {
     }
   }
 
+  /**
+   * A table whose triggers vanished was dropped and created again. A migration
+   * that rebuilds it copies its rows; one that holds fewer rows than the merge
+   * state counts alive lost them without a delete trigger firing (DROP TABLE,
+   * an "init-db" command): they are not deleted on other nodes, and this node
+   * now differs from the cluster. Said loudly, as nothing here can tell the
+   * intent.
+   */
+  private reportLostRows(table: string): void {
+    const alive = Number(this.db.prepare("SELECT count(*) FROM _unisync_rows WHERE tbl = ? AND alive = 1").pluck().get(table));
+    if (alive === 0) return;
+    const held = Number(this.db.prepare(`SELECT count(*) FROM ${quoteIdent(table)}`).pluck().get());
+    if (held >= alive) return;
+    this.log.error(
+      { table, rowsHere: held, rowsTheClusterHas: alive },
+      "this table was dropped and created again, and lost rows without any delete being recorded: the other nodes still hold them, so this node now differs from the cluster. " +
+        "To delete rows everywhere, delete them with DELETE (the app), not by recreating the table. To get them back here: stop the agent, move this database file aside, start the agent and let the app create the file again: the cluster's log is replayed into it",
+    );
+  }
+
   /** Columns already reported as undeclared references (once per process). */
   private readonly warnedReferences = new Set<string>();
 
@@ -364,6 +384,7 @@ export class DbSync implements SyncStream {
           }
           setMeta(this.db, "rows_are_new", 0);
         }
+        for (const d of defs.filter((x) => x.needsBaseline && x.shape.hasDeclaredKey)) this.reportLostRows(d.shape.name);
         for (const d of defs.filter((x) => x.previousColumns && !x.shape.hasDeclaredKey)) {
           // Copies of a table without a key are known by all their values: they follow the new columns.
           const access = new TableAccess(this.db, d.shape);
