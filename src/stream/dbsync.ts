@@ -13,7 +13,7 @@ import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { discoverTables, quoteIdent, schemaVersion, undeclaredReferences } from "../db/schema.js";
-import { CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
+import { CHANGE_DELETE, CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
@@ -343,17 +343,23 @@ export class DbSync implements SyncStream {
 
   /**
    * A table whose triggers vanished was dropped and created again. A migration
-   * that rebuilds it copies its rows; one that holds fewer rows than the merge
-   * state counts alive lost them without a delete trigger firing (DROP TABLE,
-   * an "init-db" command): they are not deleted on other nodes, and this node
-   * now differs from the cluster. Said loudly, as nothing here can tell the
-   * intent.
+   * that rebuilds it copies its rows; one that came back holding less than half
+   * the rows the merge state counts alive lost them without a delete trigger
+   * firing (DROP TABLE, an "init-db" command): they are not deleted on other
+   * nodes, and this node now differs from the cluster. Said loudly, as nothing
+   * here can tell the intent.
    */
   private reportLostRows(table: string): void {
-    const alive = Number(this.db.prepare("SELECT count(*) FROM _unisync_rows WHERE tbl = ? AND alive = 1").pluck().get(table));
-    if (alive === 0) return;
+    // Rows set aside by a unique clash are alive but out of the table, and so are rows
+    // whose delete the triggers captured but the state has not taken in yet.
+    const count = (sql: string) => Number(this.db.prepare(sql).pluck().get(table));
+    const alive =
+      count("SELECT count(*) FROM _unisync_rows WHERE tbl = ? AND alive = 1") -
+      count("SELECT count(*) FROM _unisync_conflicts WHERE tbl = ?") -
+      count(`SELECT count(*) FROM _unisync_changes WHERE op = ${CHANGE_DELETE} AND cap IN (SELECT id FROM _unisync_capture WHERE tbl = ?)`);
     const held = Number(this.db.prepare(`SELECT count(*) FROM ${quoteIdent(table)}`).pluck().get());
-    if (held >= alive) return;
+    // Only a table that came back with most of its rows gone: a recreated, emptied one.
+    if (alive <= 0 || held * 2 >= alive) return;
     this.log.error(
       { table, rowsHere: held, rowsTheClusterHas: alive },
       "this table was dropped and created again, and lost rows without any delete being recorded: the other nodes still hold them, so this node now differs from the cluster. " +
