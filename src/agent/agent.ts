@@ -529,6 +529,11 @@ export class Agent {
   /** Every file replacement seen in this run (status). */
   private readonly replacements: { stream: string; atMs: number; why: string }[] = [];
 
+  /** Whether the file of this stream was replaced or removed under this agent (retire). */
+  private retiredThisRun(stream: string): boolean {
+    return this.replacements.some((r) => r.stream === stream);
+  }
+
   /** A stream whose log cannot be written without forking it is taken out of sync, loudly. */
   private async dropForked(s: SyncStream, err: LogForkError): Promise<void> {
     if (s === this.files) {
@@ -562,7 +567,7 @@ export class Agent {
       try {
         // A file that was not there when the agent started (nor replaced one it had open) is
         // the app's new database: rows in it were written a moment ago, before the triggers.
-        const rowsAreNew = this.startScanned.size > 0 && !this.startScanned.has(stream) && !this.replacements.some((r) => r.stream === stream);
+        const rowsAreNew = this.startScanned.size > 0 && !this.startScanned.has(stream) && !this.retiredThisRun(stream);
         db = openDbSync({ ...this.config, store: this.store, log: this.log, enrolAfterCatchUp: true, rowsAreNew }, path, stream, this.clock, this.metrics);
         if (db.enrolling) this.log.info({ db: stream }, "new database: replaying the cluster's log into it before enrolling its existing rows");
         this.dbs.set(stream, db);
@@ -585,7 +590,7 @@ export class Agent {
   private lacks(stream: string): boolean {
     if (stream === FILES_STREAM || stream.startsWith(".") || this.dbs.has(stream) || this.failed.has(stream)) return false;
     // A file that went away under this agent (retire) is the operator's doing: not brought back.
-    if (this.replacements.some((r) => r.stream === stream)) return false;
+    if (this.retiredThisRun(stream)) return false;
     // Found in the folder: top-level files, and deeper ones named in the config.
     if (stream.includes("/") && !this.config.databases.includes(stream)) return false;
     return !existsSync(join(this.config.instanceDir, stream)) && !this.spooledStreams().has(stream);

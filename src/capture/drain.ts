@@ -8,7 +8,7 @@ import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
 import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../merge/merge.js";
-import { enrolmentInstance, type BagStore } from "../merge/bag.js";
+import { enrolmentInstance, refsByColumn, type BagStore } from "../merge/bag.js";
 import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../merge/relocate.js";
 import type { AsideRows } from "../merge/unique.js";
 import type { RowStateStore } from "../merge/state.js";
@@ -198,8 +198,8 @@ export class ChangeDrain {
       // The record names the lineage each reference points at, and the copy keeps it (to follow a move).
       let refs: Record<string, Stamp> | undefined;
       if (change.op !== OP_DELETE) {
-        this.addRefs(shape, change, { refs: null });
-        refs = Object.fromEntries((change.refs ?? []).map((r) => [r.column, r.lineage]));
+        this.addRefs(shape, change);
+        refs = refsByColumn(change.refs ?? []);
       }
       if (change.op === OP_INSERT) {
         const instance = change.enrolment ? enrolmentInstance(change.values, copy) : stamp;
@@ -332,9 +332,9 @@ export class ChangeDrain {
   /**
    * Names the lineage of the row each foreign key of the change points at. The
    * record carries every one (a receiver may need them to find the row, when a
-   * key column is a reference); the state keeps those the change wrote.
+   * key column is a reference); the state (of a row with a key) keeps those the change wrote.
    */
-  private addRefs(shape: TableShape, change: RowChange, state: { refs: Record<string, Stamp> | null }): void {
+  private addRefs(shape: TableShape, change: RowChange, state?: { refs: Record<string, Stamp> | null }): void {
     for (const fk of shape.foreignKeys) {
       const parent = this.shapeOf(fk.table);
       const i = change.columns.indexOf(fk.column);
@@ -345,7 +345,7 @@ export class ChangeDrain {
       const lineage = { hlc: at.hlc, origin: at.origin };
       (change.refs ??= []).push({ column: fk.column, lineage, bornKey: this.relocator.recordedBornKey(parent.name, lineage, value) });
       const wrote = change.op === OP_INSERT || (change.op === OP_UPDATE && change.changed.includes(i));
-      if (wrote) state.refs = { ...state.refs, [fk.column]: lineage };
+      if (wrote && state) state.refs = { ...state.refs, [fk.column]: lineage };
     }
   }
 

@@ -12,6 +12,7 @@ import { createHash } from "node:crypto";
 import type { Database, Statement } from "better-sqlite3";
 import { compareStamp } from "../log/hlc.js";
 import { decodeValues, encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
+import type { RowRef } from "../log/segment.js";
 import type { Stamp } from "./merge.js";
 import { intKey } from "./relocate.js";
 import type { TableAccess } from "./table.js";
@@ -48,6 +49,9 @@ const fromRow = (r: InstanceRow): InstanceState => ({
 });
 
 export const instanceKey = (i: Instance) => encodeValues([BigInt(i.hlc), i.origin]);
+
+/** A record's references as a copy keeps them: the lineage each column points at. */
+export const refsByColumn = (refs: readonly RowRef[]): Record<string, Stamp> => Object.fromEntries(refs.map((r) => [r.column, r.lineage]));
 
 /**
  * The copies a table held when it was enrolled are named by their values and

@@ -15,7 +15,7 @@ import type { ReferenceKeeper } from "./references.js";
 import { intKey, lineageName, sameLineage, type Lineage, type Relocator } from "../merge/relocate.js";
 import type { AsideRows } from "../merge/unique.js";
 import { Cursors, type Cursor } from "../log/cursors.js";
-import type { BagStore } from "../merge/bag.js";
+import { refsByColumn, type BagStore } from "../merge/bag.js";
 import type { RowStateStore } from "../merge/state.js";
 import type { TableAccess } from "../merge/table.js";
 
@@ -406,7 +406,7 @@ export class Applier {
       const i = row.columns.indexOf(c);
       return i < 0 ? access.defaultValue(c) : rowValues[i];
     });
-    const refs = row.refs && op !== "delete" ? Object.fromEntries(row.refs.map((r) => [r.column, r.lineage])) : undefined;
+    const refs = row.refs && op !== "delete" ? refsByColumn(row.refs) : undefined;
     const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
     // An insert makes a copy named by its stamp (an enrolled copy: by its values,
     // bag.ts); an update or delete that names no copy changed a row its origin never recorded.
