@@ -52,8 +52,18 @@ function cluster(names: string[], extra: Parameters<typeof openSync>[4] = {}) {
       for (const x of nodes) await pullAll(x);
     }
   };
+  /** The first two ship what they wrote apart; the third hears the second first (the opposite order from theirs); all settle and agree. */
+  type Node = (typeof nodes)[number];
+  const crossAndSettle = async (first: Node, second: Node, third: Node) => {
+    await ship(first);
+    await ship(second);
+    await pullAll(third, [second.name]);
+    await pullAll(third, [first.name]);
+    await settle();
+    expect(compareDatabases(nodes.map((x) => x.path))).toEqual([]);
+  };
   const close = () => nodes.forEach((x) => (x.sync.close(), x.app.close()));
-  return { nodes, ship, pullAll, settle, close };
+  return { nodes, ship, pullAll, settle, crossAndSettle, close };
 }
 
 const all = (db: ReturnType<typeof appConnection>, sql: string) => db.prepare(sql).all() as Record<string, unknown>[];
@@ -66,13 +76,8 @@ describe("id collisions", () => {
     const [a, b, cc] = c.nodes;
     a.app.exec("INSERT INTO team(name) VALUES ('reds'); INSERT INTO player(team_id, name) VALUES (1, 'ann')");
     b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO player(team_id, name) VALUES (1, 'bob'); INSERT INTO membership VALUES (1, 'x')");
-    await c.ship(a);
-    await c.ship(b);
     // c hears b first, then a: the opposite order from a's and b's own.
-    await c.pullAll(cc, ["b"]);
-    await c.pullAll(cc, ["a"]);
-    await c.settle();
-    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    await c.crossAndSettle(a, b, cc);
     for (const x of c.nodes) {
       const teams = all(x.app, "SELECT id, name FROM team ORDER BY name");
       expect(teams.map((t) => t.name)).toEqual(["blues", "reds"]);
@@ -99,12 +104,7 @@ describe("id collisions", () => {
     a.app.exec("INSERT INTO team(name) VALUES ('reds'); INSERT INTO team_tag VALUES (1, 'warm'), (1, 'warm')");
     await pause();
     b.app.exec("INSERT INTO team(name) VALUES ('blues'); INSERT INTO team_tag VALUES (1, 'cold'), (1, 'warm')");
-    await c.ship(a);
-    await c.ship(b);
-    await c.pullAll(cc, ["b"]);
-    await c.pullAll(cc, ["a"]);
-    await c.settle();
-    expect(compareDatabases(c.nodes.map((x) => x.path))).toEqual([]);
+    await c.crossAndSettle(a, b, cc);
     for (const x of c.nodes) {
       const byName = new Map(all(x.app, "SELECT id, name FROM team").map((t) => [t.name, t.id]));
       expect(all(x.app, "SELECT team_id, tag FROM team_tag ORDER BY team_id, tag")).toEqual(

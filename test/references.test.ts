@@ -87,6 +87,19 @@ async function threeRedTeams() {
   return { c, a, b };
 }
 
+/** a's player ann (id 1) is on team 30 at b already, then on every node with only team 30 in the table. */
+async function annOnTeam30(c: Awaited<ReturnType<typeof threeRedTeams>>["c"], b: Awaited<ReturnType<typeof threeRedTeams>>["b"]) {
+  expect(c.all(b.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+  expect(c.all(b.app, "PRAGMA foreign_key_check")).toEqual([]);
+  await c.settle();
+  c.check();
+  for (const x of c.nodes) {
+    expect(c.all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 30n, name: "red" }]);
+    expect(c.all(x.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
+  }
+  c.close();
+}
+
 describe("references after replay", () => {
   it("a child written while its parent was deleted keeps the parent, with its last values, on every node", async () => {
     const c = cluster(["a", "b", "c"]);
@@ -177,15 +190,7 @@ describe("references after replay", () => {
     a.app.exec("INSERT INTO player(id, team_id, name) VALUES (1, 10, 'ann')");
     await c.ship(a);
     await c.pull(b, "a");
-    expect(c.all(b.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
-    expect(c.all(b.app, "PRAGMA foreign_key_check")).toEqual([]);
-    await c.settle();
-    c.check();
-    for (const x of c.nodes) {
-      expect(c.all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 30n, name: "red" }]);
-      expect(c.all(x.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
-    }
-    c.close();
+    await annOnTeam30(c, b);
   });
 
   it("a child arriving for a row set aside for a row deleted since moves to the row that holds the values", async () => {
@@ -200,15 +205,7 @@ describe("references after replay", () => {
     // On b, 10 stays aside (c's 30 holds "red") still naming 20, which is gone.
     await c.pull(b, "a");
     expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_conflicts WHERE tbl = 'team'")).toEqual([{ n: 1 }]);
-    expect(c.all(b.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
-    expect(c.all(b.app, "PRAGMA foreign_key_check")).toEqual([]);
-    await c.settle();
-    c.check();
-    for (const x of c.nodes) {
-      expect(c.all(x.app, "SELECT id, name FROM team")).toEqual([{ id: 30n, name: "red" }]);
-      expect(c.all(x.app, "SELECT id, team_id FROM player")).toEqual([{ id: 1n, team_id: 30n }]);
-    }
-    c.close();
+    await annOnTeam30(c, b);
   });
 
   it("a deleted parent kept for a late child points at where its own parent moved meanwhile", async () => {
