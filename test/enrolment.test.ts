@@ -23,6 +23,7 @@ const SCHEMA = `
 CREATE TABLE kv(k TEXT PRIMARY KEY, v);
 CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);
 CREATE TABLE tag(label TEXT, n);
+CREATE TABLE part(id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES item(id));
 `;
 
 let n = 0;
@@ -75,6 +76,18 @@ const fill = (db: Database.Database) => {
   db.exec("INSERT INTO item(id, name, qty) VALUES (1, 'bolt', 10), (2, 'nut', 20), (3, 'gear', 30)");
   db.exec("INSERT INTO tag VALUES ('red', 1), ('red', 1), ('blue', 2)");
 };
+
+/** A copy of a node's database as a backup tool that knows nothing of unisync keeps it (its tables stripped). */
+function strippedBackup(app: Database.Database, path: string): string {
+  const backup = `${path}.backup`;
+  app.exec(`VACUUM INTO '${backup}'`);
+  const stripped = new Database(backup);
+  for (const t of stripped.prepare("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_unisync\\_%' ESCAPE '\\' AND type IN ('table', 'trigger')").all() as { type: string; name: string }[]) {
+    stripped.exec(`DROP ${t.type} IF EXISTS "${t.name}"`);
+  }
+  stripped.close();
+  return backup;
+}
 
 describe("enrolment", () => {
   it("a node that joins late from an old copy converges to the cluster and does not drag it back", async () => {
@@ -212,14 +225,7 @@ describe("enrolment", () => {
     await c.settle();
     for (let i = 0; i < 5; i++) a.app.exec(`INSERT INTO item(name, qty) VALUES ('new${i}', ${i})`); // ids 4..8, logged
     await c.settle();
-    // Last night's backup of a, without unisync's tables.
-    const backup = a.path + ".backup";
-    a.app.exec(`VACUUM INTO '${backup}'`);
-    const stripped = new Database(backup);
-    for (const t of stripped.prepare("SELECT type, name FROM sqlite_master WHERE name LIKE '\\_unisync\\_%' ESCAPE '\\' AND type IN ('table', 'trigger')").all() as { type: string; name: string }[]) {
-      stripped.exec(`DROP ${t.type} IF EXISTS "${t.name}"`);
-    }
-    stripped.close();
+    const backup = strippedBackup(a.app, a.path); // last night's backup of a
     // Since the backup: a edits one new row, b deletes another and reuses nothing.
     a.app.exec("UPDATE item SET qty = 100 WHERE name = 'new0'");
     b.app.exec("DELETE FROM item WHERE name = 'new1'");
@@ -235,6 +241,44 @@ describe("enrolment", () => {
         { name: "new4", qty: 4n },
       ]);
       expect(c.rows(x, "SELECT count(*) AS n FROM item")).toEqual([{ n: 7n }]);
+    }
+    c.close();
+  });
+
+  it("a stale copy of a deleted row that an id collision's move lands on gives way to the logged row", async () => {
+    const c = setup(() => {});
+    const a = c.join("a");
+    const b = c.join("b");
+    await c.settle();
+    // Both insert at id 1 apart: one of the two rows moves to a new id, on every node.
+    a.app.exec("INSERT INTO item(id, name, qty) VALUES (1, 'from a', 1)");
+    b.app.exec("INSERT INTO item(id, name, qty) VALUES (1, 'from b', 2)");
+    await c.settle();
+    const [moved] = c.rows(a, "SELECT id, name FROM item WHERE id != 1") as { id: bigint; name: string }[];
+    const [owner, other] = moved.name === "from a" ? [a, b] : [b, a];
+    const backup = strippedBackup(a.app, a.path);
+    // Its node changes it and deletes it: the backup holds a stale copy.
+    owner.app.exec(`UPDATE item SET qty = 99 WHERE id = ${moved.id}; DELETE FROM item WHERE id = ${moved.id}`);
+    await c.ship(owner);
+    // c joins from the backup and hears the owner first: it does not know of the collision
+    // yet, so the deleted row's tombstone sits at id 1; the other origin's insert moves it
+    // onto c's stale copy.
+    const cc = c.join("c", undefined, {}, backup);
+    while ((await cc.sync.pull(owner.name, 50)) > 0);
+    while ((await cc.sync.pull(other.name, 50)) > 0);
+    expect(cc.sync.enrolling).toBe(true);
+    // c's app, before enrolment, changes its stale copy and gives it a child.
+    cc.app.exec(`UPDATE item SET name = 'edited on c' WHERE id = ${moved.id}; INSERT INTO part(item_id) VALUES (${moved.id})`);
+    await c.ship(cc);
+    // The others keep the parent for the child (its logged values); c hears that while it still enrols.
+    while ((await owner.sync.pull("c", 50)) > 0);
+    await c.ship(owner);
+    while ((await cc.sync.pull(owner.name, 50)) > 0);
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    for (const x of [a, b, cc]) {
+      expect(c.rows(x, `SELECT name, qty FROM item WHERE id = ${moved.id}`)).toEqual([{ name: moved.name, qty: 99n }]);
+      expect(c.rows(x, "SELECT item_id FROM part")).toEqual([{ item_id: moved.id }]);
     }
     c.close();
   });

@@ -219,9 +219,10 @@ export class ChangeDrain {
     }
     let keyValues = change.key.map((k) => change.values[change.columns.indexOf(k)]);
     let prior = this.states.get(change.table, rowIdentity(keyValues, false));
-    if (change.op !== OP_INSERT && !prior && this.enrolling()) {
-      // The app changed a row of its copy that the log has not reached yet: that
-      // is the copy as it is enrolled later (DbSync.finishEnrolment), not a change.
+    if (change.op !== OP_INSERT && !prior?.alive && this.enrolling()) {
+      // The app changed a row of its copy that the log has not reached yet, or one at a
+      // key the log deleted (a stale copy): that is the copy as it is enrolled later
+      // (DbSync.finishEnrolment, which drops a stale one), not a change.
       this.db.prepare("INSERT OR IGNORE INTO _unisync_enrol_touched(tbl, row_key) VALUES (?, ?)").run(change.table, encodeValues(keyValues));
       return false;
     }

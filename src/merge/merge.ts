@@ -9,8 +9,9 @@
  *  - each column is a last-writer-wins register over the writes to it (an insert
  *    writes every column, an update the columns it changed);
  *  - values a record carries but did not write (an update's unchanged columns, a
- *    delete's old row) fill columns this node has never seen written, with the
- *    weakest clock, so that any real write overrides them.
+ *    delete's old row) fill columns no write has reached, under the weakest
+ *    clock (hlc 0, ranked by origin), so that any real write overrides them;
+ *  - a deleted row keeps only what the log says of it (columns some record carried).
  * Applying a record twice changes nothing the second time: equal stamps never win.
  */
 import { compareStamp, hlcToMs } from "../log/hlc.js";
@@ -187,7 +188,10 @@ export function mergeChange(
     const value = change.values[i];
     const writes = change.op === OP_INSERT || (change.op !== OP_DELETE && changed.has(i));
     if (writes) offer(column, value, change.stamp);
-    else if (!values.has(column)) offer(column, value, weak);
+    // What a record carries but did not write fills a column no write has reached, under the
+    // weakest clock: it beats a value of unknown time in this node's table (a row it had before
+    // it enrolled, a write no trigger saw), and among such values the same one wins everywhere.
+    else offer(column, value, weak);
   });
 
   const incarnation = change.enrolment ? ENROLMENT_INCARNATION : change.op === OP_INSERT ? change.stamp : change.incarnation;
@@ -208,7 +212,9 @@ export function mergeChange(
     if (!wasAlive) write = { kind: "insert", values };
     else write = written.size > 0 ? { kind: "update", values: written } : { kind: "none" };
   } else {
-    state.dead = values;
+    // A deleted row keeps what the log says of it: a column no record wrote (a value of unknown
+    // time in this node's table) would come back here only, if a write revives the row.
+    state.dead = new Map([...values].filter(([column]) => column in state.cols));
     write = wasAlive ? { kind: "delete" } : { kind: "none" };
   }
   return { state, write };

@@ -201,11 +201,21 @@ export class Applier {
     }
     const keyValues = row.key.map((k) => values[row.columns.indexOf(k)]);
     const pk = rowIdentity(keyValues, false);
-    const current = access.find(row.key, keyValues);
+    let current = access.find(row.key, keyValues);
     if (current === null && row.refs?.length) this.moveMisplacedTombstone(access, row, keyValues, pk);
     // A row set aside after a unique clash is not in the table: its values are kept aside.
     const aside = current === null ? this.aside.values(access, keyValues) : null;
     const prior = this.states.get(row.table, pk);
+    if (current && prior && !prior.alive) {
+      // The log deleted the row at this key, yet the table holds one that no trigger recorded:
+      // this node's copy from before it enrolled, which a moved tombstone landed on. The record
+      // merges with the tombstone, as on every other node, and the copy gives way (its children
+      // stay: foreign keys are off here, and they are checked below).
+      this.enrolments.replaceUnrecorded(row.table, pk, origin, false, row.columns, values, current, true);
+      access.delete(row.key, keyValues);
+      this.references.parentGone(access, current);
+      current = null;
+    }
     // A row enrolled at its origin has values of unknown time (merge.ts).
     const stamp = row.enrolment ? enrolmentStamp(rec.hlc, origin) : { hlc: rec.hlc, origin };
     if (row.enrolment && row.op === OP_INSERT) {
