@@ -570,7 +570,7 @@ export function syncedFileHashes(dir: string): Record<string, string> {
   const walk = (d: string, rel: string) => {
     for (const e of readdirSync(d, { withFileTypes: true })) {
       const r = rel ? `${rel}/${e.name}` : e.name;
-      if (e.name === ".unisync" || /\.db(-wal|-shm|-journal)?$/.test(e.name) || e.name.endsWith(".log")) continue;
+      if (e.name === ".unisync" || /\.(db|db3|sqlite|sqlite3)(-wal|-shm|-journal)?$/i.test(e.name) || e.name.endsWith(".log")) continue;
       if (e.isDirectory()) walk(join(d, e.name), r);
       else out[r] = createHash("sha256").update(readFileSync(join(d, e.name))).digest("hex");
     }
