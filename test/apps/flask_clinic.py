@@ -1,8 +1,9 @@
 #!/usr/bin/python3
 """A Flask-SQLAlchemy clinic, for test/clinic-cluster.test.ts: patients (autoincrement,
 unique email), appointments (FK with cascade), tags with text keys, an association table
-with a composite primary key, a bind, nested uploads that are amended and deleted. Each request is one short transaction; a failed
-request is rolled back and counted, as a web app would answer 500.
+with a composite primary key, a bind, nested uploads that are amended and deleted. Each
+request is one short transaction; a failed request is rolled back and printed, as a web
+app would answer 500.
 
 Usage: flask_clinic.py INSTANCE_DIR NODE SEED OPS
 """
