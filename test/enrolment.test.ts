@@ -24,6 +24,7 @@ CREATE TABLE kv(k TEXT PRIMARY KEY, v);
 CREATE TABLE item(id INTEGER PRIMARY KEY, name TEXT, qty INTEGER);
 CREATE TABLE tag(label TEXT, n);
 CREATE TABLE part(id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES item(id));
+CREATE TABLE batch(id INTEGER PRIMARY KEY, item_id INTEGER REFERENCES item(id), note TEXT);
 `;
 
 let n = 0;
@@ -181,8 +182,9 @@ describe("enrolment", () => {
       app.close();
       return c.join(name, undefined, { rowsAreNew: true }, path);
     };
-    const a = fresh("a", "INSERT INTO item(name, qty) VALUES ('from a', 1), ('also a', 2); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1)");
-    const b = fresh("b", "INSERT INTO item(name, qty) VALUES ('from b', 3); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1)");
+    // batch rows point at items, and the name batch sorts before item.
+    const a = fresh("a", "INSERT INTO item(name, qty) VALUES ('from a', 1), ('also a', 2); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1); INSERT INTO batch(item_id, note) VALUES (1, 'of from a')");
+    const b = fresh("b", "INSERT INTO item(name, qty) VALUES ('from b', 3); INSERT INTO kv VALUES ('theme', 'dark'); INSERT INTO tag VALUES ('x', 1); INSERT INTO batch(item_id, note) VALUES (1, 'of from b')");
     await c.settle();
     expect(c.converged()).toEqual([]);
     for (const x of [a, b]) {
@@ -193,6 +195,11 @@ describe("enrolment", () => {
         { name: "from b", qty: 3n },
       ]);
       expect(c.rows(x, "SELECT k, v FROM kv")).toEqual([{ k: "theme", v: "dark" }]);
+      // Each child follows its own item, whichever moved.
+      expect(c.rows(x, "SELECT b.note, i.name FROM batch b JOIN item i ON i.id = b.item_id ORDER BY b.note")).toEqual([
+        { note: "of from a", name: "from a" },
+        { note: "of from b", name: "from b" },
+      ]);
       // Two inserts of an equal row into a table without a key are two rows, as with triggers in place.
       expect(c.rows(x, "SELECT count(*) AS n FROM tag")).toEqual([{ n: 2n }]);
       expect(readEnrolments(x.sync.db).filter((e) => e.table === "item")).toEqual([]);

@@ -36,6 +36,33 @@ export interface ForeignKey {
   onDelete: string;
 }
 
+/**
+ * `items` with every table after the tables its foreign keys point at (a table's
+ * references to itself, and tables outside `items`, do not count; a cycle is
+ * broken in the given order). Rows recorded in this order find their parents'
+ * lineages already recorded (drain.ts addRefs).
+ */
+export function parentsFirst<T>(items: readonly T[], shapeOf: (item: T) => TableShape): T[] {
+  const names = new Set(items.map((t) => shapeOf(t).name.toLowerCase()));
+  const left = [...items];
+  const done = new Set<string>();
+  const out: T[] = [];
+  while (left.length > 0) {
+    const ready = (t: T) => {
+      const own = shapeOf(t).name.toLowerCase();
+      return shapeOf(t).foreignKeys.every((fk) => {
+        const parent = fk.table.toLowerCase();
+        return parent === own || !names.has(parent) || done.has(parent);
+      });
+    };
+    const i = Math.max(0, left.findIndex(ready));
+    const [next] = left.splice(i, 1);
+    done.add(shapeOf(next).name.toLowerCase());
+    out.push(next);
+  }
+  return out;
+}
+
 /** SQLite's affinity rule 3: a type naming no INT/CHAR/CLOB/TEXT but BLOB, or no type at all. */
 function hasBlobAffinity(declType: string): boolean {
   const t = declType.toUpperCase();

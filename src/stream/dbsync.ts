@@ -12,7 +12,7 @@ import { baselineTable, recordRowsAsNew } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
 import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
-import { discoverTables, quoteIdent, schemaVersion, undeclaredReferences } from "../db/schema.js";
+import { discoverTables, parentsFirst, quoteIdent, schemaVersion, undeclaredReferences } from "../db/schema.js";
 import { CHANGE_DELETE, CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
 import { hlcFromMs, type HybridClock } from "../log/hlc.js";
 import { Outbox } from "../log/outbox.js";
@@ -379,7 +379,8 @@ export class DbSync implements SyncStream {
     const { defs, installedAt } = this.write("installing triggers", () => {
         const natural = new Set((this.o.naturalKeyTables ?? []).map((t) => t.toLowerCase()));
         const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
-        const defs = installTriggers(this.db, shapes, Date.now());
+        // Parents first: rows recorded below (and baselines) find the lineages their references name.
+        const defs = parentsFirst(installTriggers(this.db, shapes, Date.now()), (d) => d.shape);
         if (this.rowsAreNew) {
           // The app's new database: the rows it wrote before these triggers are its inserts,
           // recorded in this transaction, ahead of whatever the triggers capture next.
