@@ -181,6 +181,33 @@ describe("references after replay", () => {
     c.close();
   });
 
+  it("a repair made by a node still replaying the log never brings back a row deleted further on in it", async () => {
+    const c = cluster(["a", "b", "c"]);
+    const [a, b, cc] = c.nodes;
+    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+    // a's "red" comes first; b's, made apart, is set aside and b's player bob moves to a's team.
+    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red'); INSERT INTO player(id, team_id, name) VALUES (5, 20, 'bob')");
+    await c.ship(b);
+    await c.pull(a, "b");
+    expect(c.all(a.app, "SELECT team_id FROM player WHERE id = 5")).toEqual([{ team_id: 10n }]);
+    // Then a deletes bob.
+    a.app.exec("DELETE FROM player WHERE id = 5");
+    await c.ship(a);
+    // c replays: b's log, then a's first segment only. Here bob points at a team set aside:
+    // c repairs him (later than a's delete), and only then reads the delete.
+    await c.pull(cc, "b");
+    await c.pull(cc, "a", 1);
+    await c.ship(cc);
+    await c.pull(cc, "a");
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) expect(c.all(x.app, "SELECT id FROM player"), x.name).toEqual([]);
+    c.close();
+  });
+
   it("a child arriving for a row set aside for a row that was set aside in turn moves to the row in the table", async () => {
     // b sets a's team aside for its own, then its own aside for c's: 10 -> 20 -> 30.
     const { c, a, b } = await threeRedTeams();
