@@ -182,7 +182,8 @@ export class TableAccess {
     this.stmt(sql).run(...cols.map((c) => values.get(c) as SqlValue), ...keyValues);
   }
 
-  delete(key: string[], keyValues: SqlValue[]): void {
-    this.stmt(`DELETE FROM ${this.t} WHERE ${this.oneRow(key)}`).run(...this.keyArgs(keyValues));
+  /** Returns whether a row was there. */
+  delete(key: string[], keyValues: SqlValue[]): boolean {
+    return this.stmt(`DELETE FROM ${this.t} WHERE ${this.oneRow(key)}`).run(...this.keyArgs(keyValues)).changes > 0;
   }
 }

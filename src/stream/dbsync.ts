@@ -10,7 +10,7 @@ import Database from "better-sqlite3";
 import type { Logger } from "pino";
 import { baselineTable, recordRowsAsNew } from "../capture/baseline.js";
 import { ChangeDrain } from "../capture/drain.js";
-import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange } from "../db/internal.js";
+import { claimForNode, ensureInternalTables, NodeIdentityError, recordAgentChange, silenced } from "../db/internal.js";
 import { getMeta, setMeta } from "../db/meta.js";
 import { discoverTables, parentsFirst, quoteIdent, schemaVersion, undeclaredReferences } from "../db/schema.js";
 import { CHANGE_DELETE, CHANGE_INSERT, enrolmentMask, installTriggers } from "../capture/triggers.js";
@@ -284,6 +284,8 @@ export class DbSync implements SyncStream {
   finishEnrolment(): void {
     if (!this.enrolling) return;
     this.write("enrolment", () => {
+      // What the app wrote is in the merge state first (a row it just inserted at a key the log deleted is its own).
+      this.sealEverything();
       // Rows the app changed before the log reached them: enrolled as they are now.
       const touched = this.db.prepare("SELECT tbl, row_key FROM _unisync_enrol_touched").all() as { tbl: string; row_key: Buffer }[];
       for (const t of touched) {
@@ -294,6 +296,7 @@ export class DbSync implements SyncStream {
         recordAgentChange(this.db, capId, CHANGE_INSERT, access.shape.columns.map((c) => row.get(c) ?? null), enrolmentMask(), [], "changed by the app before this database was enrolled");
       }
       this.db.prepare("DELETE FROM _unisync_enrol_touched").run();
+      this.dropStaleCopies();
       setMeta(this.db, "enrol_pending", 0);
     });
     this.applier.enrolling = false;
@@ -304,6 +307,25 @@ export class DbSync implements SyncStream {
     } finally {
       this.firstEnrolment = false;
     }
+  }
+
+  /**
+   * Rows of this node's copy at keys the log deleted are stale copies: every node
+   * dropped those rows. They go now, in the enrolment transaction, not when the
+   * baseline reaches them (drain.ts), so that nothing revives them meanwhile: an
+   * app's write or a reference repair of such a row would be logged as a change
+   * newer than the delete.
+   */
+  private dropStaleCopies(): void {
+    const dead = this.db.prepare("SELECT pk FROM _unisync_rows WHERE tbl = ? AND alive = 0").pluck();
+    let dropped = 0;
+    silenced(this.db, () => {
+      for (const access of this.tables.values()) {
+        if (!access.shape.hasDeclaredKey) continue;
+        for (const pk of dead.all(access.shape.name) as Buffer[]) dropped += access.delete(access.shape.key, decodeValues(pk)) ? 1 : 0;
+      }
+    });
+    if (dropped > 0) this.log.info({ rows: dropped }, "dropped this database's stale copies of rows the cluster deleted");
   }
 
   /** While finishEnrolment records the rows: columns the log never wrote hold this copy's own values. */
