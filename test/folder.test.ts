@@ -148,13 +148,13 @@ let root: string;
 let store: FileStore;
 const nodes: FolderSync[] = [];
 
-function node(name: string, opts: { stableMs?: number; maxClockDriftMs?: number; watch?: boolean; watcher?: "fswatch" | "chokidar"; rescanMs?: number } = {}): FolderSync {
+function node(name: string, opts: { stableMs?: number; maxClockDriftMs?: number; watch?: boolean; watcher?: "fswatch" | "chokidar"; rescanMs?: number; enrolFirst?: boolean } = {}): FolderSync {
   const dir = join(root, name);
   mkdirSync(dir, { recursive: true });
   const f = new FolderSync({
     instanceDir: dir, node: name, store, clock: new HybridClock(), log, metrics: new Metrics(), openDbs: () => new Set(),
     maxRecords: 1000, captureIntervalMs: 20, rescanMs: opts.rescanMs ?? 1000, stableMs: opts.stableMs ?? 0, watch: opts.watch ?? false,
-    watcher: opts.watcher, maxClockDriftMs: opts.maxClockDriftMs,
+    watcher: opts.watcher, maxClockDriftMs: opts.maxClockDriftMs, enrolFirst: opts.enrolFirst,
   });
   nodes.push(f);
   return f;
@@ -210,6 +210,42 @@ declare module "../src/stream/foldersync.js" {
 Object.defineProperty(FolderSync.prototype, "o_node", { get(this: { o: { node: string } }) { return this.o.node; } });
 
 describe("folder sync between nodes (file store)", () => {
+  it("a node that starts from a backup of the folder brings back nothing deleted or changed since, and sends its own new files", async () => {
+    const a = node("a");
+    const A = join(root, "a");
+    const B = join(root, "b");
+    mkdirSync(join(A, "docs"), { recursive: true });
+    for (const f of ["docs/gone.txt", "docs/amended.txt", "docs/kept.txt"]) writeFileSync(join(A, f), `first ${f}`);
+    writeFileSync(join(A, "big-gone.bin"), randomBytes(2_000_000)); // large: stored as it is read
+    await sync([a]);
+    // Last night's backup of a's folder becomes b's folder.
+    mkdirSync(join(B, "docs"), { recursive: true });
+    for (const f of ["docs/gone.txt", "docs/amended.txt", "docs/kept.txt", "big-gone.bin"]) writeFileSync(join(B, f), readFileSync(join(A, f)));
+    writeFileSync(join(B, "docs/b-own.txt"), "written on b before unisync ran there");
+    // Since the backup, a deleted two files and amended one.
+    unlinkSync(join(A, "docs/gone.txt"));
+    unlinkSync(join(A, "big-gone.bin"));
+    writeFileSync(join(A, "docs/amended.txt"), "second");
+    await sync([a]);
+    const b = node("b", { enrolFirst: true });
+    expect(b.enrolling).toBe(true);
+    // Before the cluster's log is in, b sends none of its files (it cannot tell stale from new).
+    await b.scanOnce();
+    expect(b.outbox.nextSeq()).toBe(1);
+    await b.pull("a");
+    expect(b.caughtUp(["a"])).toBe(true);
+    b.finishEnrolment();
+    await sync([a, b]);
+    for (const dir of [A, B]) {
+      expect(existsSync(join(dir, "docs/gone.txt")), dir).toBe(false);
+      expect(existsSync(join(dir, "big-gone.bin")), dir).toBe(false);
+      expect(readFileSync(join(dir, "docs/amended.txt"), "utf8"), dir).toBe("second");
+      expect(readFileSync(join(dir, "docs/kept.txt"), "utf8"), dir).toBe("first docs/kept.txt");
+      expect(readFileSync(join(dir, "docs/b-own.txt"), "utf8"), dir).toBe("written on b before unisync ran there");
+    }
+    expect(snapshot(B)).toEqual(snapshot(A));
+  });
+
   it("creates, modifies, renames and deletes nested, Unicode and case-variant files; no echo", async () => {
     const a = node("a");
     const b = node("b");

@@ -267,6 +267,7 @@ export class Agent {
       rescanMs: this.config.rescanMs,
       watcher: this.config.folderWatcher as "fswatch" | "chokidar",
       onSealed: () => this.wake?.(),
+      enrolFirst: true,
     });
   }
 
@@ -822,6 +823,12 @@ export class Agent {
             s.finishEnrolment();
             this.log.info({ db: s.stream }, "replayed the cluster's log; enrolled this database's existing rows");
           }
+        }
+        // The same for a folder met for the first time: its files are judged against the cluster's log.
+        const files = this.files;
+        if (files?.enrolling && this.originsListed && !this.halted() && files.caughtUp(origins)) {
+          files.finishEnrolment();
+          this.log.info("replayed the cluster's folder log; looking at the files this folder had before");
         }
         if (!this.halted()) {
           this.planner.firstRoundDone();

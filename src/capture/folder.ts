@@ -47,6 +47,8 @@ export type Observation =
   /** Disk holds known content (the winner's or the indexed one): refresh the index only. */
   | { type: "index"; entry: IndexEntry; matchesWinner: boolean }
   | { type: "dropIndex"; rel: string }
+  /** A file this node never recorded, found when its folder enrolled: content the store has, where the log now holds other content or a delete. The winner replaces it. */
+  | { type: "stale"; rel: string }
   | {
       type: "write";
       rel: string;
@@ -83,6 +85,8 @@ export interface ScannerOptions {
   massDeleteMin: number;
   /** Called for every folder the walk is about to list (the watcher starts watching it). */
   onFolder?: (rel: string) => void;
+  /** While true, a file this node never recorded waits for the cluster's log (FolderSync.enrolling). */
+  enrolling?: () => boolean;
 }
 
 export interface ScanResult {
@@ -110,6 +114,8 @@ interface Content {
   sha256: string;
   size: number;
   bytes: Buffer | null;
+  /** Large files are stored as they are read: whether the store held the content before. */
+  existed?: boolean;
 }
 
 const SQLITE_BY_HEADER = "SQLite database by header (synced row by row, never as a file)";
@@ -290,7 +296,7 @@ export class FolderScanner {
     }
     // What was stored hashes to its name either way; a changed file only orphans it.
     if (!unchanged(await lstat(abs), d) || up.size !== d.size) return "changed";
-    return { sha256: up.sha256, size: up.size, bytes: null };
+    return { sha256: up.sha256, size: up.size, bytes: null, existed: up.existed };
   }
 
   /**
@@ -314,6 +320,8 @@ export class FolderScanner {
     if (!d.isLink) {
       if (now - d.mtimeMs < this.o.stableMs) return { type: "unstable", rel, why: "modified less than the stable window ago" };
       if (this.o.openDbs().has(abs)) return { type: "excluded", rel, reason: "SQLite database the agent syncs row by row" };
+      // Met when the folder is first enrolled, at a path the log has said nothing of yet: not read until it is in.
+      if (!i && !s && this.o.enrolling?.()) return { type: "unstable", rel, why: "found when this folder was first enrolled: waits until the cluster's folder log is in" };
       const { store } = this.o;
       if (!store) throw new Error("FolderScanner: observing content needs a store");
       let r: Content | "changed" | "sqlite";
@@ -337,6 +345,15 @@ export class FolderScanner {
     const entry = { path: rel, size: d.size, mtimeMs: d.mtimeMs, ino: d.ino, mode: d.mode, sha256, link: d.link };
     if (s && sameContent(s, s.kind)) return { type: "index", matchesWinner: true, entry: { ...entry, hlc: s.hlc, origin: s.origin } };
     if (i && sameContent(i, i.link ? KIND_SYMLINK : KIND_WRITE)) return { type: "index", matchesWinner: false, entry: { ...entry, hlc: i.hlc, origin: i.origin } };
+    if (!i && content && this.o.enrolling?.()) {
+      // The folder is met for the first time: what the cluster did to this path since
+      // the copy was made decides, once its log is in. A file whose content the store
+      // has is a copy of something logged (a backup): where the log now holds other
+      // content or a delete, it is stale and the winner replaces it. Content the store
+      // never had is this node's own work, and goes out as a write.
+      const known = content.existed ?? (this.o.store ? (await this.o.store.head(blobKey(content.sha256))) !== null : false);
+      if (known) return { type: "stale", rel };
+    }
     if (content?.bytes && this.o.store) await putBlob(this.o.store, content.bytes, content.sha256);
     return {
       type: "write",

@@ -154,6 +154,8 @@ export interface UploadedFile {
   size: number;
   /** The first 16 bytes (the caller checks for the SQLite header). */
   head: Buffer;
+  /** The store held this content already (another path, another node, an earlier version). */
+  existed: boolean;
 }
 
 /**
@@ -167,8 +169,8 @@ export interface UploadedFile {
 export async function uploadFile(store: ObjectStore, file: string, hasher: () => ChunkHasher = newChunkHasher): Promise<UploadedFile> {
   if (!store.putThenName) {
     const h = await hashFile(file);
-    await putBlobFromFile(store, file, h.sha256, h.size);
-    return h;
+    const existed = (await putBlobFromFile(store, file, h.sha256, h.size)) === "exists";
+    return { ...h, existed };
   }
   const sample = await readSample(file);
   // A sample shorter than SAMPLE_BYTES is the whole file.
@@ -179,14 +181,16 @@ export async function uploadFile(store: ObjectStore, file: string, hasher: () =>
       ? pipeline(Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 }), new CompressStream({ compressionLevel: 3 }), new PassThrough(), () => undefined)
       : Readable.from(hashed.chunks, { objectMode: false, highWaterMark: 1 });
     let sha256 = "";
+    let existed = false;
     await store.putThenName("blobs", body, async () => {
       sha256 = await hashed.digest();
       // Raw bytes that start with the zstd magic would be misread: the file changed under us.
       if (!compressIt && hashed.head().subarray(0, 4).equals(ZSTD_MAGIC)) throw new BlobIntegrityError(`${file} changed while it was read`);
       const key = blobKey(sha256);
-      return (await store.head(key)) ? null : key;
+      existed = (await store.head(key)) !== null;
+      return existed ? null : key;
     });
-    return { sha256, size: hashed.size(), head: hashed.head() };
+    return { sha256, size: hashed.size(), head: hashed.head(), existed };
   } finally {
     hashed.close();
   }
@@ -327,7 +331,7 @@ export async function fetchBlobToFile(store: ObjectStore, sha256: string, size: 
 }
 
 /** sha256, size and first 16 bytes of a file, streaming. */
-export async function hashFile(file: string): Promise<UploadedFile> {
+export async function hashFile(file: string): Promise<Omit<UploadedFile, "existed">> {
   const tap = new HashTap();
   await pipelineAsync(createReadStream(file, { highWaterMark: CHUNK }), tap, new Writable({ write: (_c, _e, done) => done() }));
   return { sha256: tap.digest(), size: tap.size, head: tap.head };

@@ -61,6 +61,13 @@ export interface FolderSyncOptions {
   maxClockDriftMs?: number;
   /** Called when segments were sealed (the uploader need not wait for its next turn). */
   onSealed?: () => void;
+  /**
+   * A folder met for the first time (a new files.db) holds its files back until the
+   * cluster's folder log is in (the agent calls finishEnrolment), as a new database
+   * does its rows: a file there may be a stale copy (a backup) of one the cluster has
+   * changed or deleted since.
+   */
+  enrolFirst?: boolean;
 }
 
 /** Files read and uploaded, or fetched and written, at once: per-file store and fsync latency overlap. */
@@ -141,6 +148,7 @@ export class FolderSync implements SyncStream {
     const dir = join(o.instanceDir, STATE_DIR);
     mkdirSync(dir, { recursive: true });
     this.stagingDir = join(dir, "staging");
+    const fresh = !existsSync(join(dir, "files.db"));
     this.db = new Database(join(dir, "files.db"));
     this.db.pragma("journal_mode = WAL");
     this.db.pragma("synchronous = FULL");
@@ -154,6 +162,8 @@ export class FolderSync implements SyncStream {
       throw err;
     }
     o.clock.observe(Number(getMeta(this.db, "hlc") ?? 0));
+    if (fresh && o.enrolFirst) setMeta(this.db, "enrol_pending", 1);
+    this.enrolling = Number(getMeta(this.db, "enrol_pending") ?? 0) === 1;
     this.outbox = new Outbox(this.db, o.node, FILES_STREAM, o.clock, vaultOf(o.store));
     this.scanner = new FolderScanner({
       root: o.instanceDir,
@@ -162,6 +172,7 @@ export class FolderSync implements SyncStream {
       openDbs: o.openDbs,
       stableMs: o.stableMs ?? 300,
       massDeleteMin: o.massDeleteMin ?? 10,
+      enrolling: () => this.enrolling,
       onFolder: (rel) => this.watcher?.add(rel),
     });
     this.materializer = new Materializer({
@@ -401,7 +412,7 @@ export class FolderSync implements SyncStream {
   commit(observations: Observation[]): number {
     const { state } = this;
     const changes = observations.filter((o) => o.type === "write" || o.type === "delete");
-    const rest = observations.filter((o) => o.type === "index" || o.type === "dropIndex");
+    const rest = observations.filter((o) => o.type === "index" || o.type === "dropIndex" || o.type === "stale");
     if (rest.length) {
       this.db
         .transaction(() => {
@@ -410,6 +421,7 @@ export class FolderSync implements SyncStream {
               state.setIndex(o.entry);
               if (o.matchesWinner && state.state(o.entry.path)?.pending) state.setPending(o.entry.path, false);
             } else if (o.type === "dropIndex") state.dropIndex(o.rel);
+            else if (o.type === "stale") state.setPending(o.rel, true); // the materializer puts the winner there
           }
         })
         .immediate();
@@ -528,7 +540,9 @@ export class FolderSync implements SyncStream {
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments, 4, known);
       let applied = 0;
+      let seen = 0;
       for await (const s of segments) {
+        seen++;
         const records = s.segment.records.filter((r) => r.hlc <= untilHlc);
         if (records.length === 0 && s.segment.records.length > 0) break; // as DbSync.pull: an empty segment moves the cursor
         this.db
@@ -548,6 +562,8 @@ export class FolderSync implements SyncStream {
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
       this.tailProblems.update(origin, problem());
+      // Only a listing knows where the log ends (as DbSync.pull).
+      this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
       this.retryParked();
       await this.materializePending(true);
       return applied;
@@ -641,8 +657,23 @@ export class FolderSync implements SyncStream {
 
   /** The folder's log always knows where it goes on (SyncStream: a database new to this node may not). */
   readonly logUnknown = false;
-  /** The folder has no rows to enrol (SyncStream). */
-  readonly enrolling = false;
+  /** While true, files this node never recorded wait for the cluster's log (FolderSyncOptions.enrolFirst). */
+  enrolling: boolean;
+  private readonly readToEnd = new Map<string, boolean>();
+
+  /** Whether the last pull of each of `origins` read its log to the end. */
+  caughtUp(origins: readonly string[]): boolean {
+    return origins.every((o) => this.readToEnd.get(o) === true);
+  }
+
+  /** The cluster's log is in: the files held back are looked at again, against it. */
+  finishEnrolment(): void {
+    if (!this.enrolling) return;
+    setMeta(this.db, "enrol_pending", 0);
+    this.enrolling = false;
+    this.fullScanDue = true;
+    this.wakeLoop?.();
+  }
 
   /** The folder replays its own earlier segments only in a bootstrap or rejoin (SyncStream). */
   replaysOwnLog(): boolean {
