@@ -206,12 +206,13 @@ export class Cluster {
     return c;
   }
 
-  /** Adds a node with an empty instance folder to the running cluster and starts its agent. */
-  async addNode(name: string, timeoutMs = 60_000): Promise<void> {
+  /** Adds a node to the running cluster and starts its agent; `fill` puts files in its instance folder first (else empty). */
+  async addNode(name: string, timeoutMs = 60_000, fill?: (instanceDir: string) => void | Promise<void>): Promise<void> {
     if (this.nodes.has(name)) throw new Error(`node ${name} exists`);
     const dir = join(this.root, name);
     const instanceDir = join(dir, "instance");
     mkdirSync(instanceDir, { recursive: true });
+    await fill?.(instanceDir);
     this.nodes.set(name, { name, dir, instanceDir, logFile: join(dir, "agent.log"), proc: null, logStart: 0, statusUrl: null, starts: 0, expectingExit: false });
     this.spawnAgent(name);
     await this.waitReady(name, timeoutMs);
