@@ -286,7 +286,8 @@ export class ChangeDrain {
       lineage,
       incarnation: change.incarnation,
       enrolment: change.enrolment,
-      keepsExistence: rewritesReference(change),
+      // A row no trigger recorded yet (no state) exists here: its record comes with the baseline.
+      keepsExistence: prior !== null && rewritesReference(change),
     });
     if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);
