@@ -7,7 +7,7 @@ import type { Database, Statement } from "better-sqlite3";
 import { HybridClock } from "../log/hlc.js";
 import { OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange } from "../log/segment.js";
 import { encodeValues, rowIdentity, type SqlValue } from "../log/value.js";
-import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, rewritesReference, type Lineage, type Stamp } from "../merge/merge.js";
+import { ENROLMENT_INCARNATION, enrolmentStamp, mergeChange, type Lineage, type Stamp } from "../merge/merge.js";
 import { enrolmentInstance, refsByColumn, type BagStore } from "../merge/bag.js";
 import { enrolmentLineage, intKey, isEnrolled, sameLineage, type Relocator } from "../merge/relocate.js";
 import type { AsideRows } from "../merge/unique.js";
@@ -286,8 +286,6 @@ export class ChangeDrain {
       lineage,
       incarnation: change.incarnation,
       enrolment: change.enrolment,
-      // A row no trigger recorded yet (no state) exists here: its record comes with the baseline.
-      keepsExistence: prior !== null && rewritesReference(change),
     });
     if (shape) this.addRefs(shape, change, state);
     this.states.put(change.table, pk, state);

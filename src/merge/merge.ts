@@ -11,12 +11,11 @@
  *  - values a record carries but did not write (an update's unchanged columns, a
  *    delete's old row) fill columns no write has reached, under the weakest
  *    clock (hlc 0, ranked by origin), so that any real write overrides them;
- *  - a deleted row keeps only what the log says of it (columns some record carried);
- *  - a repair that rewrote a reference never decides existence (rewritesReference).
+ *  - a deleted row keeps only what the log says of it (columns some record carried).
  * Applying a record twice changes nothing the second time: equal stamps never win.
  */
 import { compareStamp, hlcToMs } from "../log/hlc.js";
-import { OP_DELETE, OP_INSERT, OP_UPDATE, type RowOp } from "../log/segment.js";
+import { OP_DELETE, OP_INSERT, type RowOp } from "../log/segment.js";
 import { sameValue, type SqlValue } from "../log/value.js";
 
 export interface Stamp {
@@ -96,19 +95,6 @@ export interface IncomingChange {
   incarnation?: Stamp;
   /** An INSERT recorded at enrolment (its stamp is an enrolmentStamp). */
   enrolment?: boolean;
-  /** Writes its columns but leaves existence alone (a repair that rewrote a reference: rewritesReference). */
-  keepsExistence?: boolean;
-}
-
-/**
- * A foreign-key repair that pointed a row's reference elsewhere (references.ts:
- * an UPDATE that carries a note and writes columns). It is made where the row was
- * there, maybe on a node still replaying the log; newer than a delete further on
- * in that log, it would bring the row back. So it writes its columns and never
- * decides whether the row exists.
- */
-export function rewritesReference(change: { op: RowOp; note?: string; changed: readonly number[] }): boolean {
-  return change.op === OP_UPDATE && !!change.note && change.changed.length > 0;
 }
 
 export type TableWrite =
@@ -209,9 +195,7 @@ export function mergeChange(
   });
 
   const incarnation = change.enrolment ? ENROLMENT_INCARNATION : change.op === OP_INSERT ? change.stamp : change.incarnation;
-  if (change.keepsExistence) {
-    // existence stays as it is (also with no state yet: the row exists once its insert arrives)
-  } else if (incarnation && (!state.incarnation || newer(incarnation, state.incarnation))) {
+  if (incarnation && (!state.incarnation || newer(incarnation, state.incarnation))) {
     // A newer incarnation starts existence afresh (a delete may name one before its insert arrives).
     state.incarnation = incarnation;
     state.exists = change.stamp;

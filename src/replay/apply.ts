@@ -9,7 +9,7 @@ import { silenced } from "../db/internal.js";
 import { compareStamp, hlcToMs, type HybridClock } from "../log/hlc.js";
 import { encodeSegment, OP_DELETE, OP_INSERT, OP_UPDATE, type LogRecord, type RowChange, type Segment } from "../log/segment.js";
 import { rowIdentity, type SqlValue } from "../log/value.js";
-import { clockOf, enrolmentStamp, mergeChange, rewritesReference, type RowState, type Stamp } from "../merge/merge.js";
+import { clockOf, enrolmentStamp, mergeChange, type RowState, type Stamp } from "../merge/merge.js";
 import { EnrolmentLedger } from "./enrolments.js";
 import type { ReferenceKeeper } from "./references.js";
 import { intKey, lineageName, sameLineage, type Lineage, type Relocator } from "../merge/relocate.js";
@@ -231,7 +231,6 @@ export class Applier {
       lineage: access.shape.autoId && row.instance ? { ...row.instance, epoch: row.epoch ?? 1 } : undefined,
       incarnation: row.incarnation,
       enrolment: row.enrolment,
-      keepsExistence: rewritesReference(row),
     });
     keepRefs(state, row, stamp);
     const written = write.kind === "insert" || write.kind === "update" ? write.values : new Map<string, SqlValue>();
