@@ -19,7 +19,7 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
 import type { KnownSegments } from "../log/index.js";
-import type { SyncStream } from "./stream.js";
+import { LogEnds, type SyncStream } from "./stream.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, type ParkKind } from "../replay/apply.js";
 import { BagStore } from "../merge/bag.js";
@@ -576,7 +576,7 @@ export class DbSync implements SyncStream {
   async pull(origin: string, maxSegments = 16, untilHlc = Infinity, stop: () => boolean = () => false, known?: KnownSegments): Promise<number> {
     // Each apply transaction seals pending captures first; with a backlog bigger
     // than a segment that would hold the app's write lock too long: drain first.
-    this.readToEnd.set(origin, false);
+    this.logEnds.reading(origin);
     // Applying seals pending changes first: not before the log's place is known.
     if (this.logUnknown) return 0;
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
@@ -618,17 +618,15 @@ export class DbSync implements SyncStream {
       this.reportEnrolmentDifferences();
     }
     this.tailProblems.update(origin, problem());
-    // Only a listing knows where the log ends: what the index named may not be all of it.
-    this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
+    this.logEnds.pulled(origin, known, seen, maxSegments, problem());
     return applied;
   }
 
-  /** Per origin: whether the last pull applied everything the store held (no gap, nothing left). */
-  private readonly readToEnd = new Map<string, boolean>();
+  private readonly logEnds = new LogEnds();
 
   /** Whether the last pull of each of these origins applied all the store held. */
   caughtUp(origins: readonly string[]): boolean {
-    return origins.every((o) => this.readToEnd.get(o) === true);
+    return this.logEnds.caughtUp(origins);
   }
 
   cursor(origin: string) {

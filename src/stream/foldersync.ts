@@ -31,7 +31,7 @@ import { Outbox } from "../log/outbox.js";
 import { decodeSegment, encodeSegment, type LogRecord } from "../log/segment.js";
 import type { KnownSegments } from "../log/index.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
-import type { SyncStream } from "./stream.js";
+import { LogEnds, type SyncStream } from "./stream.js";
 import { Materializer, refuseReason } from "../replay/folder.js";
 import { StoreUnavailableError, type ObjectStore } from "../store/store.js";
 import type { Metrics } from "./metrics.js";
@@ -562,8 +562,7 @@ export class FolderSync implements SyncStream {
       }
       if (applied) this.o.metrics.inc("unisync_file_records_applied_total", applied);
       this.tailProblems.update(origin, problem());
-      // Only a listing knows where the log ends (as DbSync.pull).
-      this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem());
+      this.logEnds.pulled(origin, known, seen, maxSegments, problem());
       this.retryParked();
       await this.materializePending(true);
       return applied;
@@ -659,11 +658,11 @@ export class FolderSync implements SyncStream {
   readonly logUnknown = false;
   /** While true, files this node never recorded wait for the cluster's log (FolderSyncOptions.enrolFirst). */
   enrolling: boolean;
-  private readonly readToEnd = new Map<string, boolean>();
+  private readonly logEnds = new LogEnds();
 
   /** Whether the last pull of each of `origins` read its log to the end. */
   caughtUp(origins: readonly string[]): boolean {
-    return origins.every((o) => this.readToEnd.get(o) === true);
+    return this.logEnds.caughtUp(origins);
   }
 
   /** The cluster's log is in: the files held back are looked at again, against it. */

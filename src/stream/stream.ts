@@ -37,3 +37,26 @@ export interface SyncStream {
   parkedCount(): number;
   close(): void;
 }
+
+/**
+ * Per origin: whether the last pull read everything the store held (no gap, nothing
+ * left). Only a listing knows where the log ends: what the index named may not be all of it.
+ */
+export class LogEnds {
+  private readonly readToEnd = new Map<string, boolean>();
+
+  /** A pull of `origin` is under way: not at the end until it says so. */
+  reading(origin: string): void {
+    this.readToEnd.set(origin, false);
+  }
+
+  /** A pull of `origin` read `seen` of at most `maxSegments` segments, from a listing (`known` undefined) or the index, and stopped at `problem` if any. */
+  pulled(origin: string, known: KnownSegments | undefined, seen: number, maxSegments: number, problem: TailProblem | undefined): void {
+    this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem);
+  }
+
+  /** Whether the last pull of each of these origins read its log to the end. */
+  caughtUp(origins: readonly string[]): boolean {
+    return origins.every((o) => this.readToEnd.get(o) === true);
+  }
+}
