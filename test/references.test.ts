@@ -181,9 +181,10 @@ describe("references after replay", () => {
     c.close();
   });
 
-  // KNOWN BUG, not fixed yet (it.fails: this test fails today, and says so once it passes):
-  // the repair, logged with a clock newer than the delete, brings the row back everywhere.
-  it.fails("a repair made by a node still replaying the log never brings back a row deleted further on in it", async () => {
+  // A repair is logged with this node's clock, newer than a delete further on in the log:
+  // made part way through the log, it would bring the row back everywhere. So it waits
+  // until every origin's log is applied as far as it goes (Applier.mayRepair).
+  it("a repair made by a node still replaying the log never brings back a row deleted further on in it", async () => {
     const c = cluster(["a", "b", "c"]);
     const [a, b, cc] = c.nodes;
     const pause = () => new Promise<void>((r) => setTimeout(r, 5));
@@ -207,6 +208,35 @@ describe("references after replay", () => {
     await c.settle();
     c.check();
     for (const x of c.nodes) expect(c.all(x.app, "SELECT id FROM player"), x.name).toEqual([]);
+    c.close();
+  });
+
+  it("a child that follows its set-aside parent to a new id (an id collision) still moves to the row that kept the values", async () => {
+    const c = cluster(["a", "b", "c", "d"]);
+    const [a, b, cc, d] = c.nodes;
+    const pause = () => new Promise<void>((r) => setTimeout(r, 5));
+    // Apart, in this order: c's blue team takes id 20 first, a's red 10 takes the name first;
+    // b's red 20 then collides on both, and its player bob points at it.
+    cc.app.exec("INSERT INTO team(id, name) VALUES (20, 'blue')");
+    await c.ship(cc);
+    await pause();
+    a.app.exec("INSERT INTO team(id, name) VALUES (10, 'red')");
+    await c.ship(a);
+    await pause();
+    b.app.exec("INSERT INTO team(id, name) VALUES (20, 'red'); INSERT INTO player(id, team_id, name) VALUES (5, 20, 'bob')");
+    await c.ship(b);
+    b.app.exec("INSERT INTO team(id, name) VALUES (40, 'green')");
+    await c.ship(b);
+    // d reads a, then only b's first segment (so it repairs nothing yet: b's log goes on), then c:
+    // b's red moves to a new id, set aside, and bob follows it there.
+    await c.pull(d, "a");
+    await c.pull(d, "b", 1);
+    await c.pull(d, "c");
+    await c.pull(d, "b");
+    expect(c.all(d.app, "SELECT team_id FROM player WHERE id = 5")).toEqual([{ team_id: 10n }]);
+    await c.settle();
+    c.check();
+    for (const x of c.nodes) expect(c.all(x.app, "SELECT team_id FROM player WHERE id = 5"), x.name).toEqual([{ team_id: 10n }]);
     c.close();
   });
 

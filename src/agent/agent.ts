@@ -791,6 +791,8 @@ export class Agent {
         );
         // A database new to this node first replays this node's own earlier log (Agent.placeLogs).
         for (const s of streams) if (s.replaysOwnLog()) plan.push({ stream: s.stream, origin: this.config.node });
+        // A database repairs references only once what this round reads of its log is applied.
+        for (const s of dbs) s.expectOrigins(plan.filter((p) => p.stream === s.stream).map((p) => p.origin));
         for (const p of plan) {
           if (this.paused) break; // paused mid-round: nothing more is applied from now on
           const s = byName.get(p.stream)!;

@@ -95,6 +95,12 @@ export class Applier {
   readonly enrolments: EnrolmentLedger;
   /** This database's own rows wait to be enrolled (DbSync.enrolling). */
   enrolling = false;
+  /**
+   * Whether references may be repaired now: the owner says no while some origin's log is
+   * only part way applied. A repair is logged with this node's clock, newer than a delete
+   * further on in the log it has not applied yet, and would bring that row back everywhere.
+   */
+  mayRepair: () => boolean = () => true;
 
   constructor(
     private readonly db: Database,
@@ -160,18 +166,23 @@ export class Applier {
         }
       }
       this.cursorStore.set(segment.origin, segment.seq, key, lastHlc, segment.continues);
-      this.checkReferences();
     });
     return { applied, parked, skipped: false, done };
   }
 
   /**
    * Repairs foreign keys that replay broke (references.ts), unless some
-   * origin's last applied segment ended part way through an app transaction:
-   * then the rest of it comes first. Call inside the apply transaction.
+   * origin's last applied segment ended part way through an app transaction,
+   * or its log is only part way applied (mayRepair): then the rest of it comes
+   * first. Call inside the apply transaction.
    */
   checkReferences(): number {
-    return this.cursorStore.anyOpen() ? 0 : this.references.check();
+    return this.referencesDue() ? this.references.check() : 0;
+  }
+
+  /** Whether references wait to be checked and may be now (read only: no write lock needed to ask). */
+  referencesDue(): boolean {
+    return !this.cursorStore.anyOpen() && this.mayRepair() && this.references.waiting();
   }
 
   /** Applies one record; returns null on success or the reason it must wait. */

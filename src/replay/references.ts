@@ -19,11 +19,13 @@
  * `unisync conflicts`.
  *
  * When to look: replay notes the parent keys it touched (a parent deleted, a
- * child written) in _unisync_refcheck, and they are checked at the end of an
- * apply transaction once no origin's last segment stopped half way through one
- * of its app's transactions (Segment.continues). A half-applied transaction (a
- * cascade split over two segments) would otherwise look like a violation and
- * revive a parent nobody meant to keep.
+ * child written, a parent moved by an id collision) in _unisync_refcheck, and
+ * they are checked once no origin's last segment stopped half way through one
+ * of its app's transactions (Segment.continues), and once every origin's log is
+ * applied as far as this node finds it (Applier.mayRepair). A half-applied
+ * transaction (a cascade split over two segments) would otherwise look like a
+ * violation and revive a parent nobody meant to keep; a repair made part way
+ * through the log would outvote (newer clock) a delete further on in it.
  */
 import type { Database, Statement } from "better-sqlite3";
 import { recordAgentChange, silenced } from "../db/internal.js";
@@ -64,6 +66,8 @@ interface Pending {
 
 /** Rounds of repairs in one check: a repair can expose another (a kept parent's own parent). */
 const MAX_ROUNDS = 1000;
+/** Parent keys checked in one write transaction. */
+const CHECK_TURN = 2000;
 
 export class ReferenceKeeper {
   private readonly touchStmt: Statement;
@@ -124,6 +128,16 @@ export class ReferenceKeeper {
     for (const e of this.edgesInto(access.shape.name)) this.touch(access.shape.name, e.parentColumn, row.get(e.parentColumn) ?? null);
   }
 
+  /**
+   * An id collision moved a row of `table` to `key`, and the rows pointing at it followed.
+   * The row may be out of the table there (set aside by a unique clash, or deleted): its
+   * followers get checked at their new key.
+   */
+  parentMoved(table: string, key: SqlValue): void {
+    const keyColumn = this.tables().get(table)?.shape.key[0];
+    if (keyColumn !== undefined && this.edgesInto(table).some((e) => e.parentColumn === keyColumn)) this.touch(table, keyColumn, key);
+  }
+
   /** Replay put `row` into `access`'s table (inserted, or changed `changed`): the rows it points at get checked. */
   childWritten(access: TableAccess, row: Map<string, SqlValue>, changed: ReadonlyMap<string, SqlValue> | null = null): void {
     for (const fk of access.shape.foreignKeys) {
@@ -133,21 +147,27 @@ export class ReferenceKeeper {
     }
   }
 
+  /** Whether parent keys wait to be checked. */
+  waiting(): boolean {
+    return this.db.prepare("SELECT 1 FROM _unisync_refcheck LIMIT 1").get() !== undefined;
+  }
+
   private touch(table: string, column: string, value: SqlValue): void {
     if (value !== null) this.touchStmt.run(table, column, value);
   }
 
   /**
-   * Checks every parent key touched since the last check and repairs what
-   * points at a deleted row. Call inside the apply transaction, once no origin
-   * is part way through an app transaction. Returns the repairs made.
+   * Checks up to `limit` parent keys touched since the last check (the oldest
+   * first) and repairs what points at a deleted row. Call inside a write
+   * transaction, once no origin is part way through an app transaction; a
+   * catch-up touches many keys, so the caller checks them in turns and the app
+   * writes in between. Returns the repairs made.
    */
-  check(): number {
-    let pending = (this.db.prepare("SELECT tbl, col, val FROM _unisync_refcheck").raw(true).safeIntegers(true).all() as [string, string, SqlValue][]).map(
-      ([table, column, value]) => ({ table, column, value }),
-    );
-    if (pending.length === 0) return 0;
-    this.db.prepare("DELETE FROM _unisync_refcheck").run();
+  check(limit = CHECK_TURN): number {
+    const rows = this.db.prepare("SELECT rowid, tbl, col, val FROM _unisync_refcheck ORDER BY rowid LIMIT ?").raw(true).safeIntegers(true).all(limit) as [bigint, string, string, SqlValue][];
+    if (rows.length === 0) return 0;
+    this.db.prepare("DELETE FROM _unisync_refcheck WHERE rowid <= ?").run(rows[rows.length - 1][0]);
+    let pending: Pending[] = rows.map(([, table, column, value]) => ({ table, column, value }));
     let repairs = 0;
     silenced(this.db, () => {
       for (let round = 0; pending.length > 0 && round < MAX_ROUNDS; round++) {

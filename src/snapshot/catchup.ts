@@ -14,6 +14,8 @@ export interface Pullable {
   pull(origin: string, maxSegments?: number, untilHlc?: number): Promise<number>;
   cursors(): Map<string, { seq: number }>;
   readonly problems: ReadonlyMap<string, { message: string }>;
+  /** A database repairs references only once each of these origins is applied (DbSync.expectOrigins). */
+  expectOrigins?(origins: readonly string[]): void;
 }
 
 export interface CatchUpResult {
@@ -30,6 +32,7 @@ export async function catchUp(store: ObjectStore, streams: Pullable[], origins: 
   progress.grow(total);
   const out: CatchUpResult = { segments: 0, records: 0, problems: [] };
   for (const s of streams) {
+    s.expectOrigins?.(origins);
     for (const o of origins) {
       for (;;) {
         const before = s.cursors().get(o)?.seq ?? 0;

@@ -138,6 +138,7 @@ export class DbSync implements SyncStream {
       );
     });
     const relocator = (this.relocator = new Relocator(this.db, this.states, () => this.tables, aside, bag, (m) => {
+      this.references.parentMoved(m.table, m.to);
       // A tombstone moving (an id reused after a delete) is routine, not a collision.
       if (!m.live) return;
       o.metrics.inc("unisync_rows_moved_total");
@@ -185,6 +186,7 @@ export class DbSync implements SyncStream {
       o.maxClockDriftMs,
     );
     this.applier.enrolling = Number(getMeta(this.db, "enrol_pending") ?? 0) === 1;
+    this.applier.mayRepair = () => this.logEnds.allApplied(this.expectedOrigins);
     this.rowsAreNew = Number(getMeta(this.db, "rows_are_new") ?? 0) === 1;
     this.logUnknown = Number(getMeta(this.db, "log_unknown") ?? 0) === 1;
     this.ownThrough = Number(getMeta(this.db, "own_through") ?? 0);
@@ -619,10 +621,19 @@ export class DbSync implements SyncStream {
     }
     this.tailProblems.update(origin, problem());
     this.logEnds.pulled(origin, known, seen, maxSegments, problem());
+    // References are repaired once every origin's log is applied as far as it goes (Applier.mayRepair), in turns.
+    while (!stop() && this.applier.referencesDue()) this.write("repairing references", () => (this.sealEverything(), this.applier.checkReferences()));
     return applied;
   }
 
   private readonly logEnds = new LogEnds();
+  /** Origins whose logs must be applied as far as they go before references are repaired (beside every origin pulled so far). */
+  private expectedOrigins: readonly string[] = [];
+
+  /** Names the cluster's origins (the agent's listing, a catch-up's origins): until each is pulled, no reference repair. */
+  expectOrigins(origins: readonly string[]): void {
+    this.expectedOrigins = origins;
+  }
 
   /** Whether the last pull of each of these origins applied all the store held. */
   caughtUp(origins: readonly string[]): boolean {

@@ -44,19 +44,32 @@ export interface SyncStream {
  */
 export class LogEnds {
   private readonly readToEnd = new Map<string, boolean>();
+  /** Per origin: whether its last pull stopped for want of more (listed or named by the index), not at its limit or a stop. */
+  private readonly ranOut = new Map<string, boolean>();
 
   /** A pull of `origin` is under way: not at the end until it says so. */
   reading(origin: string): void {
     this.readToEnd.set(origin, false);
+    this.ranOut.set(origin, false);
   }
 
   /** A pull of `origin` read `seen` of at most `maxSegments` segments, from a listing (`known` undefined) or the index, and stopped at `problem` if any. */
   pulled(origin: string, known: KnownSegments | undefined, seen: number, maxSegments: number, problem: TailProblem | undefined): void {
     this.readToEnd.set(origin, known === undefined && seen < maxSegments && !problem);
+    this.ranOut.set(origin, seen < maxSegments);
   }
 
   /** Whether the last pull of each of these origins read its log to the end. */
   caughtUp(origins: readonly string[]): boolean {
     return origins.every((o) => this.readToEnd.get(o) === true);
+  }
+
+  /**
+   * Whether the last pull of each of these origins, and of every other origin pulled
+   * so far, applied all this node could find of it. A stopped origin (a gap, a
+   * corrupt segment) counts as applied: waiting would not bring its rest.
+   */
+  allApplied(origins: readonly string[]): boolean {
+    return origins.every((o) => this.ranOut.get(o) === true) && [...this.ranOut.values()].every((v) => v);
   }
 }
