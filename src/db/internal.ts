@@ -11,6 +11,9 @@ CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
 -- Holds one row while the agent applies remote changes: the triggers see it and
 -- stay silent, so a replayed change is never captured again (no loops).
 CREATE TABLE IF NOT EXISTS _unisync_applying(x);
+-- The app's triggers that write synced tables, as the app wrote them: they were given
+-- our guard so replay does not fire them again (capture/apptriggers.ts); forget restores them.
+CREATE TABLE IF NOT EXISTS _unisync_app_triggers(name TEXT PRIMARY KEY, sql TEXT NOT NULL);
 -- One row per generation of a table's triggers: the column list its changes use.
 CREATE TABLE IF NOT EXISTS _unisync_capture(
   id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, columns TEXT NOT NULL, key TEXT NOT NULL,
@@ -190,6 +193,14 @@ export function statementCache(db: Database): (sql: string) => Statement {
 export function forgetUnisync(db: Database): number {
   const ours = db.prepare("SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'table') AND name LIKE '\\_unisync\\_%' ESCAPE '\\' ORDER BY type = 'table'").all() as { type: string; name: string }[];
   db.transaction(() => {
+    // The app's own triggers as it wrote them: the guard we added names a table dropped below.
+    const guarded = db.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_app_triggers'").get()
+      ? (db.prepare("SELECT t.name, t.sql FROM _unisync_app_triggers t JOIN sqlite_master m ON m.type = 'trigger' AND m.name = t.name AND m.sql LIKE '%\\_unisync\\_applying%' ESCAPE '\\'").all() as { name: string; sql: string }[])
+      : [];
+    for (const t of guarded) {
+      db.exec(`DROP TRIGGER "${t.name.replace(/"/g, '""')}"`);
+      db.exec(t.sql);
+    }
     for (const o of ours) db.exec(`DROP ${o.type.toUpperCase()} IF EXISTS "${o.name.replace(/"/g, '""')}"`);
   }).immediate();
   return ours.length;

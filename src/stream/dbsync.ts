@@ -20,6 +20,7 @@ import { decodeSegment } from "../log/segment.js";
 import { decodeValues } from "../log/value.js";
 import type { KnownSegments } from "../log/index.js";
 import { LogEnds, type SyncStream } from "./stream.js";
+import { guardAppTriggers } from "../capture/apptriggers.js";
 import { readAfter, TailProblems, type TailProblem } from "../log/tail.js";
 import { Applier, retryParked, type ParkKind } from "../replay/apply.js";
 import { BagStore } from "../merge/bag.js";
@@ -405,6 +406,12 @@ export class DbSync implements SyncStream {
         const shapes = discoverTables(this.db, this.o.excludeTables).map((s) => (natural.has(s.name.toLowerCase()) ? { ...s, autoId: false } : s));
         // Parents first: rows recorded below (and baselines) find the lineages their references name.
         const defs = parentsFirst(installTriggers(this.db, shapes, Date.now()), (d) => d.shape);
+        // The app's triggers that write synced tables stay quiet while replay writes (their writes come as records).
+        const app = guardAppTriggers(this.db, new Set(shapes.map((s) => s.name)));
+        if (app.guarded.length > 0) this.log.info({ triggers: app.guarded }, "the app's triggers that write synced tables do not fire for replayed changes (what they wrote at the origin arrives in the log)");
+        for (const m of app.mixed) {
+          this.log.warn({ trigger: m.trigger, unsynced: m.unsynced }, "this app trigger writes synced and unsynced tables: it does not fire for replayed changes, so these unsynced tables miss them on other nodes");
+        }
         if (this.rowsAreNew) {
           // The app's new database: the rows it wrote before these triggers are its inserts,
           // recorded in this transaction, ahead of whatever the triggers capture next.
