@@ -240,26 +240,6 @@ describe("references after replay", () => {
     c.close();
   });
 
-  it("a batch of fresh inserts with one unique clash in it applies the others and sets that one aside", async () => {
-    const c = cluster(["a", "b"]);
-    const [a, b] = c.nodes;
-    b.app.exec("INSERT INTO team(id, name) VALUES (500, 't50')"); // made first: keeps the name
-    await c.ship(b);
-    await new Promise<void>((r) => setTimeout(r, 5));
-    const insert = a.app.prepare("INSERT INTO team(id, name) VALUES (?, ?)");
-    a.app.transaction(() => {
-      for (let i = 1; i <= 100; i++) insert.run(i, `t${i}`);
-    })();
-    await c.ship(a);
-    await c.pull(b, "a"); // replayed in multi-row batches: the one holding team 50 cannot be written whole
-    expect(c.all(b.app, "SELECT count(*) AS n FROM team")).toEqual([{ n: 100n }]);
-    expect(c.all(b.app, "SELECT id FROM team WHERE name = 't50'")).toEqual([{ id: 500n }]);
-    expect(c.all(b.sync.db, "SELECT count(*) AS n FROM _unisync_conflicts WHERE tbl = 'team'")).toEqual([{ n: 1 }]);
-    await c.settle();
-    c.check();
-    c.close();
-  });
-
   it("a child arriving for a row set aside for a row that was set aside in turn moves to the row in the table", async () => {
     // b sets a's team aside for its own, then its own aside for c's: 10 -> 20 -> 30.
     const { c, a, b } = await threeRedTeams();

@@ -57,7 +57,7 @@ export class RowStateStore {
   private readonly insertNewStmt: Statement;
   private readonly deadReferringStmt: Statement;
 
-  constructor(private readonly db: Database) {
+  constructor(db: Database) {
     this.getStmt = db.prepare(
       "SELECT hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin FROM _unisync_rows WHERE tbl = ? AND pk = ?",
     );
@@ -115,27 +115,6 @@ export class RowStateStore {
    */
   insertNew(table: string, pk: Buffer, s: RowState, allBase?: readonly string[]): boolean {
     return this.insertNewStmt.run(...this.columns(table, pk, s, allBase)).changes === 1;
-  }
-
-  private readonly insertManyStmts = new Map<number, Statement>();
-
-  /**
-   * insertNew for many fresh rows in one statement (replay's batches of fresh
-   * inserts): throws, writing nothing, if any of them has a state already.
-   */
-  insertMany(table: string, rows: readonly { pk: Buffer; state: RowState }[], allBase: readonly string[]): void {
-    let stmt = this.insertManyStmts.get(rows.length);
-    if (!stmt) {
-      const one = `(${Array.from({ length: 15 }, () => "?").join(", ")})`;
-      stmt = this.db.prepare(
-        "INSERT INTO _unisync_rows(tbl, pk, hlc, origin, alive, base_hlc, base_origin, cols, dead, lin_hlc, lin_origin, lin_epoch, refs, inc_hlc, inc_origin) " +
-          `VALUES ${Array.from({ length: rows.length }, () => one).join(", ")}`,
-      );
-      this.insertManyStmts.set(rows.length, stmt);
-    }
-    const args: unknown[] = [];
-    for (const r of rows) for (const v of this.columns(table, r.pk, r.state, allBase)) args.push(v);
-    stmt.run(args);
   }
 
   /** Serialised clocks of rows whose columns all share the base clock, by the record's column list. */

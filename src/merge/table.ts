@@ -161,30 +161,6 @@ export class TableAccess {
     return stmt.run(...values).changes === 1;
   }
 
-  /** insertRows's statements by column list and row count. */
-  private readonly multiInserts = new WeakMap<readonly string[], Map<number, Statement>>();
-
-  /**
-   * Rows with values in the order of `columns`, in one statement: replay's
-   * batches of fresh inserts. Throws, writing nothing, on any clash (key,
-   * UNIQUE, NOT NULL, ...); false, writing nothing, if the table lacks a column.
-   */
-  insertRows(columns: readonly string[], rows: readonly (readonly SqlValue[])[]): boolean {
-    if (!columns.every((c) => this.known.has(c))) return false;
-    let byCount = this.multiInserts.get(columns);
-    if (!byCount) this.multiInserts.set(columns, (byCount = new Map()));
-    let stmt = byCount.get(rows.length);
-    if (!stmt) {
-      const one = `(${columns.map(() => "?").join(", ")})`;
-      stmt = this.db.prepare(`INSERT INTO ${this.t}(${columns.map(quoteIdent).join(", ")}) VALUES ${rows.map(() => one).join(", ")}`);
-      byCount.set(rows.length, stmt);
-    }
-    const args: SqlValue[] = [];
-    for (const r of rows) for (const v of r) args.push(v);
-    stmt.run(args);
-    return true;
-  }
-
   insert(values: Map<string, SqlValue>): void {
     this.runInsert(values, "");
   }

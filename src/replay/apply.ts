@@ -39,27 +39,6 @@ export interface ParkReason {
 
 const wait = (kind: ParkKind, reason: string): ParkReason => ({ kind, reason });
 
-/** What a fresh insert writes (Applier.freshRow). */
-interface FreshRow {
-  values: SqlValue[];
-  pk: Buffer;
-  state: RowState;
-  written: Map<string, SqlValue>;
-}
-
-/** A fresh insert waiting in the queue, with where it is in the log (to park it if it cannot apply). */
-interface QueuedFresh extends FreshRow {
-  origin: string;
-  rec: LogRecord;
-  seq: number;
-  idx: number;
-}
-
-/** Whether `column` of `access` is a declared reference to `table`. */
-function refersTo(access: TableAccess, column: string, table: string): boolean {
-  return access.shape.foreignKeys.some((f) => f.column === column && f.table.toLowerCase() === table.toLowerCase());
-}
-
 export interface ApplyOutcome {
   applied: number;
   parked: number;
@@ -168,36 +147,24 @@ export class Applier {
     let parked = 0;
     let lastHlc = cur.idx > 0 ? cur.lastHlc : 0;
     let done = true;
-    // Fresh inserts are queued and written in multi-row statements: everything queued is
-    // written before any other record is applied and before the cursor moves.
-    const flush = () => {
-      const r = this.flushFresh();
-      applied += r.applied;
-      parked += r.parked;
-    };
     silenced(this.db, () => {
       for (let idx = cur.idx; idx < segment.records.length; idx++) {
         const rec = segment.records[idx];
         lastHlc = Math.max(lastHlc, rec.hlc);
-        if (!this.queueFresh(segment.origin, segment.seq, idx, rec, flush)) {
-          flush();
-          const reason = this.applyRecord(segment.origin, rec);
-          if (reason === null) applied++;
-          else {
-            parked++;
-            this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
-          }
+        const reason = this.applyRecord(segment.origin, rec);
+        if (reason === null) applied++;
+        else {
+          parked++;
+          this.parkRecord(segment.origin, segment.seq, idx, rec, reason);
         }
         // A long segment is applied in turns, so the app gets its write lock in between:
         // the cursor says how far, and the segment counts as part way through a transaction.
         if (until && idx + 1 < segment.records.length && idx % 32 === 31 && until.passed()) {
-          flush();
           this.cursorStore.setPartial(segment.origin, idx + 1, lastHlc);
           done = false;
           return;
         }
       }
-      flush();
       this.cursorStore.set(segment.origin, segment.seq, key, lastHlc, segment.continues);
     });
     return { applied, parked, skipped: false, done };
@@ -220,8 +187,12 @@ export class Applier {
 
   /** Applies one record; returns null on success or the reason it must wait. */
   applyRecord(origin: string, rec: LogRecord): ParkReason | null {
-    const reason = unfit(rec, this.tables()) ?? this.tooFarAhead(origin, rec);
+    const reason = unfit(rec, this.tables());
     if (reason) return reason;
+    // A node whose clock runs far ahead would win every conflict for as long as
+    // it stays ahead; its records wait until our clock reaches theirs.
+    const aheadMs = hlcToMs(rec.hlc) - this.now();
+    if (aheadMs > this.maxDriftMs) return wait("clock", `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`);
     this.clock.observe(rec.hlc);
     const row = rec.row;
     if (!row) return null;
@@ -316,77 +287,6 @@ export class Applier {
   }
 
   /**
-   * A node whose clock runs far ahead would win every conflict for as long as
-   * it stays ahead; its records wait until our clock reaches theirs.
-   */
-  private tooFarAhead(origin: string, rec: LogRecord): ParkReason | null {
-    const aheadMs = hlcToMs(rec.hlc) - this.now();
-    return aheadMs > this.maxDriftMs ? wait("clock", `clock of origin "${origin}" is ${Math.round(aheadMs / 1000)} s ahead of ours (limit ${Math.round(this.maxDriftMs / 1000)} s): waiting`) : null;
-  }
-
-  /** Fresh inserts of one table and column list, in log order, waiting for flushFresh. */
-  private fresh: { access: TableAccess; columns: readonly string[]; max: number; rows: QueuedFresh[] } | null = null;
-
-  /**
-   * Queues a fresh insert (insertFresh's case) to be written with its neighbours
-   * in multi-row statements, which is most of a catch-up; `flush` writes the queue
-   * first when this record cannot join it. False when the record is anything else:
-   * the caller flushes, then applies it on its own.
-   */
-  private queueFresh(origin: string, seq: number, idx: number, rec: LogRecord, flush: () => void): boolean {
-    const row = rec.row;
-    if (!row || row.op !== OP_INSERT || row.enrolment || this.aside.anyAside) return false;
-    const access = this.tables().get(row.table);
-    if (!access?.shape.hasDeclaredKey || unfit(rec, this.tables()) || this.tooFarAhead(origin, rec)) return false;
-    // A reference to a row still in the queue would not find it.
-    const q = this.fresh;
-    if (q && (q.access !== access || q.columns !== row.columns || row.refs?.some((r) => refersTo(access, r.column, access.shape.name)))) flush();
-    const f = this.freshRow(origin, rec, row, access);
-    if (!f || !("pk" in f)) return false;
-    this.clock.observe(rec.hlc);
-    // Up to 64 rows a statement, within SQLite's limit of bound values (32,766).
-    this.fresh ??= { access, columns: row.columns, max: Math.min(64, Math.floor(30_000 / Math.max(15, row.columns.length))), rows: [] };
-    // Built field by field: a spread of the FreshRow cost about 4 µs a row.
-    this.fresh.rows.push({ values: f.values, pk: f.pk, state: f.state, written: f.written, origin, rec, seq, idx });
-    if (this.fresh.rows.length >= this.fresh.max) flush();
-    return true;
-  }
-
-  /**
-   * Writes the queued fresh inserts: states and rows in one statement each. If
-   * any clashes (a row or state there after all, a UNIQUE value, a NOT NULL),
-   * nothing of that is kept and each record is applied on its own, as it would
-   * have been without the queue.
-   */
-  private flushFresh(): { applied: number; parked: number } {
-    const q = this.fresh;
-    this.fresh = null;
-    if (!q || q.rows.length === 0) return { applied: 0, parked: 0 };
-    if (q.rows.length > 1) {
-      try {
-        this.db.transaction(() => {
-          this.states.insertMany(q.access.shape.name, q.rows, q.columns);
-          if (!q.access.insertRows(q.columns, q.rows.map((r) => r.values))) throw new Error("a column is missing");
-        })();
-        for (const r of q.rows) this.references.childWritten(q.access, r.written);
-        return { applied: q.rows.length, parked: 0 };
-      } catch {
-        // one by one below: each says why, or applies as the general path decides
-      }
-    }
-    const out = { applied: 0, parked: 0 };
-    for (const r of q.rows) {
-      const reason = this.applyRecord(r.origin, r.rec);
-      if (reason === null) out.applied++;
-      else {
-        out.parked++;
-        this.parkRecord(r.origin, r.seq, r.idx, r.rec, reason);
-      }
-    }
-    return out;
-  }
-
-  /**
    * The common case of replay, a logged insert of a row this node knows nothing
    * of, in two statements: its merge state and the row are each inserted only
    * if nothing is there, which replaces looking up the row, its state and the
@@ -395,30 +295,6 @@ export class Applier {
    * general path, which gives the same result for a fresh row.
    */
   private insertFresh(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): ParkReason | null | undefined {
-    const f = this.freshRow(origin, rec, row, access);
-    if (!f || !("pk" in f)) return f;
-    if (!this.states.insertNew(row.table, f.pk, f.state, row.columns)) return undefined;
-    let inserted = false;
-    try {
-      inserted = access.insertNewRow(row.columns, f.values);
-    } catch {
-      // NOT NULL, CHECK, ...: the general path meets it again and says why
-    }
-    if (!inserted) {
-      this.states.delete(row.table, f.pk);
-      return undefined;
-    }
-    this.references.childWritten(access, f.written);
-    return null;
-  }
-
-  /**
-   * What a fresh insert writes: its values (references placed), key, merge
-   * state and the columns written. Undefined when the record is not a fresh
-   * insert this way (the row moved, rows are set aside, a NULL key); the reason
-   * when a parent it points at has not arrived.
-   */
-  private freshRow(origin: string, rec: LogRecord, row: RowChange, access: TableAccess): FreshRow | ParkReason | undefined {
     if (this.aside.anyAside) return undefined;
     const values = this.placeRefs(row, access);
     if (!Array.isArray(values)) return values;
@@ -436,7 +312,20 @@ export class Applier {
     });
     if (write.kind !== "insert") return undefined;
     keepRefs(state, row, stamp);
-    return { values, pk: rowIdentity(keyValues, false), state, written: write.values };
+    const pk = rowIdentity(keyValues, false);
+    if (!this.states.insertNew(row.table, pk, state, row.columns)) return undefined;
+    let inserted = false;
+    try {
+      inserted = access.insertNewRow(row.columns, values);
+    } catch {
+      // NOT NULL, CHECK, ...: the general path meets it again and says why
+    }
+    if (!inserted) {
+      this.states.delete(row.table, pk);
+      return undefined;
+    }
+    this.references.childWritten(access, write.values);
+    return null;
   }
 
   /**
