@@ -290,6 +290,27 @@ describe("enrolment", () => {
     c.close();
   });
 
+  it("counts references the app writes while enrolling to rows the log has not reached (they cannot follow a move)", async () => {
+    const c = setup(fill);
+    const a = c.join("a");
+    await c.settle();
+    const b = c.join("b");
+    // b's app points at item 2 of its copy before the log is in: no lineage to follow.
+    b.app.exec("INSERT INTO part(item_id) VALUES (2)");
+    await c.ship(b);
+    expect(b.sync.unplacedReferences).toBe(1);
+    // Once the log placed item 3 here, a reference to it follows it wherever it moves.
+    while ((await b.sync.pull("a", 50)) > 0);
+    expect(b.sync.enrolling).toBe(true);
+    b.app.exec("INSERT INTO part(item_id) VALUES (3)");
+    await c.ship(b);
+    expect(b.sync.unplacedReferences).toBe(1);
+    await c.settle();
+    expect(c.converged()).toEqual([]);
+    expect(a.sync.unplacedReferences).toBe(0);
+    c.close();
+  });
+
   it("a record that does not carry a column leaves the local default (keyed and keyless tables)", async () => {
     const c = setup(() => undefined);
     const a = c.join("a");

@@ -342,13 +342,28 @@ export class ChangeDrain {
       const value = i < 0 ? null : intKey(change.values[i]);
       if (!parent?.autoId || value === null) continue;
       const at = this.states.get(parent.name, rowIdentity([value], false))?.lineage;
-      if (!at) continue;
+      if (!at) {
+        // The app pointed at a row of its copy that the log has not reached yet: if the log
+        // later moves the row it becomes (an id collision), this reference stays behind.
+        if (this.enrolling()) {
+          this.unplaced.count++;
+          this.unplaced.first ??= `${shape.name}.${fk.column} = ${value} (a row of ${parent.name})`;
+        }
+        continue;
+      }
       const lineage = { hlc: at.hlc, origin: at.origin };
       (change.refs ??= []).push({ column: fk.column, lineage, bornKey: this.relocator.recordedBornKey(parent.name, lineage, value) });
       const wrote = change.op === OP_INSERT || (change.op === OP_UPDATE && change.changed.includes(i));
       if (wrote && state) state.refs = { ...state.refs, [fk.column]: lineage };
     }
   }
+
+  /**
+   * References the app wrote while this database enrolled, to rows of its copy the
+   * log had not reached: they carry no lineage, so they do not follow that row if it
+   * moves later (README, "Joining with data"). Counted so the operator is told.
+   */
+  readonly unplaced: { count: number; first: string | null } = { count: 0, first: null };
 
   removeThrough(lastId: number): void {
     this.removeChanges.run(lastId);

@@ -303,6 +303,7 @@ export class DbSync implements SyncStream {
       setMeta(this.db, "enrol_pending", 0);
     });
     this.applier.enrolling = false;
+    this.reportUnplaced(true);
     this.lastSchemaVersion = -1;
     this.firstEnrolment = true;
     try {
@@ -628,12 +629,33 @@ export class DbSync implements SyncStream {
     }
     this.tailProblems.update(origin, problem());
     this.logEnds.pulled(origin, known, seen, maxSegments, problem());
+    this.reportUnplaced();
     // References are repaired once every origin's log is applied as far as it goes (Applier.mayRepair), in turns.
     while (!stop() && this.applier.referencesDue()) this.write("repairing references", () => (this.sealEverything(), this.applier.checkReferences()));
     return applied;
   }
 
   private readonly logEnds = new LogEnds();
+
+  /** References the app wrote while this database enrolled that cannot follow their row (ChangeDrain.unplaced). */
+  get unplacedReferences(): number {
+    return this.drain.unplaced.count;
+  }
+
+  private unplacedReported = 0;
+
+  /** Warns at the first such reference, and with the total when enrolment ends. */
+  private reportUnplaced(final = false): void {
+    const { count, first } = this.drain.unplaced;
+    if (count === 0 || (!final && this.unplacedReported > 0)) return;
+    this.unplacedReported = count;
+    this.log.warn(
+      { references: count, first },
+      final
+        ? "while this database enrolled, the app wrote rows pointing at rows the log had not reached yet; any of those the log moved (id collisions) is now named by the old id, the same on every node: check them (`unisync conflicts` lists the moves)"
+        : "the app writes rows pointing at rows of this database while it enrols: if the log moves such a row (an id collision), the reference keeps the old id and names another row on every node. Start the app after `unisync status` stops saying enrolling (README, \"Joining with data\")",
+    );
+  }
   /** Origins whose logs must be applied as far as they go before references are repaired (beside every origin pulled so far). */
   private expectedOrigins: readonly string[] = [];
 
