@@ -59,11 +59,13 @@ describe("an unseen Flask app writing while it syncs", () => {
       appSucceeded(runApp("flask_clinic.py", [c.instance("n1"), "n1", "1", "400"]), "flask_clinic on n1"),
       appSucceeded(runApp("flask_clinic.py", [c.instance("n2"), "n2", "2", "400"]), "flask_clinic on n2"),
     ]);
-    // A request the app could not finish prints why. Only the app's own read-then-write races are
-    // expected, as with two app workers on one file (README): a row the app read was deleted or
-    // moved (an id collision) by a sync before the request wrote, so updating it raises
-    // StaleDataError and pointing at it fails the foreign key; or a tag the app looked up and did
-    // not find arrived from the other node before the app inserted it (UNIQUE on tag.slug).
+    // A request the app could not finish prints why. The app runs each request as one
+    // BEGIN IMMEDIATE transaction (SQLAlchemy's pysqlite recipe, README), so a sync cannot
+    // land between its reads and its writes. Before it did, the app's own read-then-write
+    // races showed (as with two app workers on one file): a row read and then deleted or moved
+    // by a sync (StaleDataError, a failed foreign key), a tag looked up and then inserted by
+    // the other node (UNIQUE on tag.slug), and once an appointment written for the patient
+    // that had just moved away. Those errors are still the app's, not unisync's.
     const appRaces = ["StaleDataError", "FOREIGN KEY constraint failed", "UNIQUE constraint failed: tag.slug"];
     const unexpected = (l: string) => l !== "" && !appRaces.some((race) => l.includes(race));
     expect(failed.flatMap((out) => out.split("\n")).filter(unexpected)).toEqual([]);
@@ -76,6 +78,11 @@ describe("an unseen Flask app writing while it syncs", () => {
     const db = new Database(c.instance("n3", "clinic.sqlite"), { readonly: true });
     expect(db.prepare("SELECT count(*) FROM appointment").pluck().get()).toBeGreaterThan(100);
     expect(db.prepare("SELECT count(*) FROM appt_tag").pluck().get()).toBeGreaterThan(50);
+    // The app's own triggers wrote once, where the app wrote (the databases agree, above),
+    // and are quiet in replay: guarded on every node.
+    expect(db.prepare("SELECT count(*) FROM history").pluck().get()).toBeGreaterThan(10);
+    expect(db.prepare("SELECT count(*) FROM appointment WHERE edited_at IS NOT NULL").pluck().get()).toBeGreaterThan(5);
+    expect(db.prepare("SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name IN ('patient_registered', 'appointment_edited') AND sql LIKE '%_unisync_applying%'").pluck().get()).toBe(2);
     db.close();
     expect(NODES.flatMap((n) => misplaced(c.instance(n, "clinic.sqlite")).map((m) => `${n}: ${m}`))).toEqual([]);
     expect(c.badLogLines()).toEqual([]);

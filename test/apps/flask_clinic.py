@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """A Flask-SQLAlchemy clinic, for test/clinic-cluster.test.ts: patients (autoincrement,
 unique email), appointments (FK with cascade), tags with text keys, an association table
-with a composite primary key, a bind, nested uploads that are amended and deleted. Each
+with a composite primary key, a bind, nested uploads that are amended and deleted, and
+two SQL triggers of its own (an audit row per new patient, an edited_at stamp). Each
 request is one short transaction; a failed request is rolled back and printed, as a web
 app would answer 500.
 
@@ -14,7 +15,7 @@ import sys
 
 from flask import Flask
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import select, func, event
+from sqlalchemy import DDL, select, func, event
 from sqlalchemy.engine import Engine
 
 db = SQLAlchemy(engine_options={"connect_args": {"timeout": 30}})
@@ -23,6 +24,15 @@ db = SQLAlchemy(engine_options={"connect_args": {"timeout": 30}})
 @event.listens_for(Engine, "connect")
 def fk_on(dbapi_conn, _):
     dbapi_conn.execute("PRAGMA foreign_keys=ON")
+    # SQLAlchemy's recipe for real transactions on pysqlite (README, "When two nodes write
+    # the same thing"): the driver would run each SELECT outside the transaction, so a sync
+    # could move the row a request read before the request writes.
+    dbapi_conn.isolation_level = None
+
+
+@event.listens_for(Engine, "begin")
+def begin_immediate(conn):
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 appt_tag = db.Table("appt_tag",
@@ -50,7 +60,25 @@ class Appointment(db.Model):
     patient_email = db.Column(db.String(100))  # what the test checks the reference against
     at = db.Column(db.DateTime)
     note = db.Column(db.Text)
+    edited_at = db.Column(db.String(30))  # set by a trigger of the app's own
     tags = db.relationship("Tag", secondary=appt_tag)
+
+
+class History(db.Model):
+    """Written only by a trigger of the app's own."""
+    id = db.Column(db.Integer, primary_key=True)
+    patient_id = db.Column(db.Integer, db.ForeignKey("patient.id", ondelete="CASCADE"))
+    what = db.Column(db.String(200))
+
+
+# Triggers the app keeps in its schema (what an app with audit needs does): their writes are
+# synced as the app's own, so they must not fire again when a node replays them.
+event.listen(History.__table__, "after_create", DDL(
+    "CREATE TRIGGER patient_registered AFTER INSERT ON patient "
+    "BEGIN INSERT INTO history(patient_id, what) VALUES (NEW.id, 'registered ' || NEW.email); END"))
+event.listen(Appointment.__table__, "after_create", DDL(
+    "CREATE TRIGGER appointment_edited AFTER UPDATE OF note ON appointment WHEN NEW.note IS NOT OLD.note "
+    "BEGIN UPDATE appointment SET edited_at = strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now') WHERE id = NEW.id; END"))
 
 
 class Event(db.Model):
