@@ -637,6 +637,14 @@ export class DbSync implements SyncStream {
 
   private readonly logEnds = new LogEnds();
 
+  /** Origins whose logs must be applied as far as they go before references are repaired (beside every origin pulled so far). */
+  private expectedOrigins: readonly string[] = [];
+
+  /** Names the cluster's origins (the agent's listing, a catch-up's origins): until each is pulled, no reference repair. */
+  expectOrigins(origins: readonly string[]): void {
+    this.expectedOrigins = origins;
+  }
+
   /** References the app wrote while this database enrolled that cannot follow their row (ChangeDrain.unplaced). */
   get unplacedReferences(): number {
     return this.drain.unplaced.count;
@@ -655,13 +663,6 @@ export class DbSync implements SyncStream {
         ? "while this database enrolled, the app wrote rows pointing at rows the log had not reached yet; any of those the log moved (id collisions) is now named by the old id, the same on every node: check them (`unisync conflicts` lists the moves)"
         : "the app writes rows pointing at rows of this database while it enrols: if the log moves such a row (an id collision), the reference keeps the old id and names another row on every node. Start the app after `unisync status` stops saying enrolling (README, \"Joining with data\")",
     );
-  }
-  /** Origins whose logs must be applied as far as they go before references are repaired (beside every origin pulled so far). */
-  private expectedOrigins: readonly string[] = [];
-
-  /** Names the cluster's origins (the agent's listing, a catch-up's origins): until each is pulled, no reference repair. */
-  expectOrigins(origins: readonly string[]): void {
-    this.expectedOrigins = origins;
   }
 
   /** Whether the last pull of each of these origins applied all the store held. */
