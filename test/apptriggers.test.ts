@@ -9,7 +9,8 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import Database from "better-sqlite3";
 import { afterAll, describe, expect, it } from "vitest";
-import { guardedSql, tablesWritten } from "../src/capture/apptriggers.js";
+import { guardAppTriggers, guardedSql, tablesWritten } from "../src/capture/apptriggers.js";
+import { INTERNAL_DDL } from "../src/db/internal.js";
 import { forgetUnisync } from "../src/db/internal.js";
 import { FileStore } from "../src/store/file.js";
 import { appConnection, openSync } from "./helpers/node.js";
@@ -50,6 +51,21 @@ describe("the app's own triggers", () => {
     expect(guardedSql("CREATE TRIGGER t AFTER INSERT ON a FOR EACH ROW WHEN new.x > 1 OR new.y BEGIN SELECT 1; END")).toBe(
       "CREATE TRIGGER t AFTER INSERT ON a FOR EACH ROW WHEN (new.x > 1 OR new.y) AND NOT EXISTS (SELECT 1 FROM _unisync_applying) BEGIN SELECT 1; END",
     );
+  });
+
+  it("leaves a trigger it cannot read as it was, and says so", () => {
+    const db = new Database(":memory:");
+    db.exec(INTERNAL_DDL);
+    // A column named like the keyword BEGIN (SQLite allows it): the guard would land in the wrong place.
+    db.exec("CREATE TABLE t(id INTEGER PRIMARY KEY, begin TEXT); CREATE TABLE log(what TEXT)");
+    const sql = "CREATE TRIGGER odd AFTER UPDATE OF begin ON t BEGIN INSERT INTO log VALUES (NEW.begin); END";
+    db.exec(sql);
+    const report = db.transaction(() => guardAppTriggers(db, new Set(["t", "log"])))();
+    expect(report.guarded).toEqual([]);
+    expect(report.failed.map((f) => f.trigger)).toEqual(["odd"]);
+    expect(db.prepare("SELECT sql FROM sqlite_master WHERE name = 'odd'").pluck().get()).toBe(sql);
+    db.exec("INSERT INTO t VALUES (1, 'a'); UPDATE t SET begin = 'b'");
+    expect(db.prepare("SELECT what FROM log").pluck().all()).toEqual(["b"]);
   });
 
   it("an audit trigger and an updated_at trigger write once, on their origin; an FTS index stays up to date everywhere; forget restores them", async () => {

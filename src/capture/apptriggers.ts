@@ -119,6 +119,8 @@ export interface AppTriggerReport {
   guarded: string[];
   /** Guarded triggers that also write tables that are not synced: those miss replayed changes. */
   mixed: { trigger: string; unsynced: string[] }[];
+  /** Triggers that write synced tables but could not be guarded (their text defeated the reader): left as they are. */
+  failed: { trigger: string; error: string }[];
 }
 
 /**
@@ -127,7 +129,7 @@ export interface AppTriggerReport {
  * inside a write transaction.
  */
 export function guardAppTriggers(db: Database, synced: ReadonlySet<string>): AppTriggerReport {
-  const report: AppTriggerReport = { guarded: [], mixed: [] };
+  const report: AppTriggerReport = { guarded: [], mixed: [], failed: [] };
   const syncedLower = new Set([...synced].map((s) => s.toLowerCase()));
   const triggers = db
     .prepare("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name NOT LIKE '\\_unisync\\_%' ESCAPE '\\' AND sql IS NOT NULL")
@@ -139,9 +141,17 @@ export function guardAppTriggers(db: Database, synced: ReadonlySet<string>): App
     if (!written.some((w) => syncedLower.has(w))) continue;
     const guarded = guardedSql(t.sql);
     if (!guarded) continue;
-    db.prepare("INSERT OR REPLACE INTO _unisync_app_triggers(name, sql) VALUES (?, ?)").run(t.name, t.sql);
-    db.exec(`DROP TRIGGER ${quoteIdent(t.name)}`);
-    db.exec(guarded);
+    try {
+      // A savepoint: a text the reader got wrong fails to parse, and the trigger stays as it was.
+      db.transaction(() => {
+        db.prepare("INSERT OR REPLACE INTO _unisync_app_triggers(name, sql) VALUES (?, ?)").run(t.name, t.sql);
+        db.exec(`DROP TRIGGER ${quoteIdent(t.name)}`);
+        db.exec(guarded);
+      })();
+    } catch (err) {
+      report.failed.push({ trigger: t.name, error: (err as Error).message });
+      continue;
+    }
     report.guarded.push(t.name);
     const unsynced = written.filter((w) => !syncedLower.has(w));
     if (unsynced.length > 0) report.mixed.push({ trigger: t.name, unsynced });

@@ -413,6 +413,9 @@ export class DbSync implements SyncStream {
         for (const m of app.mixed) {
           this.log.warn({ trigger: m.trigger, unsynced: m.unsynced }, "this app trigger writes synced and unsynced tables: it does not fire for replayed changes, so these unsynced tables miss them on other nodes");
         }
+        for (const f of app.failed) {
+          this.log.warn({ trigger: f.trigger, error: f.error }, "could not add the replay guard to this app trigger: it also fires for replayed changes, and what it writes may be written twice on other nodes");
+        }
         if (this.rowsAreNew) {
           // The app's new database: the rows it wrote before these triggers are its inserts,
           // recorded in this transaction, ahead of whatever the triggers capture next.
