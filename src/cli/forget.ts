@@ -22,10 +22,10 @@ export const FORGET_HELP = `Usage: unisync forget INSTANCE_DIR --db FILE [--forc
 Removes unisync's own tables and triggers (_unisync_*) from one database of the
 instance folder; the app's tables stay as they are, and the app's own triggers
 get back the text the app wrote (the agent adds a replay guard to those that
-write synced tables). Use it for a database copied
-from another node (the agent refuses such a file) or restored from a backup, to
-enrol it afresh: the agent then replays the cluster's log into it before it
-enrols its rows, so nothing in it overrides what the cluster logged.
+write synced tables). Use it for a database copied from another node (the agent
+refuses such a file) or restored from a backup, to enrol it afresh: the agent
+then replays the cluster's log into it before it enrols its rows, so nothing in
+it overrides what the cluster logged.
 The agent must not be running beside the folder.
   --db FILE   the database, relative to INSTANCE_DIR (e.g. app.db)
   --force     also when the file holds this node's changes that are not in the
