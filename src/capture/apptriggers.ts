@@ -12,9 +12,8 @@
  * The original text is kept in _unisync_app_triggers; `unisync forget` puts it back.
  */
 import type { Database } from "better-sqlite3";
+import { REPLAY_GUARD } from "../db/internal.js";
 import { quoteIdent } from "../db/schema.js";
-
-export const REPLAY_GUARD = "NOT EXISTS (SELECT 1 FROM _unisync_applying)";
 
 interface Token {
   text: string;
@@ -26,7 +25,7 @@ interface Token {
 }
 
 /** SQL tokens, without whitespace and comments. Strings are one token each (word ""). */
-export function tokenize(sql: string): Token[] {
+function tokenize(sql: string): Token[] {
   const out: Token[] = [];
   let i = 0;
   while (i < sql.length) {
@@ -67,14 +66,12 @@ function beginOf(tokens: Token[]): number {
   return tokens.findIndex((t) => !t.quoted && t.word === "BEGIN");
 }
 
-/** A table name at `i` (maybe `schema.name`): the name, lower-cased, and whether it is in main; and the index after it. */
-function tableNameAt(tokens: Token[], i: number): { name: string; main: boolean; next: number } | null {
+/** A table name at `i` (maybe `schema.name`): the name, lower-cased, and whether it is in main. */
+function tableNameAt(tokens: Token[], i: number): { name: string; main: boolean } | null {
   const first = tokens[i];
   if (!first || !first.word) return null;
-  if (tokens[i + 1]?.text === "." && tokens[i + 2]?.word) {
-    return { name: tokens[i + 2].word.toLowerCase(), main: first.word.toLowerCase() === "main", next: i + 3 };
-  }
-  return { name: first.word.toLowerCase(), main: true, next: i + 1 };
+  if (tokens[i + 1]?.text === "." && tokens[i + 2]?.word) return { name: tokens[i + 2].word.toLowerCase(), main: first.word.toLowerCase() === "main" };
+  return { name: first.word.toLowerCase(), main: true };
 }
 
 /**

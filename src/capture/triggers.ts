@@ -5,7 +5,7 @@
  * Values are copied as-is into untyped columns, which keeps their exact class.
  */
 import type { Database } from "better-sqlite3";
-import { ensureChangeWidth } from "../db/internal.js";
+import { ensureChangeWidth, REPLAY_GUARD } from "../db/internal.js";
 import { quoteIdent, type TableShape } from "../db/schema.js";
 
 export const CHANGE_INSERT = 1;
@@ -76,7 +76,7 @@ export function triggerNames(table: string): { insert: string; update: string; d
 export function triggerSql(shape: TableShape, capId: number): { name: string; sql: string }[] {
   const t = quoteIdent(shape.name);
   const names = triggerNames(shape.name);
-  const guard = "WHEN NOT EXISTS (SELECT 1 FROM _unisync_applying)";
+  const guard = `WHEN ${REPLAY_GUARD}`;
   const slots = (n: number) => Array.from({ length: n }, (_, i) => `v${i}`).join(", ");
   const refs = (prefix: string, cols: string[]) => cols.map((c) => `${prefix}.${quoteIdent(c)}`).join(", ");
   const n = shape.columns.length;

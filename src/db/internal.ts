@@ -5,6 +5,7 @@
  */
 import type { Database, Statement } from "better-sqlite3";
 import { getMeta, setMeta } from "./meta.js";
+import { quoteIdent } from "./schema.js";
 
 export const INTERNAL_DDL = `
 CREATE TABLE IF NOT EXISTS _unisync_meta(k TEXT PRIMARY KEY, v);
@@ -129,6 +130,9 @@ export function ensureInternalTables(db: Database): void {
   }
 }
 
+/** True outside the agent's apply transactions: the WHEN of our triggers, and of the app's that replay must not fire (capture/apptriggers.ts). */
+export const REPLAY_GUARD = "NOT EXISTS (SELECT 1 FROM _unisync_applying)";
+
 /**
  * Runs `fn` with our triggers silenced (a row in _unisync_applying), so that what
  * it writes to the app's tables is not captured again: replay, and the moves and
@@ -198,10 +202,10 @@ export function forgetUnisync(db: Database): number {
       ? (db.prepare("SELECT t.name, t.sql FROM _unisync_app_triggers t JOIN sqlite_master m ON m.type = 'trigger' AND m.name = t.name AND m.sql LIKE '%\\_unisync\\_applying%' ESCAPE '\\'").all() as { name: string; sql: string }[])
       : [];
     for (const t of guarded) {
-      db.exec(`DROP TRIGGER "${t.name.replace(/"/g, '""')}"`);
+      db.exec(`DROP TRIGGER ${quoteIdent(t.name)}`);
       db.exec(t.sql);
     }
-    for (const o of ours) db.exec(`DROP ${o.type.toUpperCase()} IF EXISTS "${o.name.replace(/"/g, '""')}"`);
+    for (const o of ours) db.exec(`DROP ${o.type.toUpperCase()} IF EXISTS ${quoteIdent(o.name)}`);
   }).immediate();
   return ours.length;
 }

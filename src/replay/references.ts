@@ -71,6 +71,7 @@ const CHECK_TURN = 2000;
 
 export class ReferenceKeeper {
   private readonly touchStmt: Statement;
+  private readonly waitingStmt: Statement;
   /** Foreign keys by parent table, and each foreign key's parent, rebuilt whenever the set of tables changes. */
   private edges = new Map<string, Edge[]>();
   private parents = new Map<ForeignKey, { access: TableAccess; column: string }>();
@@ -90,6 +91,7 @@ export class ReferenceKeeper {
     private readonly onProblem: (message: string) => void,
   ) {
     this.touchStmt = db.prepare("INSERT OR IGNORE INTO _unisync_refcheck(tbl, col, val) VALUES (?, ?, ?)");
+    this.waitingStmt = db.prepare("SELECT 1 FROM _unisync_refcheck LIMIT 1");
   }
 
   /** Resolves every foreign key of the current tables to its parent table and column, once per set of tables. */
@@ -149,7 +151,7 @@ export class ReferenceKeeper {
 
   /** Whether parent keys wait to be checked. */
   waiting(): boolean {
-    return this.db.prepare("SELECT 1 FROM _unisync_refcheck LIMIT 1").get() !== undefined;
+    return this.waitingStmt.get() !== undefined;
   }
 
   private touch(table: string, column: string, value: SqlValue): void {
