@@ -210,6 +210,28 @@ declare module "../src/stream/foldersync.js" {
 Object.defineProperty(FolderSync.prototype, "o_node", { get(this: { o: { node: string } }) { return this.o.node; } });
 
 describe("folder sync between nodes (file store)", () => {
+  it("a pull that fails part way does not count as read to the end (enrolment must not finish on it)", async () => {
+    const a = node("a");
+    writeFileSync(join(root, "a", "one.txt"), "one");
+    await sync([a]);
+    const b = node("b", { enrolFirst: true });
+    await b.pull("a");
+    expect(b.caughtUp(["a"])).toBe(true);
+    writeFileSync(join(root, "a", "two.txt"), "two");
+    await sync([a]);
+    const list = store.list;
+    store.list = () => Promise.reject(new Error("store unreachable"));
+    try {
+      await expect(b.pull("a")).rejects.toThrow("store unreachable");
+    } finally {
+      store.list = list;
+    }
+    expect(b.caughtUp(["a"])).toBe(false);
+    await b.pull("a");
+    expect(b.caughtUp(["a"])).toBe(true);
+    expect(readFileSync(join(root, "b", "two.txt"), "utf8")).toBe("two");
+  });
+
   it("a node that starts from a backup of the folder brings back nothing deleted or changed since, and sends its own new files", async () => {
     const a = node("a");
     const A = join(root, "a");

@@ -587,11 +587,11 @@ export class DbSync implements SyncStream {
    * origin's clocks grow along its log, so the pull stops at the first later one.
    */
   async pull(origin: string, maxSegments = 16, untilHlc = Infinity, stop: () => boolean = () => false, known?: KnownSegments): Promise<number> {
-    // Each apply transaction seals pending captures first; with a backlog bigger
-    // than a segment that would hold the app's write lock too long: drain first.
     this.logEnds.reading(origin);
     // Applying seals pending changes first: not before the log's place is known.
     if (this.logUnknown) return 0;
+    // Each apply transaction seals pending captures first; with a backlog bigger
+    // than a segment that would hold the app's write lock too long: drain first.
     if (this.db.prepare("SELECT 1 FROM _unisync_changes LIMIT 1 OFFSET ?").get(this.o.maxRecords)) return 0;
     this.maintain();
     const cursor = this.applier.cursor(origin);

@@ -537,6 +537,7 @@ export class FolderSync implements SyncStream {
    */
   pull(origin: string, maxSegments = 16, untilHlc = Infinity, _stop?: () => boolean, known?: KnownSegments): Promise<number> {
     return this.exclusive(async () => {
+      this.logEnds.reading(origin); // a pull that throws part way must not keep the last pull's "read to the end"
       const cursor = this.cursor(origin);
       const { segments, problem } = await readAfter(this.o.store, origin, FILES_STREAM, cursor.seq, maxSegments, 4, known);
       let applied = 0;
