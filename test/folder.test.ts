@@ -134,11 +134,32 @@ describe("merge rule", () => {
     expect(forward.some((p) => p.includes("-n03"))).toBe(false);
   });
 
+  it("two losing edits from one node in the same second get a copy each, identical in any arrival order", () => {
+    // a writes f.txt twice within one second; b, which saw neither, writes it later and wins.
+    const second = Date.UTC(2026, 11, 7, 11, 27, 13) * 1024;
+    const a1 = v(second + 183 * 1024, "a", 1, [0, ""]);
+    const a2 = v(second + 655 * 1024, "a", 1, [a1.hlc, "a"]);
+    const b = v(second + 900 * 1024, "b", 1, [0, ""]);
+    const outcomes = new Set(perms([a1, a2, b]).map((order) => {
+      const store = new FileStateStore(new Database(":memory:"));
+      for (const e of order) {
+        store.addVersion(e);
+        store.recompute(e.path);
+      }
+      const live = store.db.prepare("SELECT path, sha256 FROM file_state WHERE kind <> ? ORDER BY path").all(KIND_DELETE) as { path: string; sha256: string }[];
+      return JSON.stringify(live);
+    }));
+    expect(outcomes.size).toBe(1);
+    const live = JSON.parse([...outcomes][0]!) as { path: string; sha256: string }[];
+    expect(live.map((f) => f.sha256).sort()).toEqual([a1, a2, b].map((x) => x.sha256).sort());
+    expect(live.filter((f) => f.path.split(".sync-conflict-").length > 2)).toEqual([]); // no copy of a copy
+  });
+
   it("conflict copy names are readable and deterministic", () => {
     const hlc = Date.UTC(2024, 0, 2, 3, 4, 5) * 1024 + 7;
-    expect(conflictName("team/Seth Herod.json", hlc, "n2")).toBe("team/Seth Herod.sync-conflict-20240102-030405-n2.json");
-    expect(conflictName("Makefile", hlc, "n1")).toBe("Makefile.sync-conflict-20240102-030405-n1");
-    expect(conflictName(".env", hlc, "n1")).toBe(".env.sync-conflict-20240102-030405-n1");
+    expect(conflictName("team/Seth Herod.json", hlc, "n2")).toBe("team/Seth Herod.sync-conflict-20240102-030405.000.7-n2.json");
+    expect(conflictName("Makefile", hlc, "n1")).toBe("Makefile.sync-conflict-20240102-030405.000.7-n1");
+    expect(conflictName(".env", hlc + 42 * 1024 - 7, "n1")).toBe(".env.sync-conflict-20240102-030405.042-n1");
   });
 });
 

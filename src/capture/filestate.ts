@@ -18,7 +18,7 @@
  */
 import type { Database, Statement } from "better-sqlite3";
 import { ensureInternalTables, statementCache } from "../db/internal.js";
-import { compareStamp, hlcToMs } from "../log/hlc.js";
+import { compareStamp, hlcFromMs, hlcToMs } from "../log/hlc.js";
 
 export const KIND_WRITE = 1;
 export const KIND_DELETE = 2;
@@ -142,12 +142,17 @@ export function keptConflicts(losers: readonly Version[]): Set<Version> {
 const pad = (n: number, w = 2) => String(n).padStart(w, "0");
 
 /**
- * `dir/name.sync-conflict-<UTC yyyymmdd-hhmmss>-<origin>.ext`, from the losing
- * version's own clock and origin: the same on every node.
+ * `dir/name.sync-conflict-<UTC yyyymmdd-hhmmss.mmm>-<origin>.ext`, from the losing
+ * version's own clock and origin: the same on every node, and one name per version
+ * (an origin's clocks never repeat; the clock's logical count follows the milliseconds
+ * when it is not 0). Seconds alone gave two edits of one node in one second one name.
  */
 export function conflictName(path: string, hlc: number, origin: string): string {
   const d = new Date(hlcToMs(hlc));
-  const stamp = `${d.getUTCFullYear()}${pad(d.getUTCMonth() + 1)}${pad(d.getUTCDate())}-${pad(d.getUTCHours())}${pad(d.getUTCMinutes())}${pad(d.getUTCSeconds())}`;
+  const logical = hlc - hlcFromMs(hlcToMs(hlc));
+  const stamp =
+    `${d.getUTCFullYear()}${pad(d.getUTCMonth() + 1)}${pad(d.getUTCDate())}-${pad(d.getUTCHours())}${pad(d.getUTCMinutes())}${pad(d.getUTCSeconds())}` +
+    `.${pad(d.getUTCMilliseconds(), 3)}${logical ? `.${logical}` : ""}`;
   const slash = path.lastIndexOf("/");
   const dir = path.slice(0, slash + 1);
   const base = path.slice(slash + 1);
@@ -271,13 +276,14 @@ export class FileStateStore {
     }
     const kept = keptConflicts(losers);
     for (const l of losers) {
-      const copy = conflictName(path, l.hlc, l.origin);
-      const made = !!this.sql("SELECT 1 FROM file_conflicts WHERE path = ? AND hlc = ? AND origin = ?").get(path, l.hlc, l.origin);
+      // A copy made before is removed under the name it was made with.
+      const made = this.sql("SELECT copy FROM file_conflicts WHERE path = ? AND hlc = ? AND origin = ?").pluck().get(path, l.hlc, l.origin) as string | undefined;
+      const copy = made ?? conflictName(path, l.hlc, l.origin);
       if (kept.has(l)) {
-        if (made) continue;
+        if (made !== undefined) continue;
         this.sql("INSERT INTO file_conflicts(path, hlc, origin, copy) VALUES (?,?,?,?)").run(path, l.hlc, l.origin, copy);
         if (this.addVersion({ ...l, path: copy, baseHlc: 0, baseOrigin: "", derived: true })) this.recompute(copy, changed);
-      } else if (made) {
+      } else if (made !== undefined) {
         // Superseded (same content as a newer loser, or over the cap): every node
         // that made this copy removes it with the same derived delete.
         const removal: Version = { ...l, path: copy, hlc: l.hlc + 1, kind: KIND_DELETE, baseHlc: l.hlc, baseOrigin: l.origin, derived: true };
