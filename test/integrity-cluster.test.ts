@@ -185,7 +185,8 @@ describe("integrity with a Flask-SQLAlchemy app (foreign keys on, natural match 
       expect(problems).toEqual([]);
       expect(c.unexpectedExits).toEqual([]);
       // status says who enrolled rows when and what they did; log shows them as enrolled.
-      const st = await runCli(["status", c.instance("a"), "--store", c.options.store, "--json"]);
+      // Given only the folder, status finds the store and node name the agent was started with on its command line.
+      const st = await runCli(["status", c.instance("a"), "--json"]);
       expect(st.code, st.stderr).toBe(0);
       const enrolments = (JSON.parse(st.stdout) as { databases: { stream: string; enrolments: { origin: string; added: number }[] }[] }).databases.find((d) => d.stream === "scout.db")?.enrolments ?? [];
       expect(enrolments.some((e) => e.origin === "c" && e.added > 0), JSON.stringify(enrolments)).toBe(true);

@@ -5,7 +5,7 @@
 import { secureStore } from "../keys/open.js";
 import type { ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
-import { existsSync, readFileSync } from "node:fs";
+import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
 import { DEFAULT_EXCLUDED_TABLES } from "../db/schema.js";
@@ -175,6 +175,24 @@ export function nodeKeyPaths(instanceDir: string): { keyFile: string; trustCache
   return { keyFile: join(stateDir(instanceDir), "node.key"), trustCache: join(stateDir(instanceDir), "trust.json") };
 }
 
+/** The store and node name the agent last ran with here, for commands given neither (`unisync status DIR` after `run DIR URL --node x`). */
+const lastRunPath = (instanceDir: string) => join(stateDir(instanceDir), "last-run.json");
+
+export function rememberRun(c: Pick<Config, "instanceDir" | "store" | "node">): void {
+  const path = lastRunPath(c.instanceDir);
+  mkdirSync(stateDir(c.instanceDir), { recursive: true });
+  writeFileSync(`${path}.tmp`, JSON.stringify({ store: c.store, node: c.node }));
+  renameSync(`${path}.tmp`, path);
+}
+
+function lastRun(instanceDir: string): { store?: unknown; node?: unknown } {
+  try {
+    return JSON.parse(readFileSync(lastRunPath(instanceDir), "utf8")) as { store?: unknown; node?: unknown };
+  } catch {
+    return {}; // never ran here, or unreadable: as if never ran
+  }
+}
+
 export function defaultConfigPath(instanceDir: string): string {
   return join(stateDir(instanceDir), "config.jsonc");
 }
@@ -225,7 +243,7 @@ function validate(c: Config): void {
   const need = (cond: boolean, key: keyof Config, what: string) => {
     if (!cond) throw new ConfigError(`"${key}" ${what} (got ${JSON.stringify(c[key])})`, key);
   };
-  need(c.store.length > 0, "store", "is required: give STORE_URL, e.g. file:///var/lib/unisync or s3://bucket/prefix");
+  need(c.store.length > 0, "store", "is required: give STORE_URL, e.g. file:///var/lib/unisync or s3://bucket/prefix (commands other than run also find the store the agent last ran with in this folder)");
   need(/^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$/.test(c.node), "node", "must be 1-63 letters, digits, '.', '_' or '-', starting with a letter or digit");
   need(c.captureIntervalMs >= 5 && c.captureIntervalMs <= 60000, "captureIntervalMs", "must be between 5 and 60000");
   need(c.pollMinMs >= 10, "pollMinMs", "must be at least 10");
@@ -267,7 +285,14 @@ function validate(c: Config): void {
 export function loadConfig(cli: Partial<Config> & { instanceDir: string }, configPath?: string, env: NodeJS.ProcessEnv = process.env): Config {
   const instanceDir = resolve(cli.instanceDir);
   if (!existsSync(instanceDir)) throw new ConfigError(`instance folder ${instanceDir} does not exist`);
-  const merged: Record<string, unknown> = { ...DEFAULTS, instanceDir, store: "", node: hostname().split(".")[0] };
+  // Below the config file, the environment and the command line: what the agent last ran with here.
+  const last = lastRun(instanceDir);
+  const merged: Record<string, unknown> = {
+    ...DEFAULTS,
+    instanceDir,
+    store: typeof last.store === "string" ? last.store : "",
+    node: typeof last.node === "string" ? last.node : hostname().split(".")[0],
+  };
   const file = configPath ?? env.UNISYNC_CONFIG ?? defaultConfigPath(instanceDir);
   if (existsSync(file)) {
     const fromFile = parseJsonc(readFileSync(file, "utf8"), file);

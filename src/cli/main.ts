@@ -7,7 +7,7 @@ import { dirname } from "node:path";
 import { parseArgs } from "node:util";
 import pino from "pino";
 import { Agent } from "../agent/agent.js";
-import { ConfigError, defaultConfigPath, loadConfig, openNodeStore, renderConfigFile, type Config } from "../agent/config.js";
+import { ConfigError, defaultConfigPath, loadConfig, openNodeStore, rememberRun, renderConfigFile, type Config } from "../agent/config.js";
 import { StoreConfigError } from "../store/store.js";
 import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
@@ -70,7 +70,8 @@ Shows, per synced database: the node it belongs to, segments written, changes
 pending upload, parked records and why, and for every other origin the last
 segment applied and how many are waiting in the store (lag). Also lists SQLite
 files deeper in the folder that are not synced.
-  --store URL   the store to measure lag against (default: from the config)
+  --store URL   the store to measure lag against (default: from the config, else the
+                store the agent last ran with in this folder)
   --json        machine-readable output
   --files       also list every file of the folder that is not synced, and why`,
 };
@@ -167,6 +168,7 @@ async function run(args: string[]): Promise<void> {
   const agent = new Agent(config, store, log);
   log.info({ instanceDir: config.instanceDir, store: redactUrl(config.store) }, "starting unisync agent");
   await agent.start();
+  rememberRun(config); // status, conflicts, log... given only INSTANCE_DIR use this store and node name
   let server: Awaited<ReturnType<typeof startStatusServer>>["server"] | undefined;
   if (config.httpPort >= 0) {
     try {
