@@ -8,6 +8,7 @@ import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeEach, describe, expect, it } from "vitest";
+import Database from "better-sqlite3";
 import { loadConfig } from "../src/agent/config.js";
 import { segmentKey } from "../src/log/keys.js";
 import { sealSegment, sha256Hex, type Segment } from "../src/log/segment.js";
@@ -203,12 +204,22 @@ describe("configuration", () => {
     const cli = (...args: string[]) => spawnSync("node", ["bin/unisync.js", ...args], { encoding: "utf8", env: { ...process.env, UNISYNC_NODE: "t1" } });
     const inst = join(dir, "inst2");
     mkdirSync(inst);
-    for (const args of [["run"], ["frobnicate"], ["run", inst, "ftp://nope"], ["run", inst, "file:///x", "--http-port", "many"], ["run", join(dir, "absent"), "file:///x"], ["status"], ["conflicts"], ["conflicts", join(dir, "absent")]]) {
+    for (const args of [["run"], ["frobnicate"], ["run", inst, "ftp://nope"], ["run", inst, "file:///x", "--http-port", "many"], ["run", join(dir, "absent"), "file:///x"], ["status"], ["conflicts"], ["conflicts", join(dir, "absent")], ["verify", inst, join(dir, "absent")]]) {
       const r = cli(...args);
       expect(r.status, args.join(" ")).toBe(2);
       expect(r.stderr).toMatch(/^unisync: /);
       expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
     }
+    // verify looks both ways: a database only in the other folder is a difference.
+    const other = join(dir, "inst3");
+    mkdirSync(other);
+    expect(cli("verify", inst, other).stdout).toContain("neither folder holds a synced database");
+    const made = new Database(join(other, "app.db"));
+    made.exec("CREATE TABLE t(id INTEGER PRIMARY KEY)");
+    made.close();
+    const oneSided = cli("verify", inst, other);
+    expect(oneSided.status).toBe(1);
+    expect(oneSided.stdout).toContain(`app.db: missing in ${inst}`);
     expect(cli("run", "--help").stdout).toContain("Usage: unisync run");
     expect(execFileSync("node", ["bin/unisync.js", "--help"], { encoding: "utf8" })).toContain("Commands:");
   });

@@ -4,7 +4,6 @@
  */
 import Database from "better-sqlite3";
 import { createHash } from "node:crypto";
-import { existsSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { findDatabases } from "../db/databases.js";
 import { discoverTables, quoteIdent } from "../db/schema.js";
@@ -36,14 +35,17 @@ export function digestDatabase(path: string, excluded: string[]): Map<string, Ta
   }
 }
 
-/** Differences between the synced databases of two instance folders; empty when identical. */
+/** Differences between the synced databases of two instance folders, each way; empty when identical. */
 export function compareInstances(here: string, there: string, extra: string[], excluded: string[]): string[] {
   const problems: string[] = [];
-  const mine = findDatabases(resolve(here), extra).synced;
-  for (const { path, stream } of mine) {
-    const other = join(resolve(there), stream);
-    if (!existsSync(other)) {
-      problems.push(`${stream}: missing in ${there}`);
+  const streams = (dir: string) => new Map(findDatabases(resolve(dir), extra).synced.map((d) => [d.stream, d.path] as const));
+  const mine = streams(here);
+  const theirs = streams(there);
+  for (const stream of new Set([...mine.keys(), ...theirs.keys()])) {
+    const path = mine.get(stream);
+    const other = theirs.get(stream);
+    if (!path || !other) {
+      problems.push(`${stream}: missing in ${path ? there : here}`);
       continue;
     }
     const a = digestDatabase(path, excluded);
@@ -56,4 +58,9 @@ export function compareInstances(here: string, there: string, extra: string[], e
     }
   }
   return problems;
+}
+
+/** How many synced databases the two folders hold together (verify says when there are none). */
+export function countDatabases(here: string, there: string, extra: string[]): number {
+  return new Set([here, there].flatMap((d) => findDatabases(resolve(d), extra).synced.map((x) => x.stream))).size;
 }
