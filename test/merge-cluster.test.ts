@@ -101,6 +101,13 @@ describe("merge semantics with a Flask-SQLAlchemy app", () => {
       // Apart, the nodes certainly picked the same ids: moves happened, and the same everywhere.
       expect(summary[0].moved.length).toBeGreaterThan(0);
       for (const s of summary) expect(s).toEqual(summary[0]);
+      // --limit cuts the lists, never the totals, and says so.
+      const cut = JSON.parse(execFileSync(process.execPath, [CLI, "conflicts", c.instance(NODES[0]), "--json", "--limit", "1"]).toString()) as {
+        databases: { moved: unknown[]; totals: { moved: number } }[];
+      };
+      expect(cut.databases[0].moved.length).toBe(1);
+      expect(cut.databases[0].totals.moved).toBe(summary[0].moved.length);
+      if (summary[0].moved.length > 1) expect(execFileSync(process.execPath, [CLI, "conflicts", c.instance(NODES[0]), "--limit", "1"]).toString()).toMatch(/--limit N lists more/);
       const asideTeamUids = new Set(reports[0].databases[0].setAside.filter((s) => s.table === "team").map((s) => JSON.parse(s.values.uid) as string));
 
       for (const n of NODES) {

@@ -8,7 +8,7 @@ import { BadInputError } from "./usage.js";
 
 type Parse = (args: string[], options: Record<string, { type: "string" | "boolean" }>) => { values: Record<string, string | boolean | undefined>; positionals: string[] };
 
-export const CONFLICTS_HELP = `Usage: unisync conflicts INSTANCE_DIR [--json]
+export const CONFLICTS_HELP = `Usage: unisync conflicts INSTANCE_DIR [--limit N] [--json]
 
 Lists what the merge rules resolved in each synced database of this node:
   moved      two nodes created different rows with the same INTEGER PRIMARY KEY
@@ -29,12 +29,15 @@ Lists what the merge rules resolved in each synced database of this node:
              node that enrolled first is kept; both are shown.
   parked     records that cannot apply yet (a table or column this node lacks,
              a row they point at not yet arrived, a clock too far ahead).
-  --json    machine-readable output`;
+  --limit N  list at most N of each kind (default 1000; the totals are always whole)
+  --json     machine-readable output`;
 
 export async function conflictsCommand(args: string[], parse: Parse): Promise<void> {
-  const { values, positionals } = parse(args, { json: { type: "boolean" } });
+  const { values, positionals } = parse(args, { json: { type: "boolean" }, limit: { type: "string" } });
   if (values.help) return console.log(CONFLICTS_HELP);
   if (positionals.length !== 1) throw new BadInputError(`conflicts needs INSTANCE_DIR\n\n${CONFLICTS_HELP}`);
+  const limit = values.limit === undefined ? 1000 : Number(values.limit);
+  if (!Number.isInteger(limit) || limit < 0) throw new BadInputError(`--limit must be a whole number, got ${JSON.stringify(values.limit)}`);
   const config = loadConfig({ instanceDir: positionals[0], store: "unused" }, undefined);
   const reports: ConflictReport[] = [];
   for (const { path, stream } of findDatabases(config.instanceDir, config.databases, true).synced) {
@@ -42,7 +45,7 @@ export async function conflictsCommand(args: string[], parse: Parse): Promise<vo
     const db = new Database(path, { readonly: true, fileMustExist: true });
     db.defaultSafeIntegers(true);
     try {
-      if (db.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_meta'").get()) reports.push(readConflicts(db, stream));
+      if (db.prepare("SELECT 1 FROM sqlite_master WHERE name = '_unisync_meta'").get()) reports.push(readConflicts(db, stream, limit));
     } finally {
       db.close();
     }
@@ -51,9 +54,12 @@ export async function conflictsCommand(args: string[], parse: Parse): Promise<vo
   if (reports.length === 0) return console.log("no enrolled database here yet (start the agent)");
   for (const r of reports) {
     console.log(
-      `database ${r.stream}: ${r.moved.length} moved, ${r.setAside.length} set aside, ${r.repaired.length} foreign key(s) repaired, ` +
-        `${r.enrolmentDifferences.length} enrolment difference(s), ${r.parked} parked`,
+      `database ${r.stream}: ${r.totals.moved} moved, ${r.totals.setAside} set aside, ${r.totals.repaired} foreign key(s) repaired, ` +
+        `${r.totals.enrolmentDifferences} enrolment difference(s), ${r.parked} parked`,
     );
+    const shown = r.moved.length + r.setAside.length + r.repaired.length + r.enrolmentDifferences.length;
+    const total = r.totals.moved + r.totals.setAside + r.totals.repaired + r.totals.enrolmentDifferences;
+    if (shown < total) console.log(`  (listing at most ${limit} of each kind, ${shown} of ${total}: --limit N lists more)`);
     for (const m of r.moved) {
       console.log(`  moved     ${m.table} ${m.from} -> ${m.to}  (created by ${m.createdBy}${m.createdAt ? ` at ${m.createdAt}` : ""}; id ${m.from} kept by ${m.keptBy})`);
     }

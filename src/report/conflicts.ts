@@ -71,6 +71,8 @@ export interface ConflictReport {
   repaired: RepairReport[];
   enrolmentDifferences: EnrolmentDifferenceReport[];
   parked: number;
+  /** How many there are of each: the lists above stop at the limit. */
+  totals: { moved: number; setAside: number; repaired: number; enrolmentDifferences: number };
 }
 
 const createdAt = (hlc: number) => (hlc > 0 ? hlcToIso(hlc) : null);
@@ -81,13 +83,15 @@ const hasTable = (db: Database.Database, t: string) => !!db.prepare("SELECT 1 FR
 
 /** How many rows were moved and are set aside in one enrolled database. */
 export function conflictCounts(db: Database.Database): { moved: number; setAside: number } {
-  const r = readConflicts(db, "", 100_000);
-  return { moved: r.moved.length, setAside: r.setAside.length };
+  const { totals } = readConflicts(db, "", 0);
+  return { moved: totals.moved, setAside: totals.setAside };
 }
 
-/** Conflict details of one enrolled database (opened read-only). */
+/** Conflict details of one enrolled database (opened read-only): at most `limit` of each kind, and how many there are. */
 export function readConflicts(db: Database.Database, stream: string, limit = 1000): ConflictReport {
   const has = (t: string) => hasTable(db, t);
+  const count = (t: string) => (has(t) ? Number((db.prepare(`SELECT count(*) AS n FROM ${t}`).get() as { n: number | bigint }).n) : 0);
+  let movedTotal = 0;
   // A move is shown while its row exists: rows deleted since (or moved only as a
   // tombstone) are history, which \`unisync log\` shows.
   const moved: MoveReport[] = [];
@@ -97,8 +101,8 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
     }[];
     const occupant = db.prepare("SELECT lin_origin FROM _unisync_rows WHERE tbl = ? AND pk = ?").pluck(true);
     for (const m of moves) {
-      if (moved.length >= limit) break;
       if (!db.prepare(`SELECT 1 FROM ${quoteIdent(m.tbl)} WHERE rowid = ?`).get(m.key)) continue;
+      if (++movedTotal > limit) continue;
       const keeper = occupant.get(m.tbl, rowIdentity([m.from_key], false)) as string | undefined;
       moved.push({
         table: m.tbl,
@@ -163,5 +167,6 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
       }))
     : [];
   const parked = Number((db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number | bigint }).n);
-  return { stream, moved, setAside, repaired, enrolmentDifferences, parked };
+  const totals = { moved: movedTotal, setAside: count("_unisync_conflicts"), repaired: count("_unisync_repairs"), enrolmentDifferences: count("_unisync_enrol_diffs") };
+  return { stream, moved, setAside, repaired, enrolmentDifferences, parked, totals };
 }
