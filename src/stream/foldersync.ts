@@ -287,7 +287,7 @@ export class FolderSync implements SyncStream {
       if (this.firstScan) {
         this.firstScan = false;
         this.removeOwnTemps();
-        this.log.info({ files: r.entries, excluded: r.excluded.length, ms: Date.now() - t0 }, "initial folder scan");
+        this.log.info({ entries: r.entries, excluded: r.excluded.length, ms: Date.now() - t0 }, "initial folder scan");
       }
       if (r.massDelete !== this.massDelete) {
         if (r.massDelete) this.log.error({ problem: r.massDelete }, "mass delete held back");
