@@ -4,6 +4,7 @@
  * store, and bad configuration each get a clear report.
  */
 import { execFileSync, spawnSync } from "node:child_process";
+import { createServer } from "node:net";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -184,6 +185,24 @@ describe("store unreachable", () => {
     peer.close();
     app.close();
   });
+});
+
+describe("store that hangs", () => {
+  it("a store that accepts the connection and never answers fails the request (no hang)", async () => {
+    const sockets: import("node:net").Socket[] = [];
+    const silent = createServer((socket) => void sockets.push(socket)); // reads nothing, says nothing
+    await new Promise<void>((resolve) => silent.listen(0, "127.0.0.1", resolve));
+    const port = (silent.address() as import("node:net").AddressInfo).port;
+    const hung = new S3Store({ bucket: "b", endpoint: `http://127.0.0.1:${port}`, forcePathStyle: true, maxAttempts: 1, idleTimeoutMs: 300, credentials: { accessKeyId: "x", secretAccessKey: "y" } });
+    try {
+      const t0 = Date.now();
+      await expect(hung.get("log/x")).rejects.toMatchObject({ name: "StoreUnavailableError" });
+      expect(Date.now() - t0).toBeLessThan(5_000);
+    } finally {
+      for (const s of sockets) s.destroy();
+      silent.close();
+    }
+  }, 20_000);
 });
 
 describe("configuration", () => {

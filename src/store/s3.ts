@@ -42,8 +42,12 @@ export interface S3StoreOptions {
   /** SDK attempts per request (default 3). */
   maxAttempts?: number;
   connectTimeoutMs?: number;
-  /** Socket inactivity limit per request. */
-  requestTimeoutMs?: number;
+  /**
+   * A request whose connection carries no byte for this long fails (and is retried):
+   * a store that hangs (a frozen server, a network that drops packets) must not hold a
+   * request, or the agent's stop, for ever. Slow transfers that progress are not cut.
+   */
+  idleTimeoutMs?: number;
   /** Multipart part size for streamed puts; S3 requires at least 5 MiB. */
   partSize?: number;
 }
@@ -125,7 +129,9 @@ export class S3Store implements ObjectStore {
       responseChecksumValidation: "WHEN_REQUIRED",
       requestHandler: {
         connectionTimeout: options.connectTimeoutMs ?? 5_000,
-        requestTimeout: options.requestTimeoutMs ?? 60_000,
+        // Not requestTimeout: since @smithy/node-http-handler 4 that bounds a whole request
+        // and only warns unless told to throw; the idle limit is what was meant.
+        socketTimeout: options.idleTimeoutMs ?? 30_000,
       },
     });
     // Below the retry middleware, so each attempt on the wire counts once.
