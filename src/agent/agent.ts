@@ -67,6 +67,8 @@ const ORIGINS_RELIST_MS = 300_000;
 
 /** After this node's app wrote, the cluster counts as busy this long (others likely write too): polls stay at pollMinMs. */
 const ACTIVE_HOLD_MS = 30_000;
+/** On stop: how long sealed changes may take to go up, and then how long the batch in flight may take to finish. */
+const STOP_UPLOAD_MS = 5_000;
 
 /** An idle node writes its heartbeat this many heartbeat intervals apart (a changed one goes at the next interval). */
 const IDLE_HEARTBEAT_FACTOR = 6;
@@ -1099,12 +1101,14 @@ export class Agent {
     } catch {
       last = undefined;
     }
+    // What is sealed goes up within one shared budget; a stream is closed only once its
+    // upload has returned (what did not go up stays in its outbox for the next start).
+    const uploadUntil = Date.now() + STOP_UPLOAD_MS;
     if (this.files) {
       const files = this.files;
       try {
         await files.stop();
-        const upload = files.upload().catch((err: Error) => this.log.warn({ err: err.message }, "file upload interrupted by stop"));
-        await Promise.race([upload, sleep(5000)]);
+        await this.uploadBeforeStop(undefined, (stop) => files.upload(Number.MAX_SAFE_INTEGER, stop), uploadUntil);
       } catch (err) {
         this.log.warn({ err: (err as Error).message }, "could not upload every file change before stopping; it stays in the outbox");
       }
@@ -1113,8 +1117,7 @@ export class Agent {
     for (const db of this.dbs.values()) {
       try {
         db.sealPending();
-        const upload = db.upload(Number.MAX_SAFE_INTEGER).catch((err: Error) => this.log.warn({ db: db.stream, err: err.message }, "upload interrupted by stop"));
-        await Promise.race([upload, sleep(5000)]);
+        await this.uploadBeforeStop(db.stream, (stop) => db.upload(Number.MAX_SAFE_INTEGER, 16, stop), uploadUntil);
       } catch (err) {
         this.log.warn({ db: db.stream, err: (err as Error).message }, "could not upload everything before stopping; it stays in the outbox");
       }
@@ -1124,5 +1127,28 @@ export class Agent {
     if (last) await Promise.race([this.heartbeat(last).catch(() => undefined), sleep(3000)]);
     retireAgent(this.config.instanceDir);
     this.log.info("stopped");
+  }
+
+  /**
+   * Runs a stream's last upload until `untilMs`, then asks it to stop after the batch in
+   * flight and waits for that (up to STOP_UPLOAD_MS more), so the stream is never closed
+   * under its own upload. Gives up waiting only on a store that does not answer.
+   */
+  private async uploadBeforeStop(stream: string | undefined, upload: (stop: () => boolean) => Promise<number>, untilMs: number): Promise<void> {
+    let stopping = false;
+    let done = false;
+    const running = upload(() => stopping).then(
+      () => void (done = true),
+      (err: Error) => {
+        done = true;
+        throw err;
+      },
+    );
+    await Promise.race([running.catch(() => undefined), sleep(Math.max(0, untilMs - Date.now()))]);
+    if (done) return running;
+    stopping = true;
+    this.log.info({ ...(stream ? { db: stream } : { files: FILES_STREAM }) }, "stopping: the rest of the upload stays in the outbox for the next start");
+    await Promise.race([running, sleep(STOP_UPLOAD_MS)]);
+    if (!done) throw new Error("the store did not answer the upload in flight");
   }
 }

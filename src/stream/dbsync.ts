@@ -564,11 +564,11 @@ export class DbSync implements SyncStream {
    * Uploads up to `max` sealed segments, oldest first, in batches of
    * `batchSize` under one index pointer each (Outbox.upload); returns
    * how many went up. Bounded so that one busy database never starves the
-   * others of upload turns.
+   * others of upload turns. `stop` is asked between batches (the agent stopping).
    */
-  async upload(max = 32, batchSize = 16): Promise<number> {
+  async upload(max = 32, batchSize = 16, stop: () => boolean = () => false): Promise<number> {
     let n = 0;
-    while (n < max) {
+    while (n < max && !stop()) {
       const batch = this.outbox.oldest(Math.min(batchSize, max - n));
       if (batch.length === 0) break;
       await this.outbox.upload(this.o.store, batch);

@@ -494,9 +494,9 @@ export class FolderSync implements SyncStream {
   }
 
   /** Uploads up to `max` sealed segments in seq order; returns segments uploaded. */
-  async upload(max = Number.MAX_SAFE_INTEGER): Promise<number> {
+  async upload(max = Number.MAX_SAFE_INTEGER, stop: () => boolean = () => false): Promise<number> {
     let n = 0;
-    while (n < max) {
+    while (n < max && !stop()) {
       const entry = this.outbox.oldest(1)[0];
       if (!entry) return n;
       await this.uploadStagedBlobs(entry.seq);
