@@ -143,7 +143,8 @@ export class DbSync implements SyncStream {
       // A tombstone moving (an id reused after a delete) is routine, not a collision.
       if (!m.live) return;
       o.metrics.inc("unisync_rows_moved_total");
-      this.log.warn(
+      // Info, not a warning: with ids the database picks, collisions are routine and settled alike on every node.
+      this.log.info(
         { table: m.table, from: String(m.from), to: String(m.to), lineage: lineageName(m.lineage), keptBy: lineageName(m.winner) },
         "id collision: two nodes created different rows with the same id; this one moved (see `unisync conflicts`)",
       );
@@ -159,7 +160,8 @@ export class DbSync implements SyncStream {
       declaredRule(o.declaredOnDelete ?? []),
       (r) => {
         o.metrics.inc("unisync_references_repaired_total", 1, { action: r.action });
-        this.log.warn(
+        // Following a set-aside row is its consequence (warned about then); the other repairs change what the app wrote.
+        this.log[r.action === "moved to kept row" ? "info" : "warn"](
           { table: r.table, key: r.key.map(String), child: r.child, childKey: r.childKey.map(String), action: r.action },
           r.action === "kept parent"
             ? "a row was written that refers to a row deleted meanwhile: the deleted row is kept (see `unisync conflicts`)"
