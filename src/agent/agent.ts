@@ -61,6 +61,8 @@ const SEAL_TURN = 2;
 const UPLOAD_TURN = 32;
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+/** A bound on a wait at stop: its timer does not keep the process alive once the agent has stopped. */
+const atMost = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 /** The store's origins (folders under log/) are listed this often; the index names new ones sooner. */
 const ORIGINS_RELIST_MS = 300_000;
@@ -1124,7 +1126,7 @@ export class Agent {
       db.close();
     }
     // A last heartbeat, so gc sees the cursors this node stopped at.
-    if (last) await Promise.race([this.heartbeat(last).catch(() => undefined), sleep(3000)]);
+    if (last) await Promise.race([this.heartbeat(last).catch(() => undefined), atMost(3000)]);
     retireAgent(this.config.instanceDir);
     this.log.info("stopped");
   }
@@ -1144,11 +1146,11 @@ export class Agent {
         throw err;
       },
     );
-    await Promise.race([running.catch(() => undefined), sleep(Math.max(0, untilMs - Date.now()))]);
+    await Promise.race([running.catch(() => undefined), atMost(Math.max(0, untilMs - Date.now()))]);
     if (done) return running;
     stopping = true;
     this.log.info({ ...(stream ? { db: stream } : { files: FILES_STREAM }) }, "stopping: the rest of the upload stays in the outbox for the next start");
-    await Promise.race([running, sleep(STOP_UPLOAD_MS)]);
+    await Promise.race([running, atMost(STOP_UPLOAD_MS)]);
     if (!done) throw new Error("the store did not answer the upload in flight");
   }
 }
