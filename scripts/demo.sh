@@ -31,7 +31,15 @@ for n in 1 2 3; do
   UNISYNC_POLL_MIN_MS=100 UNISYNC_POLL_MAX_MS=300 $UNISYNC run "$DEMO/node$n" "file://$DEMO/store" --node "node$n" --http-port 0 >"$DEMO/node$n.log" 2>&1 &
   pids+=($!)
 done
-sleep 1
+# Agents first, then the apps (README, "Order"): a row written before a node's triggers are in
+# is a row that was there before unisync, and equal ids on several nodes then count as copies.
+for n in 1 2 3; do
+  for _ in $(seq 300); do
+    grep -q '"db":"data.db".*enrolled this database' "$DEMO/node$n.log" 2>/dev/null && break
+    sleep 0.1
+  done
+  grep -q '"db":"data.db".*enrolled this database' "$DEMO/node$n.log" || { echo "!! node$n's agent did not get ready in 30 s:"; tail -5 "$DEMO/node$n.log"; exit 1; }
+done
 
 echo "== files: each node adds its own, all three edit shared.txt at once (a conflict)"
 mkdir -p "$DEMO/node1/teams/Red Team" "$DEMO/node2/uploads" "$DEMO/node3/notes"
@@ -90,12 +98,14 @@ PY
 done
 echo "== notes on node2: all three kept; two moved to new ids, the same on every node"
 "$PY" -c "import sqlite3,sys; [print('  ', r) for r in sqlite3.connect(sys.argv[1]).execute('select id, body from notes order by id')]" "$DEMO/node2/data.db"
+notes=$("$PY" -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from notes').fetchone()[0])" "$DEMO/node2/data.db")
+[ "$notes" = 3 ] || { echo "!! expected the three notes on node2, found $notes"; exit 1; }
 echo "== unisync conflicts node2"
 $UNISYNC conflicts "$DEMO/node2"
 echo "== files on node2 (app.log stayed on node1; the losers of shared.txt are kept as conflict copies)"
 (cd "$DEMO/node2" && find . -path ./.unisync -prune -o -type f ! -name '*.db*' -print | sort)
 echo "== unisync status node1"
-$UNISYNC status "$DEMO/node1" --store "file://$DEMO/store"
+$UNISYNC status "$DEMO/node1"
 echo "== unisync verify node1 node2"
 $UNISYNC verify "$DEMO/node1" "$DEMO/node2"
 console() { grep -o '"url":"http://[^"]*"' "$DEMO/node$1.log" | head -1 | cut -d'"' -f4; }
