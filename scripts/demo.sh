@@ -96,7 +96,7 @@ for db in ("data.db", "shop.db"):
 print(" | ".join(out))
 PY
 done
-echo "== notes on node2: all three kept; two moved to new ids, the same on every node"
+echo "== notes on node2: all three kept; a note whose id was taken moved to a new id, the same on every node"
 "$PY" -c "import sqlite3,sys; [print('  ', r) for r in sqlite3.connect(sys.argv[1]).execute('select id, body from notes order by id')]" "$DEMO/node2/data.db"
 notes=$("$PY" -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from notes').fetchone()[0])" "$DEMO/node2/data.db")
 [ "$notes" = 3 ] || { echo "!! expected the three notes on node2, found $notes"; exit 1; }
