@@ -13,7 +13,7 @@ import { openStore, redactUrl } from "../store/url.js";
 import { startStatusServer } from "../web/server.js";
 import { agentBackend } from "../web/backend.js";
 import { statusCommand } from "./status.js";
-import { compareInstances, countDatabases } from "./verify.js";
+import { compareInstances } from "./verify.js";
 import { audit, formatEntry, withOldValues, type AuditEntry } from "../report/audit.js";
 import { snapshotCommand, SNAPSHOT_HELP } from "./snapshot.js";
 import { replayCommand, restoreCommand, REPLAY_HELP, RESTORE_HELP } from "./replay.js";
@@ -247,8 +247,7 @@ async function verify(args: string[]): Promise<number> {
   if (positionals.length !== 2) throw new UsageError(`verify needs INSTANCE_DIR and OTHER_INSTANCE_DIR\n\n${HELP.verify}`);
   const config = loadConfig({ instanceDir: positionals[0], store: "unused" }, undefined);
   if (!existsSync(positionals[1])) throw new UsageError(`instance folder ${resolve(positionals[1])} does not exist`);
-  const problems = compareInstances(positionals[0], positionals[1], config.databases, config.excludeTables);
-  const databases = countDatabases(positionals[0], positionals[1], config.databases);
+  const { problems, databases } = compareInstances(positionals[0], positionals[1], config.databases, config.excludeTables);
   if (values.json) console.log(JSON.stringify({ identical: problems.length === 0, databases, problems }, null, 2));
   else console.log(problems.length ? problems.join("\n") : databases === 0 ? "identical, but neither folder holds a synced database" : "identical: every synced table holds the same rows");
   return problems.length ? 1 : 0;

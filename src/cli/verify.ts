@@ -35,13 +35,17 @@ export function digestDatabase(path: string, excluded: string[]): Map<string, Ta
   }
 }
 
-/** Differences between the synced databases of two instance folders, each way; empty when identical. */
-export function compareInstances(here: string, there: string, extra: string[], excluded: string[]): string[] {
+/**
+ * Differences between the synced databases of two instance folders, each way (none when
+ * identical), and how many databases the two hold together (verify says when there are none).
+ */
+export function compareInstances(here: string, there: string, extra: string[], excluded: string[]): { problems: string[]; databases: number } {
   const problems: string[] = [];
   const streams = (dir: string) => new Map(findDatabases(resolve(dir), extra).synced.map((d) => [d.stream, d.path] as const));
   const mine = streams(here);
   const theirs = streams(there);
-  for (const stream of new Set([...mine.keys(), ...theirs.keys()])) {
+  const all = new Set([...mine.keys(), ...theirs.keys()]);
+  for (const stream of all) {
     const path = mine.get(stream);
     const other = theirs.get(stream);
     if (!path || !other) {
@@ -57,10 +61,5 @@ export function compareInstances(here: string, there: string, extra: string[], e
       else if (x.digest !== y.digest) problems.push(`${stream} table ${name}: differs (${x.rows} rows here, ${y.rows} there)`);
     }
   }
-  return problems;
-}
-
-/** How many synced databases the two folders hold together (verify says when there are none). */
-export function countDatabases(here: string, there: string, extra: string[]): number {
-  return new Set([here, there].flatMap((d) => findDatabases(resolve(d), extra).synced.map((x) => x.stream))).size;
+  return { problems, databases: all.size };
 }
