@@ -5,7 +5,8 @@
 import { secureStore } from "../keys/open.js";
 import type { ObjectStore } from "../store/store.js";
 import { openStore } from "../store/url.js";
-import { existsSync, mkdirSync, readFileSync, renameSync, writeFileSync } from "node:fs";
+import { writeAtomic } from "../snapshot/agentlink.js";
+import { existsSync, mkdirSync, readFileSync } from "node:fs";
 import { hostname } from "node:os";
 import { join, resolve } from "node:path";
 import { DEFAULT_EXCLUDED_TABLES } from "../db/schema.js";
@@ -181,8 +182,7 @@ const lastRunPath = (instanceDir: string) => join(stateDir(instanceDir), "last-r
 export function rememberRun(c: Pick<Config, "instanceDir" | "store" | "node">): void {
   const path = lastRunPath(c.instanceDir);
   mkdirSync(stateDir(c.instanceDir), { recursive: true });
-  writeFileSync(`${path}.tmp`, JSON.stringify({ store: c.store, node: c.node }));
-  renameSync(`${path}.tmp`, path);
+  writeAtomic(path, JSON.stringify({ store: c.store, node: c.node }));
 }
 
 function lastRun(instanceDir: string): { store?: unknown; node?: unknown } {

@@ -166,7 +166,7 @@ export function readConflicts(db: Database.Database, stream: string, limit = 100
         other: { node: d.other_origin, value: showValue(decodeValues(d.other_value)[0]) },
       }))
     : [];
-  const parked = Number((db.prepare("SELECT count(*) AS n FROM _unisync_parked").get() as { n: number | bigint }).n);
+  const parked = count("_unisync_parked");
   const totals = { moved: movedTotal, setAside: count("_unisync_conflicts"), repaired: count("_unisync_repairs"), enrolmentDifferences: count("_unisync_enrol_diffs") };
   return { stream, moved, setAside, repaired, enrolmentDifferences, parked, totals };
 }

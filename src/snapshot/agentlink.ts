@@ -21,7 +21,8 @@ const stateDir = (instanceDir: string) => join(instanceDir, ".unisync");
 const agentFile = (instanceDir: string) => join(stateDir(instanceDir), "agent.json");
 const requestDir = (instanceDir: string) => join(stateDir(instanceDir), "requests");
 
-function writeAtomic(path: string, text: string): void {
+/** Writes `text` to `path` whole or not at all (a temporary file renamed over it). */
+export function writeAtomic(path: string, text: string): void {
   const tmp = `${path}.tmp-${process.pid}`;
   writeFileSync(tmp, text);
   renameSync(tmp, path);
